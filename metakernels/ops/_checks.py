@@ -1,0 +1,76 @@
+"""Argument checks shared by the op families: every message names the argument, what was expected and
+what was given, and nothing is broadcast that the op does not document."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def shape_str(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def require_tensor(op: str, name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{op}: argument '{name}' must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def require_like(op: str, name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """Same dtype and device as the reference tensor (no implicit promotion or transfer)."""
+    if value.dtype != ref.dtype:
+        raise TypeError(
+            f"{op}: argument '{name}' has dtype {value.dtype} but '{ref_name}' has {ref.dtype}; "
+            "mixed dtypes are not promoted, convert one of them"
+        )
+    if value.device != ref.device:
+        raise ValueError(
+            f"{op}: argument '{name}' is on {value.device} but '{ref_name}' is on {ref.device}; "
+            "move them to one device"
+        )
+
+
+def require_number(op: str, name: str, value, *, low=None, high=None, high_open=False, low_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: argument '{name}' must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: argument '{name}' must be finite, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(
+            f"{op}: argument '{name}' must be in {lo}{'-inf' if low is None else low}, "
+            f"{'inf' if high is None else high}{hi}, got {value}"
+        )
+    return value
+
+
+def task_operand_shape(op: str, named: list[tuple[str, torch.Tensor]]) -> tuple[int | None, int]:
+    """Checks operands that are each [P] (shared by all tasks) or [T, P] (one row per task).
+
+    P is fixed by the first operand's last dimension, T by the first [T, P] operand.  Returns
+    (T, P), with T None when every operand is [P].
+    """
+    first_name, first = named[0]
+    if first.dim() not in (1, 2):
+        raise ValueError(f"{op}: argument '{first_name}' must be [P] or [T, P], got shape {shape_str(first.shape)}")
+    P = first.shape[-1]
+    T, t_name = None, None
+    for name, t in named:
+        if t.dim() == 2 and T is None:
+            T, t_name = t.shape[0], name
+    for name, t in named:
+        expected = f"[{P}] or [{T}, {P}] (T from '{t_name}')" if T is not None else f"[{P}] or [T, {P}]"
+        if t.dim() not in (1, 2) or t.shape[-1] != P or (t.dim() == 2 and t.shape[0] != T):
+            raise ValueError(
+                f"{op}: argument '{name}' must have shape {expected} (P from '{first_name}'), "
+                f"got {shape_str(t.shape)}"
+            )
+    return T, P

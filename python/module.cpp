@@ -1,0 +1,22 @@
+// The metakernels._C extension module: one registration call per op family.
+#include <torch/extension.h>
+
+#include "common.h"
+
+namespace mk {
+void register_update_ops(pybind11::module_& m);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "metakernels compiled kernels (CPU, and CUDA when built with it)";
+  m.def("has_cuda", []() {
+#ifdef WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build contains the CUDA kernels");
+  m.def("set_poison_outputs", [](bool on) { mk::poison_outputs() = on; },
+        "Fill every output buffer with NaN before a kernel writes it (for tests)");
+  mk::register_update_ops(m);
+}
