@@ -78,6 +78,7 @@ std::vector<at::Tensor> update_forward(int64_t kind_code, const at::Tensor& para
   const int nstates = update_num_states(kind);
   TORCH_CHECK(static_cast<int>(states.size()) == nstates, "metakernels: this update takes ", nstates,
               " state tensors, got ", states.size());
+  dtype_code(param, "params");
   const int64_t P = param.size(-1);
   check_operand(param, "params", param, P);
   check_operand(grad, "grads", param, P);
@@ -138,6 +139,7 @@ std::vector<OptTensor> update_backward(int64_t kind_code, int64_t T, bool param_
               "metakernels: this update takes ", nstates, " states and state cotangents");
   TORCH_CHECK(needs_grad.size() == 5, "metakernels: needs_grad must have 5 entries (params, grads, state0, state1, lr)");
   TORCH_CHECK(T >= 1, "metakernels: task count must be positive, got ", T);
+  dtype_code(grad, "grads");
   const int64_t P = grad.size(-1);
   check_operand(grad, "grads", grad, P);
   for (int k = 0; k < nstates; ++k) check_operand(states[k], state_name(k), grad, P);

@@ -1,0 +1,44 @@
+"""Shared test setup: Triton runs under its CPU interpreter when there is no GPU (the variable must be
+set before triton is imported), and every kernel output is poisoned with NaN before it is written."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import metakernels as mk  # noqa: E402
+from metakernels import _backend  # noqa: E402
+
+_backend.set_poison_outputs(True)
+
+
+def _device_for(backend: str) -> torch.device:
+    if backend == "cuda":
+        return torch.device("cuda")
+    if backend == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def backend_params():
+    """One pytest param per backend; unavailable ones skip with the reason backend_info gives."""
+    params = []
+    for name in _backend.BACKENDS:
+        reason = _backend._why_unavailable(name, _device_for(name))
+        marks = [pytest.mark.skip(reason=f"{name} backend unavailable here: {reason}")] if reason else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    """(name, device) of a backend available on this machine, forced for the test's duration."""
+    with mk.use_backend(request.param):
+        yield request.param, _device_for(request.param)
+
+
+def triton_interpreted(backend_name: str) -> bool:
+    return backend_name == "triton" and not torch.cuda.is_available()
