@@ -27,17 +27,25 @@ def _want_cuda():
 
 
 def _extension():
-    # NOTE: -fno-math-errno lets GCC vectorise the sqrt of the Adam loop (checked with -fopt-info-vec).
-    cxx = ["-O3", "-fno-math-errno"]  # the C++ standard is the one torch's tooling picks
+    # NOTE: -fno-math-errno and -fno-trapping-math let GCC vectorise the sqrt, the division and the
+    # v' > 0 select of the Adam loops (checked with -fopt-info-vec: without them 34 of the 72 inner
+    # loops stayed scalar, and Adam's backward ran at 78 ms for 16M elements on 2 cores).
+    # -fopenmp: at::parallel_for is an inline OpenMP region; without it the kernels run on one thread.
+    # The C++ standard is the one torch's tooling picks.
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    link = ["-fopenmp"]
     sources = _sources("python/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not _want_cuda():
-        return cpp_extension.CppExtension("metakernels._C", sources, extra_compile_args={"cxx": cxx})
+        return cpp_extension.CppExtension(
+            "metakernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     return cpp_extension.CUDAExtension(
         "metakernels._C",
         sources + _sources("csrc/cuda/*.cu"),
         define_macros=[("WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        extra_link_args=link,
     )
 
 

@@ -1,0 +1,70 @@
+"""Timing and ceiling measurements shared by the benchmark scripts: medians over repeats, the machine's
+copy bandwidth and matmul rate measured in the same run, and the allocator setting that lets CPU
+benchmarks measure kernels rather than page faults."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+# glibc serves every allocation of >= 32 MB with a fresh mmap, so each new 64 MB output tensor is
+# page-faulted (and zero-filled by the kernel) again: measured here, torch.clone of 64 MB ran at
+# ~4 GB/s against ~25 GB/s for copy_ into an existing tensor.  With mmap disabled and trimming off,
+# freed blocks are reused as in a steady training loop; eager PyTorch and every backend benefit alike.
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1000000000000"
+_REEXEC_FLAG = "METAKERNELS_BENCH_REEXEC"
+
+
+def reexec_with_malloc_tunables(enabled: bool) -> str:
+    """Re-runs this script with MALLOC_TUNABLES (once); returns a line saying which allocator runs."""
+    if enabled and os.environ.get(_REEXEC_FLAG) is None and platform.system() == "Linux":
+        env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES, **{_REEXEC_FLAG: "1"})
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return f"glibc malloc with GLIBC_TUNABLES={tunables}" if tunables else "glibc malloc defaults (mmap per large tensor)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, repeats: int = 15, warmup: int = 3) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, n_elements: int = 16_000_000, repeats: int = 15) -> float:
+    """Bytes read + written per second by copy_ between two existing fp32 tensors."""
+    src = torch.randn(n_elements, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def matmul_gflops(device: torch.device, n: int = 1024, dtype=torch.float32, repeats: int = 10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: a @ b, device, repeats)
+    return 2 * n**3 / ms / 1e6
+
+
+def machine_line(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return (
+        f"device={device} ({name}), torch {torch.__version__}, threads={torch.get_num_threads()}, "
+        f"python {platform.python_version()}"
+    )
