@@ -1,0 +1,218 @@
+"""Meta-gradient descent: MAML (second order), first-order MAML, Meta-SGD and subset (ANIL, LoRA)
+adaptation, for T tasks at once on the inner-loop engine.
+
+    maml = MAML(model, inner_lr=0.1, inner_steps=1)
+    meta_loss = maml(loss_fn, support, query)   # mean query loss over tasks after K inner steps
+    meta_loss.backward()                        # exact meta-gradient on the model's parameters
+
+Meta-loss:  L(theta) = 1/T sum_t loss_fn(f_{theta_t^K}, query_t),
+            theta_t^0 = theta,  theta_t^{k+1} = U(theta_t^k, grad loss_fn(f_{theta_t^k}, support_t))
+where U is the fused sgd / momentum / adam update.  Second order differentiates through the inner
+gradients (Hessian-vector products); first order treats them as constants.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .inner_loop import InnerOptimizer, TaskBatchedModel, check_finite, run_inner_loop
+from .layout import AdaptSpec, ParamLayout
+from .tasks import select_tasks, task_count
+
+MEMORY_MODES = ("fast", "low")
+# Nodes autograd records in place of a derivative it cannot take (DelayedError, NotImplemented).
+_NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImplemented")
+NAN_POLICIES = ("raise", "ignore")
+
+
+class _InjectGradients(torch.autograd.Function):
+    """Returns ``value``; its backward hands each parameter a precomputed gradient (times the
+    incoming cotangent).  Used by memory='low', which differentiates chunk by chunk in the forward."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *params):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (None, None, *(None if g is None else g * grad_out for g in ctx.grads))
+
+
+class AdaptedModel:
+    """Fast weights [T, P] after adaptation, with ways to call the model with them."""
+
+    def __init__(self, evaluator: TaskBatchedModel, fast: torch.Tensor):
+        self._evaluator = evaluator
+        self.fast = fast
+        self.num_tasks = fast.shape[0]
+
+    def params(self, task: int) -> dict[str, torch.Tensor]:
+        """The adapted parameters of one task, by name (the others are the model's own)."""
+        return self._evaluator.layout.unflatten(self.fast[task])
+
+    def task(self, task: int):
+        """The model bound to task ``task``'s weights: call it like the model."""
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} is out of range for {self.num_tasks} adapted tasks")
+        return self._evaluator.bind(self.fast[task])
+
+    def losses(self, loss_fn, batch) -> torch.Tensor:
+        """[T] losses of every task on its own batch (leading task dimension T), without a graph."""
+        T = task_count(batch, "batch")
+        if T != self.num_tasks:
+            raise ValueError(f"batch has T={T} tasks, the weights were adapted for {self.num_tasks}")
+        with torch.no_grad():
+            return self._evaluator.losses(loss_fn, self.fast, batch, T)
+
+
+class MAML(nn.Module):
+    """Model-agnostic meta-learning over a batch of tasks.
+
+    Args:
+        model: any nn.Module; its parameters with requires_grad=False never adapt.
+        inner_lr: inner learning rate (a number).
+        inner_steps: K, the number of inner updates.
+        first_order: drop the second-order terms (FOMAML).
+        inner_optimizer: "sgd" (default), "momentum" or "adam", run by the fused update ops;
+            momentum, betas, eps are their hyper-parameters.
+        adapt: which parameters adapt: None (all trainable), a predicate (name, param) -> bool, or a
+            list of names (ANIL: the head; LoRA: the adapters).  The others are shared by all tasks
+            and still receive meta-gradients.
+        memory: "fast" keeps every task's inner graph; "low" runs ``task_chunk`` tasks at a time
+            (default 1) and differentiates each chunk in the forward, so peak memory is that of a
+            chunk, at the cost of speed.
+        nan_policy: "raise" reports a non-finite inner or query loss with its task and step;
+            "ignore" lets it through.
+        vectorize: True (torch.vmap over tasks), False (a Python loop over the forward only), or
+            None: try vmap and fall back to the loop with one warning.
+    """
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 1, first_order: bool = False,
+                 inner_optimizer: str = "sgd", momentum: float = 0.9, betas=(0.9, 0.999), eps: float = 1e-8,
+                 adapt: AdaptSpec = None, memory: str = "fast", task_chunk: int | None = None,
+                 nan_policy: str = "raise", vectorize: bool | None = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        if task_chunk is not None and (not isinstance(task_chunk, int) or task_chunk < 1):
+            raise ValueError(f"task_chunk must be a positive int or None, got {task_chunk!r}")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.module = model
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.first_order = first_order
+        self.optimizer = InnerOptimizer(inner_optimizer, momentum, tuple(betas), eps)
+        self.memory = memory
+        self.task_chunk = task_chunk or 1
+        self.nan_policy = nan_policy
+        self.layout = ParamLayout(model, adapt)
+        self._evaluator = TaskBatchedModel(model, self.layout, vectorize)
+        self._second_order_checked = False
+
+    def inner_rate(self):
+        """The inner learning rate as the update ops take it (a number or a tensor)."""
+        return self.inner_lr
+
+    def forward(self, loss_fn, support, query) -> torch.Tensor:
+        """Mean query loss over the T tasks after K inner steps on their support sets."""
+        T = task_count(support, "support")
+        T_query = task_count(query, "query")
+        if T_query != T:
+            raise ValueError(f"support has T={T} tasks but query has T={T_query}; they must match")
+        if self.memory == "fast" or not torch.is_grad_enabled():
+            return self._meta_loss(loss_fn, support, query, T)
+        meta_params = [p for p in self.parameters() if p.requires_grad]
+        total, grads = None, [None] * len(meta_params)
+        for start in range(0, T, self.task_chunk):
+            chunk = slice(start, min(start + self.task_chunk, T))
+            n = chunk.stop - chunk.start
+            loss = self._meta_loss(loss_fn, select_tasks(support, chunk), select_tasks(query, chunk), n) * (n / T)
+            chunk_grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
+            grads = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(grads, chunk_grads)]
+            total = loss.detach() if total is None else total + loss.detach()
+        return _InjectGradients.apply(total, grads, *meta_params)
+
+    def _meta_loss(self, loss_fn, support, query, T: int) -> torch.Tensor:
+        second_order = not self.first_order and torch.is_grad_enabled()
+        fast = run_inner_loop(
+            self._evaluator, self.layout.flatten(), self.inner_rate(), loss_fn, support, T, self.inner_steps,
+            self.optimizer, create_graph=second_order, nan_policy=self.nan_policy,
+        )
+        if second_order and not self._second_order_checked:
+            self._check_twice_differentiable(fast)
+        losses = self._evaluator.losses(loss_fn, fast, query, T)
+        if self.nan_policy == "raise":
+            check_finite(losses, "query", self.inner_steps)
+        return losses.mean()
+
+    def _check_twice_differentiable(self, fast: torch.Tensor) -> None:
+        """Second order differentiates every layer's backward: look once through the inner loop's
+        graph for the nodes autograd puts where a backward is not differentiable (once_differentiable
+        functions, ops without a double backward), so that such a layer fails here with advice rather
+        than deep in .backward()."""
+        seen, stack = set(), [fast.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node.name() in _NOT_DIFFERENTIABLE_NODES:
+                raise RuntimeError(
+                    "second-order MAML differentiates the inner gradients, but a layer of this model has no "
+                    f"double backward (autograd node {node.name()}: a once_differentiable function or an op "
+                    "without a second derivative, such as a fused SDPA kernel). Use first_order=True, or "
+                    "replace that layer with a twice-differentiable one."
+                )
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        self._second_order_checked = True
+
+    def adapt(self, loss_fn, support, steps: int | None = None) -> AdaptedModel:
+        """Adapted weights for evaluation or serving: K (or ``steps``) inner steps, no graph kept."""
+        T = task_count(support, "support")
+        rate = self.inner_rate()
+        rate = rate.detach() if isinstance(rate, torch.Tensor) else rate
+        with torch.enable_grad():
+            fast = run_inner_loop(
+                self._evaluator, self.layout.flatten(), rate, loss_fn, support, T,
+                self.inner_steps if steps is None else steps, self.optimizer,
+                create_graph=False, keep_graph=False, nan_policy=self.nan_policy,
+            )
+        return AdaptedModel(self._evaluator, fast.detach())
+
+
+class MetaSGD(MAML):
+    """MAML with learned inner learning rates (Li et al., 2017, "Meta-SGD"), parameters of this module
+    registered in the model's parameter order (``inner_lrs``) and meta-trained with the initialisation.
+
+    learn_lr: "parameter" (one rate per parameter element, the paper's), "tensor" (one per parameter
+    tensor) or "scalar" (one for all).  ``inner_lr`` is their initial value."""
+
+    LEARN_LR = ("parameter", "tensor", "scalar")
+
+    def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 1, learn_lr: str = "parameter",
+                 **kwargs):
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **kwargs)
+        if learn_lr not in self.LEARN_LR:
+            raise ValueError(f"learn_lr must be one of {self.LEARN_LR}, got {learn_lr!r}")
+        self.learn_lr = learn_lr
+        params = self.layout.parameters()
+        if learn_lr == "parameter":
+            rates = [torch.full_like(p, float(inner_lr)) for p in params]
+        elif learn_lr == "tensor":
+            rates = [torch.full((), float(inner_lr), dtype=p.dtype, device=p.device) for p in params]
+        else:
+            rates = [torch.full((), float(inner_lr), dtype=params[0].dtype, device=params[0].device)]
+        self.inner_lrs = nn.ParameterList(nn.Parameter(r) for r in rates)
+
+    def inner_rate(self) -> torch.Tensor:
+        if self.learn_lr == "parameter":
+            return torch.cat([r.reshape(-1) for r in self.inner_lrs])
+        if self.learn_lr == "tensor":
+            return torch.cat([r.expand(n) for r, n in zip(self.inner_lrs, self.layout.numels)])
+        return self.inner_lrs[0]

@@ -1,0 +1,76 @@
+"""The built-in causal transformer language model: token and position embeddings, pre-LayerNorm
+blocks of multi-head causal self-attention and a GELU MLP, a final LayerNorm and a vocabulary head.
+Written with plain ops (no fused attention) so that every layer is twice differentiable, as
+second-order meta-learning needs."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CausalSelfAttention(nn.Module):
+    """softmax(Q K^T / sqrt(d_head) + causal mask) V over n_heads heads; x: [B, S, D] -> [B, S, D]."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        q, k, v = (t.reshape(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.n_heads)
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
+        weights = self.dropout(scores.masked_fill(causal, float("-inf")).softmax(dim=-1))
+        return self.proj((weights @ v).transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerLM(nn.Module):
+    """tokens [B, S] (int64) -> logits [B, S, vocab]."""
+
+    def __init__(self, vocab: int = 256, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
+                 max_len: int = 64, dropout: float = 0.0):
+        super().__init__()
+        self.max_len = max_len
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(max_len, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        S = tokens.shape[-1]
+        if S > self.max_len:
+            raise ValueError(f"sequence length {S} exceeds max_len={self.max_len}")
+        x = self.tok(tokens) + self.pos(torch.arange(S, device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def lm_loss(f, batch) -> torch.Tensor:
+    """Next-token cross-entropy of one task's batch of sequences [B, S+1]: predict tokens 1..S."""
+    tokens = batch if isinstance(batch, torch.Tensor) else batch[0]
+    logits = f(tokens[..., :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[..., 1:].reshape(-1))

@@ -1,0 +1,256 @@
+"""MAML / FOMAML / Meta-SGD / subset adaptation against the sequential create_graph oracle, in float64,
+on a causal transformer LM with LayerNorm, multi-head attention, token and position embeddings, GELU
+and a vocabulary head."""
+import pytest
+import torch
+
+import metakernels as mk
+from maml_reference import sequential_meta_loss
+from metakernels.models import TransformerLM, lm_loss
+
+VOCAB, SEQ = 11, 7
+
+
+def _model(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return TransformerLM(vocab=VOCAB, d_model=16, n_heads=2, n_layers=2, max_len=8, dropout=dropout).double()
+
+
+def _tasks(T, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    support = torch.randint(0, VOCAB, (T, 2, SEQ + 1), generator=gen)
+    query = torch.randint(0, VOCAB, (T, 2, SEQ + 1), generator=gen)
+    return support, query
+
+
+def _grads(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _assert_grads_close(got, want, rtol=1e-9):
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None or torch.count_nonzero(g) == 0, i
+            continue
+        scale = w.abs().max().clamp_min(1e-12)
+        assert (g - w).abs().max() <= rtol * scale + 1e-14, (i, (g - w).abs().max().item(), scale.item())
+
+
+CASES = [
+    dict(first_order=False, inner_optimizer="sgd"),
+    dict(first_order=True, inner_optimizer="sgd"),
+    dict(first_order=False, inner_optimizer="momentum"),
+    dict(first_order=False, inner_optimizer="adam"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['inner_optimizer']}-{'fo' if c['first_order'] else 'so'}")
+@pytest.mark.parametrize("T,K", [(1, 1), (3, 2), (2, 3)])
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_maml_matches_sequential_reference(case, T, K, memory):
+    model = _model()
+    support, query = _tasks(T)
+    maml = mk.MAML(model, inner_lr=0.3, inner_steps=K, memory=memory, task_chunk=2, **case)
+    params = [p for p in model.parameters()]
+    got_loss = maml(lm_loss, support, query)
+    got = _grads(got_loss, params)
+    names = [n for n, _ in model.named_parameters()]
+    want_loss = sequential_meta_loss(model, lm_loss, support, query, names=names, lrs={n: 0.3 for n in names},
+                                     steps=K, first_order=case["first_order"], optimizer=case["inner_optimizer"])
+    want = _grads(want_loss, params)
+    torch.testing.assert_close(got_loss.detach(), want_loss.detach(), rtol=1e-12, atol=1e-12)
+    _assert_grads_close(got, want)
+
+
+@pytest.mark.parametrize("learn_lr", ["parameter", "tensor", "scalar"])
+def test_meta_sgd_gradients_of_init_and_rates(learn_lr):
+    model = _model()
+    support, query = _tasks(3)
+    meta = mk.MetaSGD(model, inner_lr=0.2, inner_steps=2, learn_lr=learn_lr)
+    with torch.no_grad():  # distinct rates, so that a mix-up of their order would show
+        for i, r in enumerate(meta.inner_lrs):
+            r.add_(0.01 * i + 0.001 * torch.arange(r.numel(), dtype=r.dtype).reshape(r.shape))
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    assert [r.shape for r in meta.inner_lrs] == (
+        [p.shape for p in params] if learn_lr == "parameter" else [torch.Size([])] * (len(params) if learn_lr == "tensor" else 1)
+    )
+    rates = list(meta.inner_lrs)
+    got = _grads(meta(lm_loss, support, query), params + rates)
+    lrs = {n: (rates[i] if learn_lr != "scalar" else rates[0]) for i, n in enumerate(names)}
+    want = _grads(sequential_meta_loss(model, lm_loss, support, query, names=names, lrs=lrs, steps=2), params + rates)
+    _assert_grads_close(got, want)
+    assert all(g is not None for g in got[len(params):])
+
+
+def test_subset_adaptation_anil_head_only():
+    model = _model()
+    support, query = _tasks(3)
+    maml = mk.MAML(model, inner_lr=0.5, inner_steps=2, adapt=["head.weight", "head.bias"])
+    params = list(model.parameters())
+    got = _grads(maml(lm_loss, support, query), params)
+    want = _grads(sequential_meta_loss(model, lm_loss, support, query, names=["head.weight", "head.bias"],
+                                       lrs={"head.weight": 0.5, "head.bias": 0.5}, steps=2), params)
+    _assert_grads_close(got, want)
+    assert all(g is not None for g in got)  # the shared body still gets meta-gradients
+
+
+def test_predicate_and_frozen_parameters():
+    model = _model()
+    model.tok.weight.requires_grad_(False)
+    maml = mk.MAML(model, adapt=lambda name, p: name.startswith("blocks.1"))
+    assert all(n.startswith("blocks.1") for n in maml.layout.names)
+    assert "tok.weight" not in mk.MAML(model).layout.names
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        mk.MAML(model, adapt=["tok.weight"])
+    with pytest.raises(ValueError, match="no parameter to adapt"):
+        mk.MAML(model, adapt=lambda n, p: False)
+
+
+def test_meta_loss_matches_finite_differences_along_a_random_direction():
+    model = _model()
+    support, query = _tasks(2)
+    maml = mk.MAML(model, inner_lr=0.3, inner_steps=2)
+    params = list(model.parameters())
+    grads = _grads(maml(lm_loss, support, query), params)
+    gen = torch.Generator().manual_seed(5)
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction))
+    h = 1e-5
+    with torch.no_grad():
+        values = []
+        for sign in (1, -1):
+            for p, d in zip(params, direction):
+                p.add_(sign * h * d)
+            with torch.enable_grad():
+                values.append(maml(lm_loss, support, query).item())
+            for p, d in zip(params, direction):
+                p.sub_(sign * h * d)
+    numeric = (values[0] - values[1]) / (2 * h)
+    assert abs(numeric - analytic.item()) <= 1e-6 * max(1.0, abs(numeric))
+
+
+def test_tied_weights_and_buffers():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, 8)
+            self.norm = torch.nn.BatchNorm1d(8, affine=False).eval()  # buffers only
+            self.out = torch.nn.Linear(8, VOCAB, bias=False)
+            self.out.weight = self.emb.weight  # tied
+
+        def forward(self, tokens):
+            h = self.emb(tokens)
+            return self.out(self.norm(h.reshape(-1, 8)).reshape(h.shape))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    support, query = _tasks(2)
+    maml = mk.MAML(model, inner_lr=0.4, inner_steps=2)
+    assert maml.layout.names == ["emb.weight"]
+    params = list(model.parameters())
+    got = _grads(maml(lm_loss, support, query), params)
+    want = _grads(sequential_meta_loss(model, lm_loss, support, query, names=["emb.weight"], lrs={"emb.weight": 0.4},
+                                       steps=2), params)
+    _assert_grads_close(got, want)
+
+
+def test_dropout_second_order_sees_the_forward_masks():
+    """With dropout, the meta-gradient equals the oracle's for the same masks (same seed, same order of
+    forwards with vectorize=False): the second-order terms use the masks the forward drew."""
+    model = _model(dropout=0.3)
+    support, query = _tasks(2)
+    maml = mk.MAML(model, inner_lr=0.3, inner_steps=1, vectorize=False)
+    params = list(model.parameters())
+    torch.manual_seed(123)
+    got = _grads(maml(lm_loss, support, query), params)
+    names = [n for n, _ in model.named_parameters()]
+    torch.manual_seed(123)
+    want = _grads(sequential_meta_loss(model, lm_loss, support, query, names=names, lrs={n: 0.3 for n in names},
+                                       steps=1), params)
+    _assert_grads_close(got, want)
+
+
+def test_adapt_returns_weights_and_callables():
+    model = _model()
+    support, query = _tasks(3)
+    maml = mk.MAML(model, inner_lr=0.5, inner_steps=2)
+    adapted = maml.adapt(lm_loss, support)
+    assert adapted.fast.shape == (3, maml.layout.numel) and not adapted.fast.requires_grad
+    before = adapted.losses(lm_loss, support)
+    with torch.no_grad():
+        plain = torch.stack([lm_loss(model, support[t]) for t in range(3)])
+    assert (before < plain).all()  # adaptation lowered every task's support loss
+    logits = adapted.task(1)(query[1, :, :-1])
+    assert logits.shape == (2, SEQ, VOCAB)
+    torch.testing.assert_close(lm_loss(adapted.task(1), query[1]), adapted.losses(lm_loss, query)[1])
+    assert set(adapted.params(0)) == set(maml.layout.names)
+
+
+@pytest.mark.parametrize("bad,exc,words", [
+    ("t_mismatch", ValueError, ["support has T=3", "query has T=2"]),
+    ("no_task_dim", ValueError, ["0-d"]),
+    ("non_scalar", ValueError, ["scalar", "[2]"]),
+    ("not_tensor", TypeError, ["scalar tensor", "float"]),
+])
+def test_bad_input_is_explained(bad, exc, words):
+    model = _model()
+    support, query = _tasks(3)
+    loss_fn = lm_loss
+    if bad == "t_mismatch":
+        query = query[:2]
+    elif bad == "no_task_dim":
+        support = (support, torch.tensor(1.0))
+    elif bad == "non_scalar":
+        loss_fn = lambda f, b: torch.stack([lm_loss(f, b), lm_loss(f, b)])  # noqa: E731
+    elif bad == "not_tensor":
+        loss_fn = lambda f, b: 1.0  # noqa: E731
+    with pytest.raises(exc) as info:
+        mk.MAML(model, vectorize=False)(loss_fn, support, query)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_non_finite_inner_loss_names_task_and_step():
+    model = _model()
+    tokens_s, tokens_q = _tasks(3)
+    scale = torch.ones(3, dtype=torch.float64)
+    scale[1] = float("nan")
+
+    def loss_fn(f, batch):
+        tokens, weight = batch
+        return lm_loss(f, tokens) * weight
+
+    support, query = (tokens_s, scale), (tokens_q, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(FloatingPointError, match="task 1 at inner step 1"):
+        mk.MAML(model, inner_lr=0.1)(loss_fn, support, query)
+    ignored = mk.MAML(model, inner_lr=0.1, nan_policy="ignore")(loss_fn, support, query)
+    assert torch.isnan(ignored)
+
+
+def test_layer_without_double_backward_is_reported():
+    class OnceDifferentiable(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.tanh()
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * (1 - x.tanh() ** 2)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, 4)
+            self.out = torch.nn.Linear(4, VOCAB)
+
+        def forward(self, t):
+            return self.out(OnceDifferentiable.apply(self.emb(t)))
+
+    support, query = _tasks(2)
+    with pytest.raises(RuntimeError, match="first_order=True"):
+        mk.MAML(Net().double(), vectorize=False)(lm_loss, support, query)
+    mk.MAML(Net().double(), first_order=True, vectorize=False)(lm_loss, support, query).backward()
