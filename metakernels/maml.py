@@ -167,7 +167,8 @@ class MAML(nn.Module):
                     "second-order MAML differentiates the inner gradients, but a layer of this model has no "
                     f"double backward (autograd node {node.name()}: a once_differentiable function or an op "
                     "without a second derivative, such as a fused SDPA kernel). Use first_order=True, or "
-                    "replace that layer with a twice-differentiable one."
+                    "replace that layer with a twice-differentiable one (for Hugging Face models, "
+                    "attn_implementation='eager')."
                 )
             stack.extend(next_node for next_node, _ in node.next_functions)
         self._second_order_checked = True

@@ -26,7 +26,7 @@ def sequential_meta_loss(model, loss_fn, support, query, *, names, lrs, steps, f
     fast = [{n: params[n] for n in names} for _ in range(T)]
     state = [{n: (torch.zeros_like(params[n]), torch.zeros_like(params[n])) for n in names} for _ in range(T)]
     for k in range(1, steps + 1):
-        losses = [loss_fn(lambda *a, w=fast[t]: functional_call(model, w, a), _task(support, t)) for t in range(T)]
+        losses = [loss_fn(lambda *a, w=fast[t], **kw: functional_call(model, w, a, kw), _task(support, t)) for t in range(T)]
         for t in range(T):
             grads = torch.autograd.grad(losses[t], [fast[t][n] for n in names], create_graph=not first_order)
             new = {}
@@ -45,5 +45,5 @@ def sequential_meta_loss(model, loss_fn, support, query, *, names, lrs, steps, f
                     state[t][n] = (m, v)
                     new[n] = p - lr * (m / (1 - b1**k)) / (_safe_sqrt(v / (1 - b2**k)) + eps)
             fast[t] = new
-    query_losses = [loss_fn(lambda *a, w=fast[t]: functional_call(model, w, a), _task(query, t)) for t in range(T)]
+    query_losses = [loss_fn(lambda *a, w=fast[t], **kw: functional_call(model, w, a, kw), _task(query, t)) for t in range(T)]
     return sum(query_losses) / T

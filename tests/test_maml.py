@@ -254,3 +254,36 @@ def test_layer_without_double_backward_is_reported():
     with pytest.raises(RuntimeError, match="first_order=True"):
         mk.MAML(Net().double(), vectorize=False)(lm_loss, support, query)
     mk.MAML(Net().double(), first_order=True, vectorize=False)(lm_loss, support, query).backward()
+
+
+def _tiny_gpt2(attn_implementation):
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (.ci/setup installs it)")
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                                     attn_implementation=attn_implementation)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def test_hugging_face_gpt2_second_order_matches_reference():
+    """A real transformers GPT-2 (tied embeddings, Conv1D layers, HF loss) built from a tiny config."""
+    model = _tiny_gpt2("eager")
+    support, query = _tasks(2)
+
+    def hf_loss(f, batch):
+        return f(input_ids=batch, labels=batch).loss
+
+    maml = mk.MAML(model, inner_lr=0.3, inner_steps=2)
+    params = list(model.parameters())
+    got = _grads(maml(hf_loss, support, query), params)
+    names = [n for n, _ in model.named_parameters()]
+    want = _grads(sequential_meta_loss(model, hf_loss, support, query, names=names, lrs={n: 0.3 for n in names},
+                                       steps=2), params)
+    _assert_grads_close(got, want)
+
+
+def test_hugging_face_sdpa_attention_is_refused_for_second_order_with_advice():
+    model = _tiny_gpt2("sdpa")
+    support, query = _tasks(2)
+    with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
+        mk.MAML(model)(lambda f, b: f(input_ids=b, labels=b).loss, support, query)

@@ -1,0 +1,98 @@
+"""A learn2learn-compatible facade, so that existing per-task loops migrate by changing one import:
+
+    from metakernels.compat import MAML            # was: from learn2learn.algorithms import MAML
+    maml = MAML(model, lr=0.1, first_order=False)
+    for task in tasks:
+        learner = maml.clone()
+        learner.adapt(loss_fn(learner(x_support), y_support))
+        loss_fn(learner(x_query), y_query).backward()
+
+The semantics are learn2learn's (``clone``, ``adapt(loss)`` taking one SGD step with the inner gradient
+kept in the graph unless first order, ``allow_unused``, ``allow_nograd``, MetaSGD's per-parameter
+``lrs``), and each step runs the fused update op.  For speed, move to the batched :class:`metakernels.MAML`
+(see the README's migration guide): this facade still loops over tasks in Python.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import ops
+
+
+class _Learner(nn.Module):
+    """One task's clone: the model called with its own (differentiable) copy of the parameters."""
+
+    def __init__(self, owner: "MAML", params: dict[str, torch.Tensor]):
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a submodule: keeps owner's parameters single
+        self._fast = params
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self._owner.module, self._fast, args, kwargs)
+
+    def clone(self) -> "_Learner":
+        return _Learner(self._owner, dict(self._fast))
+
+    def adapt(self, loss: torch.Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> None:
+        """One inner step in place: params <- params - lr * d loss / d params."""
+        owner = self._owner
+        first_order = owner.first_order if first_order is None else first_order
+        allow_nograd = owner.allow_nograd if allow_nograd is None else allow_nograd
+        allow_unused = owner.allow_unused if allow_unused is None else allow_unused
+        allow_unused = allow_nograd if allow_unused is None else allow_unused
+        frozen = [n for n, p in owner.module.named_parameters() if not p.requires_grad]
+        if frozen and not allow_nograd:
+            raise ValueError(
+                f"parameters {frozen[:3]} have requires_grad=False; pass allow_nograd=True to adapt only the others"
+            )
+        names = [n for n, p in owner.module.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [self._fast[n] for n in names], retain_graph=not first_order,
+                                    create_graph=not first_order, allow_unused=allow_unused)
+        flat_params = torch.cat([self._fast[n].reshape(-1) for n in names])
+        flat_grads = torch.cat([(torch.zeros_like(self._fast[n]) if g is None else g).reshape(-1)
+                                for n, g in zip(names, grads)])
+        updated = ops.sgd_update(flat_params, flat_grads, owner.rate(names))
+        for n, chunk in zip(names, updated.split([self._fast[n].numel() for n in names])):
+            self._fast[n] = chunk.view_as(self._fast[n])
+
+
+class MAML(nn.Module):
+    """learn2learn.algorithms.MAML(model, lr, first_order=False, allow_unused=None, allow_nograd=False)."""
+
+    def __init__(self, model: nn.Module, lr: float, first_order: bool = False, allow_unused: bool | None = None,
+                 allow_nograd: bool = False):
+        super().__init__()
+        self.module = model
+        self.lr = lr
+        self.first_order = first_order
+        self.allow_unused = allow_unused
+        self.allow_nograd = allow_nograd
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def rate(self, names: list[str]):
+        return self.lr
+
+    def clone(self, first_order: bool | None = None) -> _Learner:
+        if first_order is not None:
+            self.first_order = first_order
+        return _Learner(self, dict(self.module.named_parameters()))
+
+
+class MetaSGD(MAML):
+    """learn2learn.algorithms.MetaSGD(model, lr=1.0, first_order=False): one learned rate per parameter
+    element, in ``lrs`` (model parameter order)."""
+
+    def __init__(self, model: nn.Module, lr: float = 1.0, first_order: bool = False, lrs=None):
+        super().__init__(model, lr, first_order)
+        if lrs is None:
+            lrs = [nn.Parameter(torch.ones_like(p) * lr) for p in model.parameters()]
+        self.lrs = nn.ParameterList(lrs)
+
+    def rate(self, names: list[str]) -> torch.Tensor:
+        by_name = dict(zip([n for n, _ in self.module.named_parameters()], self.lrs))
+        return torch.cat([by_name[n].reshape(-1) for n in names])

@@ -1,0 +1,69 @@
+"""The learn2learn-compatible facade gives the sequential oracle's meta-gradients (learn2learn's own
+semantics), and learn2learn's when it can be imported."""
+import pytest
+import torch
+
+from maml_reference import sequential_meta_loss
+from metakernels import compat
+from metakernels.models import lm_loss
+from test_maml import _assert_grads_close, _grads, _model, _tasks
+
+
+def _l2l_loop(maml, support, query, steps):
+    total = 0.0
+    for t in range(support.shape[0]):
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(lm_loss(learner, support[t]))
+        total = total + lm_loss(learner, query[t])
+    return total / support.shape[0]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_compat_maml_matches_reference(first_order):
+    model = _model()
+    support, query = _tasks(3)
+    maml = compat.MAML(model, lr=0.3, first_order=first_order)
+    params = list(model.parameters())
+    got = _grads(_l2l_loop(maml, support, query, 2), params)
+    names = [n for n, _ in model.named_parameters()]
+    want = _grads(sequential_meta_loss(model, lm_loss, support, query, names=names, lrs={n: 0.3 for n in names},
+                                       steps=2, first_order=first_order), params)
+    _assert_grads_close(got, want)
+
+
+def test_compat_meta_sgd_matches_reference():
+    model = _model()
+    support, query = _tasks(2)
+    meta = compat.MetaSGD(model, lr=0.2)
+    with torch.no_grad():
+        for i, r in enumerate(meta.lrs):
+            r.add_(0.01 * i)
+    params, rates = list(model.parameters()), list(meta.lrs)
+    got = _grads(_l2l_loop(meta, support, query, 2), params + rates)
+    names = [n for n, _ in model.named_parameters()]
+    want = _grads(sequential_meta_loss(model, lm_loss, support, query, names=names, lrs=dict(zip(names, rates)),
+                                       steps=2), params + rates)
+    _assert_grads_close(got, want)
+
+
+def test_compat_frozen_parameters_need_allow_nograd():
+    model = _model()
+    model.tok.weight.requires_grad_(False)
+    support, _ = _tasks(1)
+    learner = compat.MAML(model, lr=0.1).clone()
+    with pytest.raises(ValueError, match="allow_nograd=True"):
+        learner.adapt(lm_loss(learner, support[0]))
+    learner = compat.MAML(model, lr=0.1, allow_nograd=True).clone()
+    learner.adapt(lm_loss(learner, support[0]))
+    assert learner._fast["tok.weight"] is model.tok.weight
+
+
+def test_matches_learn2learn_when_installed():
+    l2l = pytest.importorskip("learn2learn", reason="learn2learn 0.2 does not build on Python 3.11 (see TOOLCHAIN.md)")
+    model = _model()
+    support, query = _tasks(2)
+    params = list(model.parameters())
+    ours = _grads(_l2l_loop(compat.MAML(model, lr=0.3), support, query, 2), params)
+    theirs = _grads(_l2l_loop(l2l.algorithms.MAML(model, lr=0.3), support, query, 2), params)
+    _assert_grads_close(ours, theirs)
