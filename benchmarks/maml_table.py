@@ -1,0 +1,209 @@
+"""Second-order MAML on the transformer LM, side by side in one run: metakernels (fast and low-memory
+modes), the correct plain-PyTorch batched recipe (stacked per-task weights, vmap over the forward,
+autograd.grad(create_graph=True)), higher, TorchOpt and learn2learn where installed.
+
+Configuration (the MAML issue's): 2 layers, d=128, 4 heads, vocabulary 256, sequences of 32 tokens,
+4 support and 4 query sequences per task, T=16 tasks, K=5 inner SGD steps, second order, CPU.
+Each variant runs in its own process, so its peak resident memory (ru_maxrss, minus the process's
+footprint before the first meta-step) is its own. The step's FLOPs are counted once with
+torch.utils.flop_counter and divided by each time, next to the fp32 matmul rate measured in this run
+at the model's own shapes.
+
+    python benchmarks/maml_table.py            # full configuration
+    python benchmarks/maml_table.py --quick    # T=4, K=2, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("metakernels", "metakernels-low", "stacked-recipe", "higher", "torchopt", "learn2learn")
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.tasks, args.steps, args.repeats = 4, 2, 2
+    return args
+
+
+def setup(T):
+    import torch
+
+    from metakernels.models import TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(vocab=256, d_model=128, n_heads=4, n_layers=2, max_len=32)
+    gen = torch.Generator().manual_seed(1)
+    support = torch.randint(0, 256, (T, 4, 33), generator=gen)
+    query = torch.randint(0, 256, (T, 4, 33), generator=gen)
+    return model, support, query
+
+
+def meta_step_fn(variant, model, support, query, K, lr=0.1):
+    """A function doing one meta-step (forward + backward, grads left on the model)."""
+    import torch
+    from torch.func import functional_call
+
+    import metakernels as mk
+    from metakernels.models import lm_loss
+
+    T = support.shape[0]
+    if variant.startswith("metakernels"):
+        maml = mk.MAML(model, inner_lr=lr, inner_steps=K, memory="low" if variant.endswith("low") else "fast")
+        return lambda: maml(lm_loss, support, query).backward()
+    if variant == "stacked-recipe":
+        names = [n for n, _ in model.named_parameters()]
+
+        def losses(weights, batch):
+            def one(w, b):
+                return lm_loss(lambda x: functional_call(model, dict(zip(names, w)), (x,)), b)
+            return torch.vmap(one)(weights, batch)
+
+        def step():
+            weights = [p.unsqueeze(0).expand(T, *p.shape) for p in model.parameters()]
+            for _ in range(K):
+                grads = torch.autograd.grad(losses(weights, support).sum(), weights, create_graph=True)
+                weights = [w - lr * g for w, g in zip(weights, grads)]
+            losses(weights, query).mean().backward()
+        return step
+    if variant == "higher":
+        import higher
+
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+
+        def step():
+            for t in range(T):
+                with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+                    for _ in range(K):
+                        diffopt.step(lm_loss(fmodel, support[t]))
+                    (lm_loss(fmodel, query[t]) / T).backward()
+        return step
+    if variant == "torchopt":
+        import torchopt
+
+        inner = torchopt.MetaSGD(model, lr=lr)
+        state = torchopt.extract_state_dict(model)
+
+        def step():
+            for t in range(T):
+                for _ in range(K):
+                    inner.step(lm_loss(model, support[t]))
+                (lm_loss(model, query[t]) / T).backward()
+                torchopt.recover_state_dict(model, state)
+        return step
+    import learn2learn as l2l
+
+    maml = l2l.algorithms.MAML(model, lr=lr)
+
+    def step():
+        for t in range(T):
+            learner = maml.clone()
+            for _ in range(K):
+                learner.adapt(lm_loss(learner, support[t]))
+            (lm_loss(learner, query[t]) / T).backward()
+    return step
+
+
+def child(args):
+    import torch
+
+    model, support, query = setup(args.tasks)
+    try:
+        step = meta_step_fn(args.child, model, support, query, args.steps)
+    except ImportError as exc:
+        print(json.dumps({"variant": args.child, "error": f"not installed: {exc}"}))
+        return
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for i in range(args.repeats + 1):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        step()
+        if i:  # the first step warms up allocators and caches
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
+    print(json.dumps({"variant": args.child, "seconds": statistics.median(times), "peak_mb": (peak - base) / 1024,
+                      "grad_norm": grad_norm}))
+
+
+def count_flops(args):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, support, query = setup(args.tasks)
+    step = meta_step_fn("stacked-recipe", model, support, query, args.steps)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_rate():
+    """fp32 GFLOP/s of the model's own batched matmuls (MLP of 16x4x32 tokens, attention bmm)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import harness
+
+    x = torch.randn(16 * 4 * 32, 128)
+    w = torch.randn(128, 512)
+    mlp = harness.median_ms(lambda: x @ w, torch.device("cpu"), 20)
+    q = torch.randn(16 * 4 * 4, 32, 32)
+    k = torch.randn(16 * 4 * 4, 32, 32)
+    att = harness.median_ms(lambda: q @ k, torch.device("cpu"), 20)
+    return 2 * x.shape[0] * 128 * 512 / mlp / 1e6, 2 * q.shape[0] * 32**3 / att / 1e6, harness.matmul_gflops(torch.device("cpu"))
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        return child(args)
+    import torch
+
+    results = []
+    for variant in args.variants:
+        cmd = [sys.executable, __file__, "--child", variant, "--tasks", str(args.tasks), "--steps", str(args.steps),
+               "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
+            {"variant": variant, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:100]})
+        results.append(json.loads(line))
+    flops = count_flops(args)
+    mlp_rate, att_rate, big_rate = matmul_rate()
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, "
+          f"second order, median of {args.repeats} meta-steps")
+    print(f"FLOPs per meta-step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); fp32 matmul rate this run: "
+          f"{big_rate:.0f} GFLOP/s at 1024^2, {mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's")
+    ref = next((r for r in results if r["variant"] == "metakernels" and "seconds" in r), None)
+    header = ["variant", "s / meta-step", "peak MB", "GFLOP/s", "% of matmul rate", "speed vs metakernels", "|grad|"]
+    rows = []
+    for r in results:
+        if "seconds" not in r:
+            rows.append([r["variant"], r["error"], "", "", "", "", ""])
+            continue
+        rate = flops / r["seconds"] / 1e9
+        rows.append([r["variant"], f"{r['seconds']:.3f}", f"{r['peak_mb']:.0f}", f"{rate:.0f}", f"{100 * rate / big_rate:.0f}%",
+                     f"{ref['seconds'] / r['seconds']:.2f}x" if ref else "", f"{r['grad_norm']:.6g}"])
+    sep = " | " if args.markdown else "  "
+    if args.markdown:
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in [header] * (not args.markdown) + rows:
+        print(("| " if args.markdown else "") + sep.join(row) + (" |" if args.markdown else ""))
+
+
+if __name__ == "__main__":
+    main()
