@@ -5,7 +5,7 @@ autograd.grad(create_graph=True)), higher, TorchOpt and learn2learn where instal
 Configuration (the MAML issue's): 2 layers, d=128, 4 heads, vocabulary 256, sequences of 32 tokens,
 4 support and 4 query sequences per task, T=16 tasks, K=5 inner SGD steps, second order, CPU.
 Each variant runs in its own process, so its peak resident memory (ru_maxrss, minus the process's
-footprint before the first meta-step) is its own. The step's FLOPs are counted once with
+footprint after a 1-task, 1-step warm-up that loads its modules) is its own. The step's FLOPs are counted once with
 torch.utils.flop_counter and divided by each time, next to the fp32 matmul rate measured in this run
 at the model's own shapes.
 
@@ -128,6 +128,9 @@ def child(args):
     except ImportError as exc:
         print(json.dumps({"variant": args.child, "error": f"not installed: {exc}"}))
         return
+    # One tiny meta-step first (1 task, 1 inner step) loads every module the variant uses, so that the
+    # peak below is the meta-step's memory, not imported code.
+    meta_step_fn(args.child, model, support[:1], query[:1], 1)()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for i in range(args.repeats + 1):
