@@ -86,7 +86,7 @@ class TaskBatchedModel:
         if self.vectorize is not False:
             try:
                 return torch.vmap(lambda w, b: self._one_task(loss_fn, w, b), randomness="different")(fast, batch)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError):  # the user's loss_fn broke its contract: report, do not retry
                 raise
             except Exception as exc:  # a model vmap cannot trace (data-dependent control flow, .item())
                 if self.vectorize is True:

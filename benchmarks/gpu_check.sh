@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The prepared GPU check, for the lent GPU machine (see ../shared/TOOLCHAIN.md: torch 2.11, triton 3.6,
+# nvcc 13, pytest and pytest-benchmark preinstalled, no package registry, minutes of time).
+# Builds the extension for sm_90, runs the CUDA and Triton tests (the same grid as on CPU), the
+# update-op benchmark at GPU sizes, and prints a short table last.  The full log goes to $OUT.
+#
+#   bash benchmarks/gpu_check.sh        # typically as the device tool's command, timeout ~480 s
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/metakernels_gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+status=0
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  echo "== build"
+  time python3 -m pip install -q --no-build-isolation --no-deps -e . || status=1
+  python3 -c "import json, metakernels; print(json.dumps(metakernels.backend_info(), indent=1))"
+  echo "== CUDA and Triton tests"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests -k "cuda or triton" --junitxml="$OUT/tests.xml" || status=1
+  echo "== update-op benchmark"
+  timeout 150 python3 benchmarks/update_table.py --device cuda --sizes 16x1000000 16x16000000 --markdown \
+    | tee "$OUT/update_table.md" || status=1
+} 2>&1 | tee "$OUT/gpu_check.log"
+echo "== summary (status $status)"
+grep -E "passed|failed|error" "$OUT/gpu_check.log" | tail -3
+grep -E "^\| (sgd|adam) \| 16x16000000" "$OUT/update_table.md" 2>/dev/null
+exit $status
