@@ -10,20 +10,24 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/metakernels_gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-status=0
+rm -f "$OUT/failed"
+fail() { echo "$1" >> "$OUT/failed"; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "== build"
-  time python3 -m pip install -q --no-build-isolation --no-deps -e . || status=1
+  time python3 -m pip install -q --no-build-isolation --no-deps -e . || fail build
   python3 -c "import json, metakernels; print(json.dumps(metakernels.backend_info(), indent=1))"
   echo "== CUDA and Triton tests"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests -k "cuda or triton" --junitxml="$OUT/tests.xml" || status=1
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests -k "cuda or triton" --junitxml="$OUT/tests.xml" || fail tests
   echo "== update-op benchmark"
   timeout 150 python3 benchmarks/update_table.py --device cuda --sizes 16x1000000 16x16000000 --markdown \
-    | tee "$OUT/update_table.md" || status=1
+    | tee "$OUT/update_table.md" || fail benchmark
 } 2>&1 | tee "$OUT/gpu_check.log"
-echo "== summary (status $status)"
+# The block above runs in a pipeline (a subshell), so failures are recorded in a file.
+status=0
+[ -f "$OUT/failed" ] && status=1
+echo "== summary: ${status/0/ok} $(cat "$OUT/failed" 2>/dev/null | tr "\n" " ")"
 grep -E "passed|failed|error" "$OUT/gpu_check.log" | tail -3
 grep -E "^\| (sgd|adam) \| 16x16000000" "$OUT/update_table.md" 2>/dev/null
 exit $status
