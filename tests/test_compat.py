@@ -67,3 +67,8 @@ def test_matches_learn2learn_when_installed():
     ours = _grads(_l2l_loop(compat.MAML(model, lr=0.3), support, query, 2), params)
     theirs = _grads(_l2l_loop(l2l.algorithms.MAML(model, lr=0.3), support, query, 2), params)
     _assert_grads_close(ours, theirs)
+    ours_sgd = compat.MetaSGD(model, lr=0.2)
+    theirs_sgd = l2l.algorithms.MetaSGD(model, lr=0.2)
+    ours = _grads(_l2l_loop(ours_sgd, support, query, 2), params + list(ours_sgd.lrs))
+    theirs = _grads(_l2l_loop(theirs_sgd, support, query, 2), params + list(theirs_sgd.lrs))
+    _assert_grads_close(ours, theirs)
