@@ -287,3 +287,13 @@ def test_hugging_face_sdpa_attention_is_refused_for_second_order_with_advice():
     support, query = _tasks(2)
     with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
         mk.MAML(model)(lambda f, b: f(input_ids=b, labels=b).loss, support, query)
+
+
+def test_meta_gradient_is_bit_identical_across_runs():
+    support, query = _tasks(4)
+    runs = []
+    for _ in range(2):
+        model = _model(dropout=0.1)
+        torch.manual_seed(7)
+        runs.append(_grads(mk.MAML(model, inner_lr=0.3, inner_steps=2)(lm_loss, support, query), list(model.parameters())))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
