@@ -49,9 +49,10 @@ def _hyper(lr: float = 0.0, momentum: float = 0.0, beta1: float = 0.0, beta2: fl
 # ----------------------------------------------------------------------------------------- reference
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """sqrt(x) whose derivative is 0 (not inf) at x = 0; twice differentiable everywhere else."""
-    positive = x > 0
-    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+    """sqrt(x) whose derivative is 0 (not inf) at x = 0; twice differentiable everywhere else, and NaN
+    stays NaN (only an exact zero is special-cased)."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
 
 
 def reference_update(kind: UpdateKind, params, grads, states, lr, hyper, out_shape) -> tuple[torch.Tensor, ...]:
