@@ -124,7 +124,7 @@ class _FusedUpdate(torch.autograd.Function):
         d_params = d[0] if not param_batched else (gp if needs[0] else None)
         result = [d_params, *d[1:]]
         if not batched_out:
-            result = [None if r is None or r.dim() == 1 else r.squeeze(0) for r in result]
+            result = [None if r is None else r.squeeze(0) for r in result]
         return (None, *result)
 
 
