@@ -9,7 +9,7 @@ footprint after a 1-task, 1-step warm-up that loads its modules) is its own. The
 torch.utils.flop_counter and divided by each time, next to the fp32 matmul rate measured in this run
 at the model's own shapes.
 
-    python benchmarks/maml_table.py            # full configuration
+    python benchmarks/maml_table.py            # full configuration (glibc tunables as in harness.py)
     python benchmarks/maml_table.py --quick    # T=4, K=2, a smoke run
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ def parse_args():
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--system-malloc", action="store_true", help="keep glibc's defaults (see harness.py)")
     args = ap.parse_args()
     if args.quick:
         args.tasks, args.steps, args.repeats = 4, 2, 2
@@ -175,6 +176,10 @@ def main():
     args = parse_args()
     if args.child:
         return child(args)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import harness
+
+    allocator = harness.reexec_with_malloc_tunables(enabled=not args.system_malloc)  # children inherit it
     import torch
 
     results = []
@@ -188,7 +193,7 @@ def main():
     flops = count_flops(args)
     mlp_rate, att_rate, big_rate = matmul_rate()
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, "
-          f"second order, median of {args.repeats} meta-steps")
+          f"second order, median of {args.repeats} meta-steps; allocator: {allocator}")
     print(f"FLOPs per meta-step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); fp32 matmul rate this run: "
           f"{big_rate:.0f} GFLOP/s at 1024^2, {mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's")
     ref = next((r for r in results if r["variant"] == "metakernels" and "seconds" in r), None)
