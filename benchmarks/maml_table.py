@@ -23,6 +23,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+
 VARIANTS = ("metakernels", "metakernels-low", "stacked-recipe", "higher", "torchopt", "learn2learn")
 
 
@@ -160,9 +164,6 @@ def matmul_rate():
     """fp32 GFLOP/s of the model's own batched matmuls (MLP of 16x4x32 tokens, attention bmm)."""
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import harness
-
     x = torch.randn(16 * 4 * 32, 128)
     w = torch.randn(128, 512)
     mlp = harness.median_ms(lambda: x @ w, torch.device("cpu"), 20)
@@ -176,9 +177,6 @@ def main():
     args = parse_args()
     if args.child:
         return child(args)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import harness
-
     allocator = harness.reexec_with_malloc_tunables(enabled=not args.system_malloc)  # children inherit it
     import torch
 
