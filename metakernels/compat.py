@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import ops
+from .layout import ParamLayout
 
 
 class _Learner(nn.Module):
@@ -48,15 +49,13 @@ class _Learner(nn.Module):
             raise ValueError(
                 f"parameters {frozen[:3]} have requires_grad=False; pass allow_nograd=True to adapt only the others"
             )
-        names = [n for n, p in owner.module.named_parameters() if p.requires_grad]
-        grads = torch.autograd.grad(loss, [self._fast[n] for n in names], retain_graph=not first_order,
+        layout = ParamLayout(owner.module)  # every trainable parameter, in model order
+        grads = torch.autograd.grad(loss, [self._fast[n] for n in layout.names], retain_graph=not first_order,
                                     create_graph=not first_order, allow_unused=allow_unused)
-        flat_params = torch.cat([self._fast[n].reshape(-1) for n in names])
-        flat_grads = torch.cat([(torch.zeros_like(self._fast[n]) if g is None else g).reshape(-1)
-                                for n, g in zip(names, grads)])
-        updated = ops.sgd_update(flat_params, flat_grads, owner.rate(names))
-        for n, chunk in zip(names, updated.split([self._fast[n].numel() for n in names])):
-            self._fast[n] = chunk.view_as(self._fast[n])
+        flat_grads = layout.flatten({n: torch.zeros_like(self._fast[n]) if g is None else g
+                                     for n, g in zip(layout.names, grads)})
+        updated = ops.sgd_update(layout.flatten(self._fast), flat_grads, owner.rate(layout))
+        self._fast.update(layout.unflatten(updated))
 
 
 class MAML(nn.Module):
@@ -74,7 +73,7 @@ class MAML(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def rate(self, names: list[str]):
+    def rate(self, layout: ParamLayout):
         return self.lr
 
     def clone(self, first_order: bool | None = None) -> _Learner:
@@ -93,6 +92,5 @@ class MetaSGD(MAML):
             lrs = [nn.Parameter(torch.ones_like(p) * lr) for p in model.parameters()]
         self.lrs = nn.ParameterList(lrs)
 
-    def rate(self, names: list[str]) -> torch.Tensor:
-        by_name = dict(zip([n for n, _ in self.module.named_parameters()], self.lrs))
-        return torch.cat([by_name[n].reshape(-1) for n in names])
+    def rate(self, layout: ParamLayout) -> torch.Tensor:
+        return layout.flatten(dict(zip([n for n, _ in self.module.named_parameters()], self.lrs)))

@@ -46,9 +46,11 @@ class ParamLayout:
         params = dict(self._module.named_parameters())
         return [params[n] for n in self.names]
 
-    def flatten(self) -> torch.Tensor:
-        """The adapted parameters as one differentiable [P] vector."""
-        return torch.cat([p.reshape(-1) for p in self.parameters()])
+    def flatten(self, values: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The adapted parameters (or ``values``, by name, in their place) as one differentiable [P]
+        vector."""
+        tensors = self.parameters() if values is None else [values[n] for n in self.names]
+        return torch.cat([t.reshape(-1) for t in tensors])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """[..., P] -> {name: [..., *shape]} views."""

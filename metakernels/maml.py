@@ -20,9 +20,9 @@ from .layout import AdaptSpec, ParamLayout
 from .tasks import select_tasks, task_count
 
 MEMORY_MODES = ("fast", "low")
+NAN_POLICIES = ("raise", "ignore")
 # Nodes autograd records in place of a derivative it cannot take (DelayedError, NotImplemented).
 _NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImplemented")
-NAN_POLICIES = ("raise", "ignore")
 
 
 class _InjectGradients(torch.autograd.Function):
