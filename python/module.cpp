@@ -5,6 +5,7 @@
 
 namespace mk {
 void register_update_ops(pybind11::module_& m);
+void register_lopt_ops(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_poison_outputs", [](bool on) { mk::poison_outputs() = on; },
         "Fill every output buffer with NaN before a kernel writes it (for tests)");
   mk::register_update_ops(m);
+  mk::register_lopt_ops(m);
 }

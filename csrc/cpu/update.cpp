@@ -16,6 +16,7 @@
 
 #include "../dispatch.h"
 #include "../update_kernels.h"
+#include "clones.h"
 
 namespace mk {
 namespace {
@@ -34,16 +35,6 @@ template <typename scalar_t>
 scalar_t* row(void* base, int64_t row_stride, int64_t t, int64_t offset) {
   return base == nullptr ? nullptr : static_cast<scalar_t*>(base) + t * row_stride + offset;
 }
-
-// The per-element loops are compiled twice on x86-64, for AVX2 and for the baseline ISA, and the
-// loader picks one per machine (GCC function multi-versioning), so one build runs everywhere.
-// NOTE: measured on 2 EPYC cores, 16M fp32 elements: Adam's backward is compute-bound at SSE width
-// (61 ms on one thread, 31 ms on two: the sqrt and the two divisions per element).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MK_CPU_CLONES __attribute__((noinline, target_clones("avx2", "default")))
-#else
-#define MK_CPU_CLONES __attribute__((noinline))
-#endif
 
 template <typename acc_t, typename scalar_t>
 inline acc_t load(const scalar_t* __restrict__ x, int64_t i) {

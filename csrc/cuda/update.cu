@@ -13,38 +13,13 @@
 
 #include "../dispatch.h"
 #include "../update_kernels.h"
+#include "convert.cuh"
 
 namespace mk {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
-
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t load(const void* base, int64_t index) {
-  return static_cast<acc_t>(static_cast<const scalar_t*>(base)[index]);
-}
-// torch builds with __CUDA_NO_{HALF,BFLOAT16}_CONVERSIONS__, so 16-bit types convert explicitly.
-template <>
-__device__ __forceinline__ float load<float, __nv_bfloat16>(const void* base, int64_t index) {
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[index]);
-}
-template <>
-__device__ __forceinline__ float load<float, __half>(const void* base, int64_t index) {
-  return __half2float(static_cast<const __half*>(base)[index]);
-}
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store(void* base, int64_t index, acc_t value) {
-  static_cast<scalar_t*>(base)[index] = static_cast<scalar_t>(value);
-}
-template <>
-__device__ __forceinline__ void store<__nv_bfloat16, float>(void* base, int64_t index, float value) {
-  static_cast<__nv_bfloat16*>(base)[index] = __float2bfloat16(value);
-}
-template <>
-__device__ __forceinline__ void store<__half, float>(void* base, int64_t index, float value) {
-  static_cast<__half*>(base)[index] = __float2half(value);
-}
 
 template <UpdateKind kind, bool kLrTensor, typename scalar_t>
 __global__ void update_forward_kernel(UpdateHyper h, UpdateForwardArgs a) {

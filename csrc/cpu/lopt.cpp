@@ -1,0 +1,314 @@
+// CPU kernels of the fused learned-optimizer step: the math of csrc/lopt_math.h on blocks of kLanes
+// parameters (lane-minor scratch, so every per-element loop vectorises over the lanes), threaded with
+// at::parallel_for.
+//
+// Work is cut into jobs of at most kChunk elements that never cross a (task, segment) boundary, in the
+// order task, segment, index.  Per-segment reductions are per-job partials summed in job order, and the
+// MLP weight gradient is accumulated per group of consecutive jobs (a fixed number of groups, whatever
+// the thread count) and the groups summed in order: every reduction is deterministic.
+//
+// Forward:  pass 0 sums f_k^2 per job -> norms n[t, seg, k]; pass 1 computes the new state and p'.
+// Backward: pass A recomputes the forward of each element, back-propagates through the MLP and the
+//           features with df = n * dx (writing dp, dg, ds and the weight gradient) and sums
+//           c[t, seg, k] = sum_i dx_ik f_ik; pass B adds the normaliser's term, df_ik = -n^3 f_ik c / N,
+//           which needs the whole segment's c first.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../lopt_kernels.h"
+#include "clones.h"
+
+namespace mk {
+namespace {
+
+// NOTE: 32 lanes = four AVX2 registers per accumulator row of the MLP.
+constexpr int kLanes = 32;
+constexpr int64_t kChunk = 1024;
+constexpr int64_t kGroups = 64;
+constexpr int F = kLoptFeatures;
+
+struct Job {
+  int64_t t, seg, begin, end;
+};
+
+std::vector<Job> make_jobs(const LoptArgs& a) {
+  std::vector<Job> jobs;
+  for (int64_t t = 0; t < a.T; ++t)
+    for (int64_t s = 0; s < a.nseg; ++s)
+      for (int64_t i = a.seg_offsets[s]; i < a.seg_offsets[s + 1]; i += kChunk)
+        jobs.push_back({t, s, i, std::min(i + kChunk, a.seg_offsets[s + 1])});
+  return jobs;
+}
+
+// Pointers of one job's element range in the [T, P] / [4, T, P] operands.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* p;
+  const scalar_t* g;
+  const scalar_t* s;  // plane j at s + j * plane
+  int64_t plane;
+  Rows(const LoptArgs& a, const Job& j)
+      : p(static_cast<const scalar_t*>(a.param) + j.t * a.P + j.begin),
+        g(static_cast<const scalar_t*>(a.grad) + j.t * a.P + j.begin),
+        s(static_cast<const scalar_t*>(a.state) + j.t * a.P + j.begin),
+        plane(a.T * a.P) {}
+};
+
+// Loads up to kLanes elements into lane slots, zero-padding the tail.
+template <typename acc_t, typename scalar_t>
+inline void load_lanes(const scalar_t* src, int64_t n, acc_t* dst) {
+  for (int l = 0; l < kLanes; ++l) dst[l] = l < n ? static_cast<acc_t>(src[l]) : acc_t(0);
+}
+
+// Raw features and new state of one block of lanes.
+template <typename acc_t, typename scalar_t>
+struct Block {
+  alignas(64) acc_t p[kLanes], g[kLanes], s[kLoptStates * kLanes], s_new[kLoptStates * kLanes], f[F * kLanes];
+
+  void load(const LoptConsts<acc_t>& c, const Rows<scalar_t>& r, int64_t i, int64_t n) {
+    load_lanes(r.p + i, n, p);
+    load_lanes(r.g + i, n, g);
+    for (int j = 0; j < kLoptStates; ++j) load_lanes(r.s + j * r.plane + i, n, s + j * kLanes);
+    lopt_features<kLanes>(c, p, g, s, s_new, f);
+  }
+};
+
+template <typename acc_t, typename scalar_t>
+MK_CPU_CLONES void moments_job(const LoptConsts<acc_t> c, const Rows<scalar_t> r, int64_t n, double* out) {
+  Block<acc_t, scalar_t> b;
+  acc_t acc[F * kLanes] = {};
+  for (int64_t i = 0; i < n; i += kLanes) {
+    b.load(c, r, i, std::min<int64_t>(kLanes, n - i));
+    for (int k = 0; k < F * kLanes; ++k) acc[k] += b.f[k] * b.f[k];
+  }
+  for (int k = 0; k < F; ++k) {
+    double sum = 0;
+    for (int l = 0; l < kLanes; ++l) sum += static_cast<double>(acc[k * kLanes + l]);
+    out[k] = sum;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+MK_CPU_CLONES void forward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
+                               const acc_t* __restrict__ norm, const Rows<scalar_t> r, int64_t n,
+                               scalar_t* __restrict__ po, scalar_t* __restrict__ so, acc_t* __restrict__ act) {
+  Block<acc_t, scalar_t> b;
+  alignas(64) acc_t x[F * kLanes], out[2 * kLanes];
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, n - i);
+    b.load(c, r, i, m);
+    for (int k = 0; k < F; ++k)
+      for (int l = 0; l < kLanes; ++l) x[k * kLanes + l] = b.f[k * kLanes + l] * norm[k];
+    lopt_mlp_forward<kLanes>(w, H, layers, x, act, out);
+    for (int l = 0; l < m; ++l) {
+      po[i + l] = static_cast<scalar_t>(b.p[l] - lopt_step(c, out[l], out[kLanes + l]));
+      for (int j = 0; j < kLoptStates; ++j) so[j * r.plane + i + l] = static_cast<scalar_t>(b.s_new[j * kLanes + l]);
+    }
+  }
+}
+
+// Cotangents flowing into one job: gp/gs may be nullptr (zero).
+template <typename scalar_t>
+struct OutCotangents {
+  const scalar_t* gp;
+  const scalar_t* gs;
+};
+
+// The per-element input cotangents of one block, before they are stored.
+template <typename acc_t>
+struct BlockGrads {
+  alignas(64) acc_t dp[kLanes], dg[kLanes], ds[kLoptStates * kLanes];
+};
+
+// Stores (kAdd: adds to) the requested input cotangents of one block.
+template <bool kAdd, typename acc_t, typename scalar_t>
+inline void store_grads(const LoptArgs& a, const Job& j, int64_t i, int64_t m, const acc_t* gp,
+                        const BlockGrads<acc_t>& d) {
+  const int64_t base = j.t * a.P + j.begin + i, plane = a.T * a.P;
+  const auto put = [&](void* dst_base, int64_t offset, acc_t value) {
+    scalar_t* dst = static_cast<scalar_t*>(dst_base) + offset;
+    *dst = static_cast<scalar_t>(kAdd ? static_cast<acc_t>(*dst) + value : value);
+  };
+  for (int l = 0; l < m; ++l) {
+    if (a.d_param) put(a.d_param, base + l, d.dp[l] + (gp ? gp[l] : acc_t(0)));
+    if (a.d_grad) put(a.d_grad, base + l, d.dg[l]);
+    if (a.d_state)
+      for (int s = 0; s < kLoptStates; ++s) put(a.d_state, s * plane + base + l, d.ds[s * kLanes + l]);
+  }
+}
+
+// Pass A of the backward for one job; returns c_k = sum_i dx_ik f_ik in c_out and accumulates the
+// weight gradient into dw (double).
+template <typename acc_t, typename scalar_t>
+MK_CPU_CLONES void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
+                                const acc_t* __restrict__ norm, const Rows<scalar_t> r, const OutCotangents<scalar_t> cot,
+                                const LoptArgs& a, const Job& j, double* __restrict__ dw, double* __restrict__ c_out,
+                                acc_t* __restrict__ act, acc_t* __restrict__ dz_a, acc_t* __restrict__ dz_b) {
+  Block<acc_t, scalar_t> b;
+  BlockGrads<acc_t> d;
+  alignas(64) acc_t x[F * kLanes], out[2 * kLanes], dout[2 * kLanes], dx[F * kLanes], df[F * kLanes];
+  alignas(64) acc_t gp[kLanes], gs[kLoptStates * kLanes];
+  acc_t csum[F * kLanes] = {};
+  const int64_t n = j.end - j.begin;
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, n - i);
+    b.load(c, r, i, m);
+    for (int k = 0; k < F; ++k)
+      for (int l = 0; l < kLanes; ++l) x[k * kLanes + l] = b.f[k * kLanes + l] * norm[k];
+    lopt_mlp_forward<kLanes>(w, H, layers, x, act, out);
+    if (cot.gp) load_lanes(cot.gp + i, m, gp);
+    else std::fill(gp, gp + kLanes, acc_t(0));
+    for (int l = 0; l < kLanes; ++l) {
+      // step = step_mult d e, e = exp(exp_mult q); p' = p - step
+      const acc_t e = std::exp(c.exp_mult * out[kLanes + l]), dstep = -gp[l] * c.step_mult * e;
+      dout[l] = dstep;
+      dout[kLanes + l] = dstep * out[l] * c.exp_mult;
+    }
+    lopt_mlp_backward<kLanes>(w, H, layers, x, act, dout, dx, dw, dz_a, dz_b);
+    for (int k = 0; k < F; ++k)
+      for (int l = 0; l < kLanes; ++l) {
+        csum[k * kLanes + l] += dx[k * kLanes + l] * b.f[k * kLanes + l];
+        df[k * kLanes + l] = dx[k * kLanes + l] * norm[k];
+      }
+    if (cot.gs)
+      for (int s = 0; s < kLoptStates; ++s) load_lanes(cot.gs + s * r.plane + i, m, gs + s * kLanes);
+    lopt_features_backward<kLanes>(c, b.g, b.s_new, df, cot.gs ? gs : nullptr, d.dp, d.dg, d.ds);
+    store_grads<false, acc_t, scalar_t>(a, j, i, m, gp, d);
+  }
+  for (int k = 0; k < F; ++k) {
+    double sum = 0;
+    for (int l = 0; l < kLanes; ++l) sum += static_cast<double>(csum[k * kLanes + l]);
+    c_out[k] = sum;
+  }
+}
+
+// Pass B for one job: adds the normaliser's term df_ik = coef_k f_ik.
+template <typename acc_t, typename scalar_t>
+MK_CPU_CLONES void normaliser_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ coef, const Rows<scalar_t> r,
+                                  const LoptArgs& a, const Job& j) {
+  Block<acc_t, scalar_t> b;
+  BlockGrads<acc_t> d;
+  alignas(64) acc_t df[F * kLanes];
+  const int64_t n = j.end - j.begin;
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const int64_t m = std::min<int64_t>(kLanes, n - i);
+    b.load(c, r, i, m);
+    for (int k = 0; k < F; ++k)
+      for (int l = 0; l < kLanes; ++l) df[k * kLanes + l] = b.f[k * kLanes + l] * coef[k];
+    lopt_features_backward<kLanes>(c, b.g, b.s_new, df, nullptr, d.dp, d.dg, d.ds);
+    store_grads<true, acc_t, scalar_t>(a, j, i, m, nullptr, d);
+  }
+}
+
+// Index of each (task, segment)'s first job, plus the end: jobs of (t, s) are [first[ts], first[ts + 1]).
+std::vector<int64_t> first_jobs(const std::vector<Job>& jobs, const LoptArgs& a) {
+  std::vector<int64_t> first(a.T * a.nseg + 1, static_cast<int64_t>(jobs.size()));
+  for (int64_t k = static_cast<int64_t>(jobs.size()) - 1; k >= 0; --k) first[jobs[k].t * a.nseg + jobs[k].seg] = k;
+  for (int64_t ts = a.T * a.nseg - 1; ts >= 0; --ts) first[ts] = std::min(first[ts], first[ts + 1]);
+  return first;
+}
+
+template <typename scalar_t>
+void forward_impl(const LoptHyper& h, const LoptArgs& a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const LoptConsts<acc_t> c(h);
+  const std::vector<Job> jobs = make_jobs(a);
+  const int64_t njobs = static_cast<int64_t>(jobs.size());
+  std::vector<double> partial(njobs * F);
+  at::parallel_for(0, njobs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      moments_job<acc_t>(c, Rows<scalar_t>(a, jobs[k]), jobs[k].end - jobs[k].begin, &partial[k * F]);
+  });
+  const std::vector<int64_t> first = first_jobs(jobs, a);
+  acc_t* norms = static_cast<acc_t*>(a.norms);
+  for (int64_t ts = 0; ts < a.T * a.nseg; ++ts) {
+    const int64_t seg = ts % a.nseg;
+    const double count = static_cast<double>(a.seg_offsets[seg + 1] - a.seg_offsets[seg]);
+    for (int k = 0; k < F; ++k) {
+      double sum = 0;
+      for (int64_t q = first[ts]; q < first[ts + 1]; ++q) sum += partial[q * F + k];
+      norms[ts * F + k] = static_cast<acc_t>(1.0 / std::sqrt(sum / count + h.eps_n));
+    }
+  }
+  const acc_t* w = static_cast<const acc_t*>(a.weights);
+  at::parallel_for(0, njobs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes);
+    for (int64_t k = begin; k < end; ++k) {
+      const Job& j = jobs[k];
+      const int64_t off = j.t * a.P + j.begin;
+      forward_job<acc_t>(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j),
+                         j.end - j.begin, static_cast<scalar_t*>(a.param_out) + off,
+                         static_cast<scalar_t*>(a.state_out) + off, act.data());
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const LoptHyper& h, const LoptArgs& a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const LoptConsts<acc_t> c(h);
+  const std::vector<Job> jobs = make_jobs(a);
+  const int64_t njobs = static_cast<int64_t>(jobs.size());
+  const int64_t groups = std::min<int64_t>(kGroups, std::max<int64_t>(njobs, 1));
+  const int64_t nw = lopt_num_weights(a.H, a.layers);
+  const acc_t* w = static_cast<const acc_t*>(a.weights);
+  const acc_t* norms = static_cast<const acc_t*>(a.norms);
+  std::vector<double> dw_groups(groups * nw, 0.0), c_partial(njobs * F);
+  at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
+    std::vector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes), dz_a(a.H * kLanes), dz_b(a.H * kLanes);
+    for (int64_t g = gbegin; g < gend; ++g) {
+      for (int64_t k = g * njobs / groups; k < (g + 1) * njobs / groups; ++k) {
+        const Job& j = jobs[k];
+        const int64_t off = j.t * a.P + j.begin;
+        const OutCotangents<scalar_t> cot{
+            a.grad_param_out ? static_cast<const scalar_t*>(a.grad_param_out) + off : nullptr,
+            a.grad_state_out ? static_cast<const scalar_t*>(a.grad_state_out) + off : nullptr};
+        backward_job<acc_t>(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j), cot, a, j,
+                            &dw_groups[g * nw], &c_partial[k * F], act.data(), dz_a.data(), dz_b.data());
+      }
+    }
+  });
+  acc_t* dw = static_cast<acc_t*>(a.d_weights);
+  for (int64_t q = 0; q < nw; ++q) {
+    double sum = 0;
+    for (int64_t g = 0; g < groups; ++g) sum += dw_groups[g * nw + q];
+    dw[q] = static_cast<acc_t>(sum);
+  }
+  if (!a.d_param && !a.d_grad && !a.d_state) return;
+  // coef[t, seg, k] = -n^3 c / N
+  const std::vector<int64_t> first = first_jobs(jobs, a);
+  std::vector<acc_t> coef(a.T * a.nseg * F);
+  for (int64_t ts = 0; ts < a.T * a.nseg; ++ts) {
+    const int64_t seg = ts % a.nseg;
+    const double count = static_cast<double>(a.seg_offsets[seg + 1] - a.seg_offsets[seg]);
+    for (int k = 0; k < F; ++k) {
+      double sum = 0;
+      for (int64_t q = first[ts]; q < first[ts + 1]; ++q) sum += c_partial[q * F + k];
+      const double n = static_cast<double>(norms[ts * F + k]);
+      coef[ts * F + k] = static_cast<acc_t>(-n * n * n * sum / count);
+    }
+  }
+  at::parallel_for(0, njobs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const Job& j = jobs[k];
+      normaliser_job<acc_t>(c, &coef[(j.t * a.nseg + j.seg) * F], Rows<scalar_t>(a, j), a, j);
+    }
+  });
+}
+
+}  // namespace
+
+void lopt_forward_cpu(DType dtype, const LoptHyper& hyper, const LoptArgs& a) {
+  with_dtype<float, double, c10::BFloat16, c10::Half>(dtype, [&](auto tag) { forward_impl<decltype(tag)>(hyper, a); });
+}
+
+void lopt_backward_cpu(DType dtype, const LoptHyper& hyper, const LoptArgs& a) {
+  with_dtype<float, double, c10::BFloat16, c10::Half>(dtype, [&](auto tag) { backward_impl<decltype(tag)>(hyper, a); });
+}
+
+}  // namespace mk

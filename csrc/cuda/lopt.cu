@@ -1,0 +1,301 @@
+// CUDA kernels of the fused learned-optimizer step: the math of csrc/lopt_math.h with one parameter
+// element per thread (L = 1).  No torch headers: `nvcc -arch=sm_90 -c csrc/cuda/lopt.cu` compiles alone.
+//
+// Forward:  moments_kernel (one block per job: per-feature sums of f^2, block-reduced in a fixed
+//           order) -> norms_kernel (the jobs of each (task, segment) summed in order) -> step_kernel
+//           (a 2-D grid over elements and tasks).
+// Backward: backward_kernel, a fixed grid of blocks each walking the jobs j = block, block + grid, ...:
+//           every thread recomputes its element's forward, back-propagates through the MLP and the
+//           features (writing dp, dg, ds), and leaves x, the activations and the per-layer dz in shared
+//           memory; the block then adds the job's weight gradient (the sum over its elements, in
+//           element order) to its own double-precision partial, and stores the job's
+//           c_k = sum dx_k f_k.  reduce_weights_kernel sums the block partials in block order,
+//           coef_kernel turns c into the normaliser's coefficients, normaliser_kernel adds that term.
+// Every reduction has a fixed order: results are deterministic, with no atomics.
+#include <cuda_runtime.h>
+
+#include "../dispatch.h"
+#include "../lopt_kernels.h"
+#include "convert.cuh"
+
+namespace mk {
+namespace {
+
+constexpr int F = kLoptFeatures;
+constexpr int kJob = 64;                 // elements per job = threads per block of the job kernels
+constexpr int kStepThreads = 256;
+constexpr int64_t kBackwardBlocks = 1024;  // blocks of the backward, each with its own weight partial
+constexpr int64_t kMaxGridY = 65535;
+
+template <typename scalar_t, typename acc_t>
+struct Element {
+  acc_t p, g, s[kLoptStates], s_new[kLoptStates], f[F];
+
+  __device__ void load_and_features(const LoptConsts<acc_t>& c, const LoptArgs& a, int64_t t, int64_t i) {
+    const int64_t index = t * a.P + i, plane = a.T * a.P;
+    p = load<acc_t, scalar_t>(a.param, index);
+    g = load<acc_t, scalar_t>(a.grad, index);
+    for (int j = 0; j < kLoptStates; ++j) s[j] = load<acc_t, scalar_t>(a.state, j * plane + index);
+    lopt_features<1>(c, &p, &g, s, s_new, f);
+  }
+};
+
+template <typename scalar_t>
+__global__ void moments_kernel(LoptHyper h, LoptArgs a, double* partial) {
+  using acc_t = typename AccType<scalar_t>::type;
+  __shared__ acc_t sq[F][kJob];
+  const LoptConsts<acc_t> c(h);
+  const int64_t* job = a.jobs + 3 * blockIdx.x;
+  const int64_t t = job[0], i = job[2] + threadIdx.x, end = a.dev_seg_offsets[job[1] + 1];
+  Element<scalar_t, acc_t> e;
+  if (i < end) e.load_and_features(c, a, t, i);
+  for (int k = 0; k < F; ++k) sq[k][threadIdx.x] = i < end ? e.f[k] * e.f[k] : acc_t(0);
+  __syncthreads();
+  if (threadIdx.x < F) {
+    double sum = 0;
+    for (int l = 0; l < kJob; ++l) sum += static_cast<double>(sq[threadIdx.x][l]);
+    partial[blockIdx.x * F + threadIdx.x] = sum;
+  }
+}
+
+// out[ts, k] = finish(sum over the jobs of ts of partial[job, k], ts, k), one thread per (ts, k).
+template <typename acc_t, bool kCoef>
+__global__ void per_segment_kernel(LoptHyper h, LoptArgs a, const double* partial, const acc_t* norms, acc_t* out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= a.T * a.nseg * F) return;
+  const int64_t ts = idx / F, k = idx % F, seg = ts % a.nseg;
+  double sum = 0;
+  for (int64_t j = a.first_job[ts]; j < a.first_job[ts + 1]; ++j) sum += partial[j * F + k];
+  const double count = static_cast<double>(a.dev_seg_offsets[seg + 1] - a.dev_seg_offsets[seg]);
+  if (kCoef) {
+    const double n = static_cast<double>(norms[idx]);
+    out[idx] = static_cast<acc_t>(-n * n * n * sum / count);
+  } else {
+    out[idx] = static_cast<acc_t>(rsqrt(sum / count + h.eps_n));
+  }
+}
+
+template <typename scalar_t, int kMaxHidden>
+__global__ void step_kernel(LoptHyper h, LoptArgs a) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= a.P) return;
+  const LoptConsts<acc_t> c(h);
+  const acc_t* w = static_cast<const acc_t*>(a.weights);
+  const acc_t* norms = static_cast<const acc_t*>(a.norms);
+  for (int64_t t = blockIdx.y; t < a.T; t += gridDim.y) {
+    Element<scalar_t, acc_t> e;
+    e.load_and_features(c, a, t, i);
+    const acc_t* n = norms + (t * a.nseg + a.seg_ids[i]) * F;
+    acc_t x[F], act[kLoptMaxLayers * kMaxHidden], out[2];
+    for (int k = 0; k < F; ++k) x[k] = e.f[k] * n[k];
+    lopt_mlp_forward<1>(w, a.H, a.layers, x, act, out);
+    const int64_t index = t * a.P + i, plane = a.T * a.P;
+    store<scalar_t>(a.param_out, index, e.p - lopt_step(c, out[0], out[1]));
+    for (int j = 0; j < kLoptStates; ++j) store<scalar_t>(a.state_out, j * plane + index, e.s_new[j]);
+  }
+}
+
+// Shared-memory floats per element in the backward: x, activations, dz of every hidden layer, dout,
+// df * f for c; +1 keeps the per-thread stride odd (no bank conflicts).
+__host__ __device__ inline int backward_stride(int H, int layers) {
+  const int n = F + 2 * layers * H + 2 + F;
+  return n % 2 == 0 ? n + 1 : n;
+}
+
+template <typename scalar_t>
+__global__ void backward_kernel(LoptHyper h, LoptArgs a, double* dw_partial, double* c_partial) {
+  using acc_t = typename AccType<scalar_t>::type;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  const int H = a.H, layers = a.layers, stride = backward_stride(H, layers);
+  const int64_t nw = lopt_num_weights(H, layers);
+  acc_t* mine = smem + threadIdx.x * stride;
+  acc_t *x = mine, *act = x + F, *dz = act + layers * H, *dout = dz + layers * H, *cf = dout + 2;
+  const LoptConsts<acc_t> c(h);
+  const acc_t* w = static_cast<const acc_t*>(a.weights);
+  const acc_t* norms = static_cast<const acc_t*>(a.norms);
+  double* dw = dw_partial + blockIdx.x * nw;
+  for (int64_t jid = blockIdx.x; jid < a.njobs; jid += gridDim.x) {
+    const int64_t* job = a.jobs + 3 * jid;
+    const int64_t t = job[0], seg = job[1], i = job[2] + threadIdx.x, end = a.dev_seg_offsets[seg + 1];
+    const bool valid = i < end;
+    const acc_t* n = norms + (t * a.nseg + seg) * F;
+    Element<scalar_t, acc_t> e;
+    if (valid) e.load_and_features(c, a, t, i);
+    else for (int k = 0; k < F; ++k) e.f[k] = 0;
+    for (int k = 0; k < F; ++k) x[k] = e.f[k] * n[k];
+    acc_t out[2];
+    lopt_mlp_forward<1>(w, H, layers, x, act, out);
+    const int64_t index = t * a.P + i, plane = a.T * a.P;
+    const acc_t gp = valid && a.grad_param_out ? load<acc_t, scalar_t>(a.grad_param_out, index) : acc_t(0);
+    const acc_t ex = exp(c.exp_mult * out[1]), dstep = -gp * c.step_mult * ex;
+    dout[0] = dstep;
+    dout[1] = dstep * out[0] * c.exp_mult;
+    // Back through the output layer and the hidden layers, keeping every layer's dz.
+    const int64_t out_off = lopt_layer_offset(H, layers);
+    lopt_dense_backward<1, true>(w + out_off, H, 2, act + (layers - 1) * H, dout, nullptr, dz + (layers - 1) * H);
+    for (int layer = layers - 1; layer >= 1; --layer)
+      lopt_dense_backward<1, true>(w + lopt_layer_offset(H, layer), H, H, act + (layer - 1) * H, dz + layer * H,
+                                   nullptr, dz + (layer - 1) * H);
+    acc_t dx[F], df[F];
+    lopt_dense_backward<1, false>(w, F, H, x, dz, nullptr, dx);
+    for (int k = 0; k < F; ++k) {
+      cf[k] = dx[k] * e.f[k];
+      df[k] = dx[k] * n[k];
+    }
+    if (valid) {
+      acc_t gs[kLoptStates], dp, dg, ds[kLoptStates];
+      if (a.grad_state_out)
+        for (int j = 0; j < kLoptStates; ++j) gs[j] = load<acc_t, scalar_t>(a.grad_state_out, j * plane + index);
+      lopt_features_backward<1>(c, &e.g, e.s_new, df, a.grad_state_out ? gs : nullptr, &dp, &dg, ds);
+      if (a.d_param) store<scalar_t>(a.d_param, index, dp + gp);
+      if (a.d_grad) store<scalar_t>(a.d_grad, index, dg);
+      if (a.d_state)
+        for (int j = 0; j < kLoptStates; ++j) store<scalar_t>(a.d_state, j * plane + index, ds[j]);
+    }
+    __syncthreads();
+    // The job's weight gradient: weight q of layer L is dW[r, k] (or the bias db[r]) summed over elements.
+    for (int64_t q = threadIdx.x; q < nw; q += blockDim.x) {
+      int layer = 0;
+      while (layer < layers && q >= lopt_layer_offset(H, layer + 1)) ++layer;
+      const int64_t local = q - lopt_layer_offset(H, layer);
+      const int n_in = layer == 0 ? F : H, n_out = layer == layers ? 2 : H;
+      const int r = local < n_out * n_in ? static_cast<int>(local / n_in) : static_cast<int>(local - n_out * n_in);
+      const int k = local < n_out * n_in ? static_cast<int>(local % n_in) : -1;
+      const int in_off = layer == 0 ? 0 : F + (layer - 1) * H;        // x, then act of layer - 1
+      const int dz_off = layer == layers ? F + 2 * layers * H : F + layers * H + layer * H;
+      double sum = 0;
+      for (int l = 0; l < kJob; ++l) {
+        const acc_t* other = smem + l * stride;
+        sum += static_cast<double>(other[dz_off + r] * (k < 0 ? acc_t(1) : other[in_off + k]));
+      }
+      dw[q] += sum;
+    }
+    if (threadIdx.x < F) {
+      double sum = 0;
+      for (int l = 0; l < kJob; ++l) sum += static_cast<double>(smem[l * stride + F + 2 * layers * H + 2 + threadIdx.x]);
+      c_partial[jid * F + threadIdx.x] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename acc_t>
+__global__ void reduce_weights_kernel(int64_t nw, int64_t blocks, const double* dw_partial, acc_t* dw) {
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q >= nw) return;
+  double sum = 0;
+  for (int64_t b = 0; b < blocks; ++b) sum += dw_partial[b * nw + q];
+  dw[q] = static_cast<acc_t>(sum);
+}
+
+template <typename scalar_t>
+__global__ void normaliser_kernel(LoptHyper h, LoptArgs a, const typename AccType<scalar_t>::type* coef) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= a.P) return;
+  const LoptConsts<acc_t> c(h);
+  for (int64_t t = blockIdx.y; t < a.T; t += gridDim.y) {
+    Element<scalar_t, acc_t> e;
+    e.load_and_features(c, a, t, i);
+    const acc_t* k_coef = coef + (t * a.nseg + a.seg_ids[i]) * F;
+    acc_t df[F], dp, dg, ds[kLoptStates];
+    for (int k = 0; k < F; ++k) df[k] = e.f[k] * k_coef[k];
+    lopt_features_backward<1>(c, &e.g, e.s_new, df, nullptr, &dp, &dg, ds);
+    const int64_t index = t * a.P + i, plane = a.T * a.P;
+    if (a.d_param) store<scalar_t>(a.d_param, index, load<acc_t, scalar_t>(a.d_param, index) + dp);
+    if (a.d_grad) store<scalar_t>(a.d_grad, index, load<acc_t, scalar_t>(a.d_grad, index) + dg);
+    if (a.d_state)
+      for (int j = 0; j < kLoptStates; ++j)
+        store<scalar_t>(a.d_state, j * plane + index, load<acc_t, scalar_t>(a.d_state, j * plane + index) + ds[j]);
+  }
+}
+
+// Workspace: job partials of the per-segment sums [njobs, F], the backward's weight partials
+// [kBackwardBlocks, nw] (double), and coef [T, nseg, F] (acc_t, padded to 8 bytes).
+struct Workspace {
+  double* partial;
+  double* dw_partial;
+  void* coef;
+  static int64_t bytes(const LoptArgs& a) {
+    return 8 * (a.njobs * F + kBackwardBlocks * lopt_num_weights(a.H, a.layers) + a.T * a.nseg * F);
+  }
+  Workspace(const LoptArgs& a, void* base)
+      : partial(static_cast<double*>(base)),
+        dw_partial(partial + a.njobs * F),
+        coef(dw_partial + kBackwardBlocks * lopt_num_weights(a.H, a.layers)) {}
+};
+
+dim3 element_grid(const LoptArgs& a) {
+  return dim3(static_cast<unsigned>((a.P + kStepThreads - 1) / kStepThreads),
+              static_cast<unsigned>(a.T < kMaxGridY ? a.T : kMaxGridY));
+}
+
+unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename scalar_t>
+const char* forward_impl(const LoptHyper& h, const LoptArgs& a, void* workspace, cudaStream_t stream) {
+  using acc_t = typename AccType<scalar_t>::type;
+  Workspace ws(a, workspace);
+  if (a.njobs > 0) moments_kernel<scalar_t><<<static_cast<unsigned>(a.njobs), kJob, 0, stream>>>(h, a, ws.partial);
+  per_segment_kernel<acc_t, false><<<blocks_for(a.T * a.nseg * F, 256), 256, 0, stream>>>(
+      h, a, ws.partial, nullptr, static_cast<acc_t*>(a.norms));
+  if (a.H <= 32) step_kernel<scalar_t, 32><<<element_grid(a), kStepThreads, 0, stream>>>(h, a);
+  else step_kernel<scalar_t, kLoptMaxHidden><<<element_grid(a), kStepThreads, 0, stream>>>(h, a);
+  return last_error();
+}
+
+template <typename scalar_t>
+const char* backward_impl(const LoptHyper& h, const LoptArgs& a, void* workspace, cudaStream_t stream) {
+  using acc_t = typename AccType<scalar_t>::type;
+  Workspace ws(a, workspace);
+  const int64_t nw = lopt_num_weights(a.H, a.layers);
+  const size_t smem = sizeof(acc_t) * kJob * backward_stride(a.H, a.layers);
+  cudaError_t err = cudaFuncSetAttribute(backward_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  err = cudaMemsetAsync(ws.dw_partial, 0, sizeof(double) * kBackwardBlocks * nw, stream);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  const int64_t blocks = a.njobs < kBackwardBlocks ? a.njobs : kBackwardBlocks;
+  if (blocks > 0)
+    backward_kernel<scalar_t><<<static_cast<unsigned>(blocks), kJob, smem, stream>>>(h, a, ws.dw_partial, ws.partial);
+  reduce_weights_kernel<acc_t><<<blocks_for(nw, 256), 256, 0, stream>>>(nw, blocks, ws.dw_partial,
+                                                                          static_cast<acc_t*>(a.d_weights));
+  if (a.d_param || a.d_grad || a.d_state) {
+    acc_t* coef = static_cast<acc_t*>(ws.coef);
+    per_segment_kernel<acc_t, true><<<blocks_for(a.T * a.nseg * F, 256), 256, 0, stream>>>(
+        h, a, ws.partial, static_cast<const acc_t*>(a.norms), coef);
+    normaliser_kernel<scalar_t><<<element_grid(a), kStepThreads, 0, stream>>>(h, a, coef);
+  }
+  return last_error();
+}
+
+}  // namespace
+
+int64_t lopt_cuda_job_size() { return kJob; }
+
+int64_t lopt_cuda_workspace_bytes(DType, const LoptArgs& a) { return Workspace::bytes(a); }
+
+const char* lopt_forward_cuda(DType dtype, const LoptHyper& hyper, const LoptArgs& a, void* workspace, void* stream) {
+  const char* err = nullptr;
+  with_dtype<float, double, __nv_bfloat16, __half>(dtype, [&](auto tag) {
+    err = forward_impl<decltype(tag)>(hyper, a, workspace, static_cast<cudaStream_t>(stream));
+  });
+  return err;
+}
+
+const char* lopt_backward_cuda(DType dtype, const LoptHyper& hyper, const LoptArgs& a, void* workspace, void* stream) {
+  const char* err = nullptr;
+  with_dtype<float, double, __nv_bfloat16, __half>(dtype, [&](auto tag) {
+    err = backward_impl<decltype(tag)>(hyper, a, workspace, static_cast<cudaStream_t>(stream));
+  });
+  return err;
+}
+
+}  // namespace mk

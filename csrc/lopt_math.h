@@ -1,0 +1,214 @@
+// Math of the fused learned-optimizer step (metakernels.ops.learned_update), shared by the C++ CPU loop
+// and the CUDA kernel.  Functions work on L "lanes" (L parameters at once, lane-minor arrays
+// x[k * L + l]): the CPU instantiates a wide L so that GCC vectorises over the lanes, CUDA uses L = 1
+// (one parameter per thread).  Everything is templated on the accumulation type acc_t.
+//
+// Per parameter element (task t, index i inside parameter tensor `seg`):
+//   state s = (m_1, m_2, m_3, v):   m_j' = b_j m_j + (1 - b_j) g,   v' = b_v v + (1 - b_v) g^2
+//   r = 1 / sqrt(v' + eps_v)
+//   features f = (p, g, m_1', m_2', m_3', g r, m_1' r, m_2' r, m_3' r)                  (F = 9)
+//   normalised x_k = f_k * n[t, seg, k],   n = 1 / sqrt(mean over seg of f_k^2 + eps_n)
+//   MLP: a_1 = relu(W_1 x + b_1), a_{l+1} = relu(W_{l+1} a_l + b_{l+1}), (d, q) = W_o a_L + b_o
+//   p' = p - step_mult * d * exp(exp_mult * q)
+//
+// Flat weight vector layout (acc_t): W_1 [H, F], b_1 [H], then for each further hidden layer
+// W [H, H], b [H], then W_o [2, H], b_o [2].
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "update_math.h"
+
+#if defined(__CUDACC__)
+#define MK_SIMD_SUM
+#else
+// The lane reductions below are vectorised by OpenMP SIMD (the order is fixed at compile time, so
+// results are deterministic for one build on one machine).
+#define MK_SIMD_SUM _Pragma("omp simd reduction(+ : sum)")
+#endif
+
+namespace mk {
+
+constexpr int kLoptFeatures = 9;
+constexpr int kLoptMomenta = 3;
+constexpr int kLoptStates = 4;  // m_1, m_2, m_3, v
+constexpr int kLoptMaxHidden = 256;
+constexpr int kLoptMaxLayers = 4;
+
+// Fixed hyper-parameters of one call (host side, double).
+struct LoptHyper {
+  double beta[kLoptMomenta];
+  double beta_v;
+  double eps_v;
+  double eps_n;
+  double step_mult;
+  double exp_mult;
+};
+
+template <typename acc_t>
+struct LoptConsts {
+  acc_t beta[kLoptMomenta], beta_v, eps_v, eps_n, step_mult, exp_mult;
+  MK_HOST_DEVICE explicit LoptConsts(const LoptHyper& h)
+      : beta_v(static_cast<acc_t>(h.beta_v)),
+        eps_v(static_cast<acc_t>(h.eps_v)),
+        eps_n(static_cast<acc_t>(h.eps_n)),
+        step_mult(static_cast<acc_t>(h.step_mult)),
+        exp_mult(static_cast<acc_t>(h.exp_mult)) {
+    for (int j = 0; j < kLoptMomenta; ++j) beta[j] = static_cast<acc_t>(h.beta[j]);
+  }
+};
+
+// Number of MLP weights (the flat layout above).
+MK_HOST_DEVICE inline int64_t lopt_num_weights(int H, int layers) {
+  return static_cast<int64_t>(H) * kLoptFeatures + H + static_cast<int64_t>(layers - 1) * (H * H + H) + 2 * H + 2;
+}
+
+// Offset of hidden layer `layer`'s matrix in the flat weights (its bias follows the matrix).
+MK_HOST_DEVICE inline int64_t lopt_layer_offset(int H, int layer) {
+  return layer == 0 ? 0 : static_cast<int64_t>(H) * kLoptFeatures + H + static_cast<int64_t>(layer - 1) * (H * H + H);
+}
+
+// T in a non-deduced context (so that nullptr can be passed for an optional acc_t* argument).
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
+template <typename acc_t>
+MK_HOST_DEVICE inline acc_t lopt_rsqrt(acc_t x) {
+  return acc_t(1) / std::sqrt(x);
+}
+
+// New state s_new[k * L + l] and raw features f[k * L + l] of L elements.
+template <int L, typename acc_t>
+MK_HOST_DEVICE inline void lopt_features(const LoptConsts<acc_t>& c, const acc_t* p, const acc_t* g,
+                                         const acc_t* s, acc_t* s_new, acc_t* f) {
+  for (int l = 0; l < L; ++l) {
+    const acc_t gl = g[l];
+    for (int j = 0; j < kLoptMomenta; ++j) s_new[j * L + l] = c.beta[j] * s[j * L + l] + (acc_t(1) - c.beta[j]) * gl;
+    s_new[3 * L + l] = c.beta_v * s[3 * L + l] + (acc_t(1) - c.beta_v) * gl * gl;
+    const acc_t r = lopt_rsqrt(s_new[3 * L + l] + c.eps_v);
+    f[0 * L + l] = p[l];
+    f[1 * L + l] = gl;
+    f[5 * L + l] = gl * r;
+    for (int j = 0; j < kLoptMomenta; ++j) {
+      f[(2 + j) * L + l] = s_new[j * L + l];
+      f[(6 + j) * L + l] = s_new[j * L + l] * r;
+    }
+  }
+}
+
+// Backward of lopt_features: given df (cotangent of the raw features) and ds_new (cotangent of the
+// new state, may be nullptr), writes dp = df_p, dg, and ds (cotangent of the old state).
+template <int L, typename acc_t>
+MK_HOST_DEVICE inline void lopt_features_backward(const LoptConsts<acc_t>& c, const acc_t* g, const acc_t* s_new,
+                                                  const acc_t* df, const typename NonDeduced<acc_t>::type* ds_new, acc_t* dp, acc_t* dg,
+                                                  acc_t* ds) {
+  for (int l = 0; l < L; ++l) {
+    const acc_t gl = g[l];
+    const acc_t r = lopt_rsqrt(s_new[3 * L + l] + c.eps_v);
+    acc_t dr = df[5 * L + l] * gl;
+    acc_t dgl = df[1 * L + l] + df[5 * L + l] * r;
+    for (int j = 0; j < kLoptMomenta; ++j) {
+      const acc_t dm = (ds_new ? ds_new[j * L + l] : acc_t(0)) + df[(2 + j) * L + l] + df[(6 + j) * L + l] * r;
+      dr += df[(6 + j) * L + l] * s_new[j * L + l];
+      dgl += dm * (acc_t(1) - c.beta[j]);
+      ds[j * L + l] = dm * c.beta[j];
+    }
+    const acc_t dv = (ds_new ? ds_new[3 * L + l] : acc_t(0)) - acc_t(0.5) * dr * r * r * r;
+    dgl += dv * (acc_t(1) - c.beta_v) * acc_t(2) * gl;
+    ds[3 * L + l] = dv * c.beta_v;
+    dp[l] = df[0 * L + l];
+    dg[l] = dgl;
+  }
+}
+
+// One dense layer on L lanes: out[h * L + l] = act(sum_k W[h, k] in[k * L + l] + b[h]).
+template <int L, bool kRelu, typename acc_t>
+MK_HOST_DEVICE inline void lopt_dense(const acc_t* W, const acc_t* b, int n_in, int n_out, const acc_t* in, acc_t* out) {
+  for (int h = 0; h < n_out; ++h) {
+    acc_t acc[L];
+    for (int l = 0; l < L; ++l) acc[l] = b[h];
+    for (int k = 0; k < n_in; ++k) {
+      const acc_t w = W[h * n_in + k];
+      for (int l = 0; l < L; ++l) acc[l] += w * in[k * L + l];
+    }
+    for (int l = 0; l < L; ++l) out[h * L + l] = kRelu ? (acc[l] > acc_t(0) ? acc[l] : acc_t(0)) : acc[l];
+  }
+}
+
+// MLP forward: x [F][L] -> activations act [layers][H][L] (kept for the backward), out [2][L].
+template <int L, typename acc_t>
+MK_HOST_DEVICE inline void lopt_mlp_forward(const acc_t* w, int H, int layers, const acc_t* x, acc_t* act, acc_t* out) {
+  const acc_t* in = x;
+  int n_in = kLoptFeatures;
+  for (int layer = 0; layer < layers; ++layer) {
+    const acc_t* W = w + lopt_layer_offset(H, layer);
+    lopt_dense<L, true>(W, W + static_cast<int64_t>(H) * n_in, n_in, H, in, act + static_cast<int64_t>(layer) * H * L);
+    in = act + static_cast<int64_t>(layer) * H * L;
+    n_in = H;
+  }
+  const acc_t* Wo = w + lopt_layer_offset(H, layers);
+  lopt_dense<L, false>(Wo, Wo + 2 * H, H, 2, in, out);
+}
+
+// The step and its derivatives: p' = p - step, step = step_mult * d * exp(exp_mult * q).
+template <typename acc_t>
+MK_HOST_DEVICE inline acc_t lopt_step(const LoptConsts<acc_t>& c, acc_t d, acc_t q) {
+  return c.step_mult * d * std::exp(c.exp_mult * q);
+}
+
+// Accumulates the weight gradient of one dense layer (dW[h, k] += sum_l dz[h][l] in[k][l],
+// db[h] += sum_l dz[h][l]) into dW_acc (double; skipped when nullptr) and, when din is not nullptr, writes
+// din[k][l] = sum_h W[h, k] dz[h][l] (times the relu mask of `in` when kReluIn).
+template <int L, bool kReluIn, typename acc_t>
+MK_HOST_DEVICE inline void lopt_dense_backward(const acc_t* W, int n_in, int n_out, const acc_t* in, const acc_t* dz,
+                                               double* dW_acc, acc_t* din) {
+  for (int h = 0; dW_acc != nullptr && h < n_out; ++h) {
+    for (int k = 0; k < n_in; ++k) {
+      acc_t sum = 0;
+      MK_SIMD_SUM
+      for (int l = 0; l < L; ++l) sum += dz[h * L + l] * in[k * L + l];
+      dW_acc[h * n_in + k] += static_cast<double>(sum);
+    }
+    acc_t sum = 0;
+    MK_SIMD_SUM
+    for (int l = 0; l < L; ++l) sum += dz[h * L + l];
+    dW_acc[static_cast<int64_t>(n_out) * n_in + h] += static_cast<double>(sum);
+  }
+  if (din == nullptr) return;
+  for (int k = 0; k < n_in; ++k) {
+    acc_t acc[L];
+    for (int l = 0; l < L; ++l) acc[l] = 0;
+    for (int h = 0; h < n_out; ++h) {
+      const acc_t w = W[h * n_in + k];
+      for (int l = 0; l < L; ++l) acc[l] += w * dz[h * L + l];
+    }
+    for (int l = 0; l < L; ++l) din[k * L + l] = kReluIn ? (in[k * L + l] > acc_t(0) ? acc[l] : acc_t(0)) : acc[l];
+  }
+}
+
+// MLP backward: from dout [2][L] (cotangent of (d, q)) to dx [F][L], accumulating the weight gradient
+// (flat layout, double) into dw_acc unless it is nullptr.  dz_a, dz_b: scratch of H * L each.
+template <int L, typename acc_t>
+MK_HOST_DEVICE inline void lopt_mlp_backward(const acc_t* w, int H, int layers, const acc_t* x, const acc_t* act,
+                                             const acc_t* dout, acc_t* dx, double* dw_acc, acc_t* dz_a, acc_t* dz_b) {
+  const int64_t o = lopt_layer_offset(H, layers);
+  const acc_t* last = act + static_cast<int64_t>(layers - 1) * H * L;
+  const auto at = [dw_acc](int64_t offset) { return dw_acc == nullptr ? nullptr : dw_acc + offset; };
+  lopt_dense_backward<L, true>(w + o, H, 2, last, dout, at(o), dz_a);
+  for (int layer = layers - 1; layer >= 0; --layer) {
+    const int64_t off = lopt_layer_offset(H, layer);
+    if (layer == 0) {
+      lopt_dense_backward<L, false>(w + off, kLoptFeatures, H, x, dz_a, at(off), dx);
+    } else {
+      lopt_dense_backward<L, true>(w + off, H, H, act + static_cast<int64_t>(layer - 1) * H * L, dz_a, at(off), dz_b);
+      acc_t* tmp = dz_a;
+      dz_a = dz_b;
+      dz_b = tmp;
+    }
+  }
+}
+
+}  // namespace mk

@@ -1,0 +1,384 @@
+"""Triton kernels of the fused learned-optimizer step (same math and contract as csrc/lopt_math.h and
+the ``lopt_forward`` / ``lopt_backward`` functions of metakernels._C).
+
+Work is cut into jobs of BLOCK elements that never cross a (task, segment) boundary.  The per-feature
+MLP runs as small matrix products (``tl.dot`` in IEEE precision: no TF32) on [BLOCK, features] tiles,
+padded to 16 columns.  Reductions are deterministic: per-job partials of the segment sums, reduced in a
+fixed order by :func:`_segment_sums`; the weight gradient is accumulated by a fixed grid of programs,
+each owning one row of partials (jobs j = program, program + grid, ...), and the rows are summed in
+order.  The backward recomputes the activations of earlier layers instead of storing them (the MLP has
+at most 4 hidden layers).  On CPU tensors these kernels run only under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _backend
+
+_BLOCK = 64
+_FP = 16  # features padded to the smallest tl.dot size
+_OUT_PAD = 16
+_BWD_PROGRAMS = 1024
+NUM_FEATURES = 9
+
+
+@triton.jit
+def _state_and_r(g, s0, s1, s2, s3, hp_ptr):
+    b0 = tl.load(hp_ptr + 0)
+    b1 = tl.load(hp_ptr + 1)
+    b2 = tl.load(hp_ptr + 2)
+    bv = tl.load(hp_ptr + 3)
+    m0 = b0 * s0 + (1.0 - b0) * g
+    m1 = b1 * s1 + (1.0 - b1) * g
+    m2 = b2 * s2 + (1.0 - b2) * g
+    v = bv * s3 + (1.0 - bv) * g * g
+    r = 1.0 / tl.sqrt(v + tl.load(hp_ptr + 4))
+    return m0, m1, m2, v, r
+
+
+@triton.jit
+def _feature_matrix(p, g, m0, m1, m2, r, cols):
+    """[BLOCK, FP] raw features (p, g, m0, m1, m2, g r, m0 r, m1 r, m2 r), zero padded."""
+    f = tl.where(cols == 0, p[:, None], 0.0)
+    f += tl.where(cols == 1, g[:, None], 0.0)
+    f += tl.where(cols == 2, m0[:, None], 0.0)
+    f += tl.where(cols == 3, m1[:, None], 0.0)
+    f += tl.where(cols == 4, m2[:, None], 0.0)
+    f += tl.where(cols == 5, (g * r)[:, None], 0.0)
+    f += tl.where(cols == 6, (m0 * r)[:, None], 0.0)
+    f += tl.where(cols == 7, (m1 * r)[:, None], 0.0)
+    f += tl.where(cols == 8, (m2 * r)[:, None], 0.0)
+    return f
+
+
+@triton.jit
+def _column(x, cols, k):
+    return tl.sum(tl.where(cols == k, x, 0.0), axis=1)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_matrix(w_ptr, off, N_OUT: tl.constexpr, N_IN: tl.constexpr, OUT_PAD: tl.constexpr, IN_PAD: tl.constexpr):
+    """W [N_OUT, N_IN] (row-major at w_ptr + off) as a zero-padded [OUT_PAD, IN_PAD] tile."""
+    r = tl.arange(0, OUT_PAD)[:, None]
+    k = tl.arange(0, IN_PAD)[None, :]
+    return tl.load(w_ptr + off + r * N_IN + k, mask=(r < N_OUT) & (k < N_IN), other=0.0)
+
+
+@triton.jit
+def _load_bias(w_ptr, off, N: tl.constexpr, PAD: tl.constexpr):
+    i = tl.arange(0, PAD)
+    return tl.load(w_ptr + off + i, mask=i < N, other=0.0)
+
+
+@triton.jit
+def _layer_offset(l: tl.constexpr, H: tl.constexpr):
+    if l == 0:
+        return 0
+    return H * 9 + H + (l - 1) * (H * H + H)
+
+
+@triton.jit
+def _hidden(x, w_ptr, N: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, FP: tl.constexpr, IEEE: tl.constexpr):
+    """The activation after N >= 1 hidden layers, [BLOCK, HP]."""
+    W = _load_matrix(w_ptr, 0, H, 9, HP, FP)
+    a = tl.maximum(_dot(x, tl.trans(W), IEEE) + _load_bias(w_ptr, H * 9, H, HP)[None, :], 0.0)
+    for l in tl.static_range(1, N):
+        off = _layer_offset(l, H)
+        W = _load_matrix(w_ptr, off, H, H, HP, HP)
+        a = tl.maximum(_dot(a, tl.trans(W), IEEE) + _load_bias(w_ptr, off + H * H, H, HP)[None, :], 0.0)
+    return a
+
+
+@triton.jit
+def _load_job(job_ptr, jid, off_ptr, P, TP, p_ptr, g_ptr, s_ptr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    t = tl.load(job_ptr + 3 * jid)
+    seg = tl.load(job_ptr + 3 * jid + 1)
+    begin = tl.load(job_ptr + 3 * jid + 2)
+    idx = begin + tl.arange(0, BLOCK)
+    mask = idx < tl.load(off_ptr + seg + 1)
+    at = t * P + idx
+    p = tl.load(p_ptr + at, mask=mask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + at, mask=mask, other=0.0).to(ACC)
+    s0 = tl.load(s_ptr + at, mask=mask, other=0.0).to(ACC)
+    s1 = tl.load(s_ptr + TP + at, mask=mask, other=0.0).to(ACC)
+    s2 = tl.load(s_ptr + 2 * TP + at, mask=mask, other=0.0).to(ACC)
+    s3 = tl.load(s_ptr + 3 * TP + at, mask=mask, other=0.0).to(ACC)
+    return t, seg, at, mask, p, g, s0, s1, s2, s3
+
+
+@triton.jit
+def _moments_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, hp_ptr, partial_ptr, P, TP,
+                    ACC: tl.constexpr, BLOCK: tl.constexpr, FP: tl.constexpr):
+    jid = tl.program_id(0).to(tl.int64)
+    t, seg, at, mask, p, g, s0, s1, s2, s3 = _load_job(job_ptr, jid, off_ptr, P, TP, p_ptr, g_ptr, s_ptr, BLOCK, ACC)
+    m0, m1, m2, v, r = _state_and_r(g, s0, s1, s2, s3, hp_ptr)
+    cols = tl.arange(0, FP)[None, :]
+    f = tl.where(mask[:, None], _feature_matrix(p, g, m0, m1, m2, r, cols), 0.0)
+    k = tl.arange(0, FP)
+    tl.store(partial_ptr + jid * 9 + k, tl.sum(f * f, axis=0), mask=k < 9)
+
+
+@triton.jit
+def _step_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, w_ptr, norm_ptr, hp_ptr, po_ptr, so_ptr, P, TP, NSEG,
+                 H: tl.constexpr, HP: tl.constexpr, LAYERS: tl.constexpr, IEEE: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK: tl.constexpr, FP: tl.constexpr, OUT_PAD: tl.constexpr):
+    jid = tl.program_id(0).to(tl.int64)
+    t, seg, at, mask, p, g, s0, s1, s2, s3 = _load_job(job_ptr, jid, off_ptr, P, TP, p_ptr, g_ptr, s_ptr, BLOCK, ACC)
+    m0, m1, m2, v, r = _state_and_r(g, s0, s1, s2, s3, hp_ptr)
+    cols = tl.arange(0, FP)[None, :]
+    k = tl.arange(0, FP)
+    n = tl.load(norm_ptr + (t * NSEG + seg) * 9 + k, mask=k < 9, other=0.0)
+    x = _feature_matrix(p, g, m0, m1, m2, r, cols) * n[None, :]
+    a = _hidden(x, w_ptr, LAYERS, H, HP, FP, IEEE)
+    off = _layer_offset(LAYERS, H)
+    out = _dot(a, tl.trans(_load_matrix(w_ptr, off, 2, H, OUT_PAD, HP)), IEEE) + _load_bias(w_ptr, off + 2 * H, 2, OUT_PAD)[None, :]
+    ocols = tl.arange(0, OUT_PAD)[None, :]
+    d = _column(out, ocols, 0)
+    q = _column(out, ocols, 1)
+    p_new = p - tl.load(hp_ptr + 6) * d * tl.exp(tl.load(hp_ptr + 7) * q)
+    tl.store(po_ptr + at, p_new.to(po_ptr.dtype.element_ty), mask=mask)
+    tl.store(so_ptr + at, m0.to(so_ptr.dtype.element_ty), mask=mask)
+    tl.store(so_ptr + TP + at, m1.to(so_ptr.dtype.element_ty), mask=mask)
+    tl.store(so_ptr + 2 * TP + at, m2.to(so_ptr.dtype.element_ty), mask=mask)
+    tl.store(so_ptr + 3 * TP + at, v.to(so_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _accumulate(ptr, off, grad, N_OUT: tl.constexpr, N_IN: tl.constexpr, OUT_PAD: tl.constexpr, IN_PAD: tl.constexpr):
+    """Adds grad [OUT_PAD, IN_PAD] (the padded gradient of W [N_OUT, N_IN]) to the row at ptr + off."""
+    r = tl.arange(0, OUT_PAD)[:, None]
+    k = tl.arange(0, IN_PAD)[None, :]
+    mask = (r < N_OUT) & (k < N_IN)
+    dst = ptr + off + r * N_IN + k
+    tl.store(dst, tl.load(dst, mask=mask, other=0.0) + grad.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _accumulate_bias(ptr, off, grad, N: tl.constexpr, PAD: tl.constexpr):
+    i = tl.arange(0, PAD)
+    dst = ptr + off + i
+    tl.store(dst, tl.load(dst, mask=i < N, other=0.0) + grad.to(ptr.dtype.element_ty), mask=i < N)
+
+
+@triton.jit
+def _features_backward(g, m0, m1, m2, r, df, cols, ds_new0, ds_new1, ds_new2, ds_new3, hp_ptr):
+    """(dp, dg, ds0..ds3) from df [BLOCK, FP] and the cotangents of the new state."""
+    b0 = tl.load(hp_ptr + 0)
+    b1 = tl.load(hp_ptr + 1)
+    b2 = tl.load(hp_ptr + 2)
+    bv = tl.load(hp_ptr + 3)
+    df5 = _column(df, cols, 5)
+    df6 = _column(df, cols, 6)
+    df7 = _column(df, cols, 7)
+    df8 = _column(df, cols, 8)
+    dm0 = ds_new0 + _column(df, cols, 2) + df6 * r
+    dm1 = ds_new1 + _column(df, cols, 3) + df7 * r
+    dm2 = ds_new2 + _column(df, cols, 4) + df8 * r
+    dr = df5 * g + df6 * m0 + df7 * m1 + df8 * m2
+    dv = ds_new3 - 0.5 * dr * r * r * r
+    dg = (_column(df, cols, 1) + df5 * r + dm0 * (1.0 - b0) + dm1 * (1.0 - b1) + dm2 * (1.0 - b2)
+          + dv * (1.0 - bv) * 2.0 * g)
+    return _column(df, cols, 0), dg, dm0 * b0, dm1 * b1, dm2 * b2, dv * bv
+
+
+@triton.jit
+def _store_grads(dp_ptr, dg_ptr, ds_ptr, at, mask, TP, dp, dg, ds0, ds1, ds2, ds3, ADD: tl.constexpr,
+                 HAS_DP: tl.constexpr, HAS_DG: tl.constexpr, HAS_DS: tl.constexpr):
+    if HAS_DP:
+        if ADD:
+            dp += tl.load(dp_ptr + at, mask=mask, other=0.0).to(dp.dtype)
+        tl.store(dp_ptr + at, dp.to(dp_ptr.dtype.element_ty), mask=mask)
+    if HAS_DG:
+        if ADD:
+            dg += tl.load(dg_ptr + at, mask=mask, other=0.0).to(dg.dtype)
+        tl.store(dg_ptr + at, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    if HAS_DS:
+        if ADD:
+            ds0 += tl.load(ds_ptr + at, mask=mask, other=0.0).to(ds0.dtype)
+            ds1 += tl.load(ds_ptr + TP + at, mask=mask, other=0.0).to(ds1.dtype)
+            ds2 += tl.load(ds_ptr + 2 * TP + at, mask=mask, other=0.0).to(ds2.dtype)
+            ds3 += tl.load(ds_ptr + 3 * TP + at, mask=mask, other=0.0).to(ds3.dtype)
+        tl.store(ds_ptr + at, ds0.to(ds_ptr.dtype.element_ty), mask=mask)
+        tl.store(ds_ptr + TP + at, ds1.to(ds_ptr.dtype.element_ty), mask=mask)
+        tl.store(ds_ptr + 2 * TP + at, ds2.to(ds_ptr.dtype.element_ty), mask=mask)
+        tl.store(ds_ptr + 3 * TP + at, ds3.to(ds_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, w_ptr, norm_ptr, hp_ptr, gp_ptr, gs_ptr,
+                     dp_ptr, dg_ptr, ds_ptr, dw_ptr, c_ptr, NJOBS, P, TP, NSEG,
+                     H: tl.constexpr, HP: tl.constexpr, LAYERS: tl.constexpr, IEEE: tl.constexpr,
+                     HAS_GP: tl.constexpr, HAS_GS: tl.constexpr, HAS_DP: tl.constexpr, HAS_DG: tl.constexpr,
+                     HAS_DS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, FP: tl.constexpr,
+                     OUT_PAD: tl.constexpr, NW: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    dw_row = dw_ptr + pid * NW
+    cols = tl.arange(0, FP)[None, :]
+    ocols = tl.arange(0, OUT_PAD)[None, :]
+    k = tl.arange(0, FP)
+    out_off = _layer_offset(LAYERS, H)
+    for jid in range(pid, NJOBS, tl.num_programs(0)):
+        t, seg, at, mask, p, g, s0, s1, s2, s3 = _load_job(job_ptr, jid, off_ptr, P, TP, p_ptr, g_ptr, s_ptr, BLOCK, ACC)
+        m0, m1, m2, v, r = _state_and_r(g, s0, s1, s2, s3, hp_ptr)
+        n = tl.load(norm_ptr + (t * NSEG + seg) * 9 + k, mask=k < 9, other=0.0)
+        f = _feature_matrix(p, g, m0, m1, m2, r, cols)
+        x = f * n[None, :]
+        a = _hidden(x, w_ptr, LAYERS, H, HP, FP, IEEE)
+        Wo = _load_matrix(w_ptr, out_off, 2, H, OUT_PAD, HP)
+        out = _dot(a, tl.trans(Wo), IEEE) + _load_bias(w_ptr, out_off + 2 * H, 2, OUT_PAD)[None, :]
+        d = _column(out, ocols, 0)
+        q = _column(out, ocols, 1)
+        gp = tl.zeros([BLOCK], dtype=ACC)
+        if HAS_GP:
+            gp = tl.load(gp_ptr + at, mask=mask, other=0.0).to(ACC)
+        dstep = -gp * tl.load(hp_ptr + 6) * tl.exp(tl.load(hp_ptr + 7) * q)
+        dout = tl.where(ocols == 0, dstep[:, None], 0.0) + tl.where(ocols == 1, (dstep * d * tl.load(hp_ptr + 7))[:, None], 0.0)
+        _accumulate(dw_row, out_off, _dot(tl.trans(dout), a, IEEE), 2, H, OUT_PAD, HP)
+        _accumulate_bias(dw_row, out_off + 2 * H, tl.sum(dout, axis=0), 2, OUT_PAD)
+        dz = tl.where(a > 0.0, _dot(dout, Wo, IEEE), 0.0)
+        for i in tl.static_range(LAYERS - 1):
+            layer: tl.constexpr = LAYERS - 1 - i
+            a_in = _hidden(x, w_ptr, layer, H, HP, FP, IEEE)
+            off = _layer_offset(layer, H)
+            _accumulate(dw_row, off, _dot(tl.trans(dz), a_in, IEEE), H, H, HP, HP)
+            _accumulate_bias(dw_row, off + H * H, tl.sum(dz, axis=0), H, HP)
+            dz = tl.where(a_in > 0.0, _dot(dz, _load_matrix(w_ptr, off, H, H, HP, HP), IEEE), 0.0)
+        _accumulate(dw_row, 0, _dot(tl.trans(dz), x, IEEE), H, 9, HP, FP)
+        _accumulate_bias(dw_row, H * 9, tl.sum(dz, axis=0), H, HP)
+        dx = _dot(dz, _load_matrix(w_ptr, 0, H, 9, HP, FP), IEEE)
+        tl.store(c_ptr + jid * 9 + k, tl.sum(dx * f, axis=0), mask=k < 9)
+        zero = tl.zeros([BLOCK], dtype=ACC)
+        gs0 = zero
+        gs1 = zero
+        gs2 = zero
+        gs3 = zero
+        if HAS_GS:
+            gs0 = tl.load(gs_ptr + at, mask=mask, other=0.0).to(ACC)
+            gs1 = tl.load(gs_ptr + TP + at, mask=mask, other=0.0).to(ACC)
+            gs2 = tl.load(gs_ptr + 2 * TP + at, mask=mask, other=0.0).to(ACC)
+            gs3 = tl.load(gs_ptr + 3 * TP + at, mask=mask, other=0.0).to(ACC)
+        dp, dg, ds0, ds1, ds2, ds3 = _features_backward(g, m0, m1, m2, r, dx * n[None, :], cols, gs0, gs1, gs2, gs3, hp_ptr)
+        _store_grads(dp_ptr, dg_ptr, ds_ptr, at, mask, TP, dp + gp, dg, ds0, ds1, ds2, ds3, False, HAS_DP, HAS_DG, HAS_DS)
+
+
+@triton.jit
+def _normaliser_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, coef_ptr, hp_ptr, dp_ptr, dg_ptr, ds_ptr, P, TP, NSEG,
+                       HAS_DP: tl.constexpr, HAS_DG: tl.constexpr, HAS_DS: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK: tl.constexpr, FP: tl.constexpr):
+    jid = tl.program_id(0).to(tl.int64)
+    t, seg, at, mask, p, g, s0, s1, s2, s3 = _load_job(job_ptr, jid, off_ptr, P, TP, p_ptr, g_ptr, s_ptr, BLOCK, ACC)
+    m0, m1, m2, v, r = _state_and_r(g, s0, s1, s2, s3, hp_ptr)
+    cols = tl.arange(0, FP)[None, :]
+    k = tl.arange(0, FP)
+    coef = tl.load(coef_ptr + (t * NSEG + seg) * 9 + k, mask=k < 9, other=0.0)
+    df = _feature_matrix(p, g, m0, m1, m2, r, cols) * coef[None, :]
+    zero = tl.zeros([BLOCK], dtype=ACC)
+    dp, dg, ds0, ds1, ds2, ds3 = _features_backward(g, m0, m1, m2, r, df, cols, zero, zero, zero, zero, hp_ptr)
+    _store_grads(dp_ptr, dg_ptr, ds_ptr, at, mask, TP, dp, dg, ds0, ds1, ds2, ds3, True, HAS_DP, HAS_DG, HAS_DS)
+
+
+# ------------------------------------------------------------------------------------------ host side
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _new(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    if _backend.POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+class _Jobs:
+    """The job table (t, seg, begin) and each (task, segment)'s first job, on the operands' device."""
+
+    def __init__(self, T: int, offsets: list[int], device):
+        rows, first = [], []
+        for t in range(T):
+            for s in range(len(offsets) - 1):
+                first.append(len(rows))
+                rows.extend((t, s, i) for i in range(offsets[s], offsets[s + 1], _BLOCK))
+        first.append(len(rows))
+        self.count = len(rows)
+        self.table = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
+        self.offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
+        self.first = first
+        self.sizes = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])] * T, dtype=torch.float64,
+                                  device=device)
+
+    def segment_sums(self, partial: torch.Tensor) -> torch.Tensor:
+        """[T * nseg, F] float64: the per-job partials of each (task, segment) summed in job order."""
+        first = torch.tensor(self.first, device=partial.device)
+        counts = first[1:] - first[:-1]
+        width = int(counts.max())
+        idx = first[:-1, None] + torch.arange(width, device=partial.device)[None, :]
+        valid = idx < first[1:, None]
+        padded = torch.cat([partial.double(), partial.new_zeros(1, partial.shape[1], dtype=torch.float64)])
+        return torch.where(valid[..., None], padded[torch.where(valid, idx, self.count)], 0.0).sum(dim=1)
+
+
+def _common(param, hyper):
+    acc = _acc(param.dtype)
+    return acc, tl.float64 if acc == torch.float64 else tl.float32, torch.tensor(hyper, dtype=acc, device=param.device)
+
+
+def _hp(H: int) -> int:
+    return max(16, triton.next_power_of_2(H))
+
+
+def lopt_forward(param, grad, state, weights, offsets, hidden, layers, hyper):
+    """Same contract as metakernels._C.lopt_forward: returns (params', state', norms)."""
+    T, P = param.shape
+    acc, tl_acc, hp = _common(param, hyper)
+    jobs = _Jobs(T, offsets, param.device)
+    nseg = len(offsets) - 1
+    p_new, s_new = _new(param, param.shape), _new(state, state.shape)
+    partial = torch.empty(jobs.count, NUM_FEATURES, dtype=acc, device=param.device)
+    _moments_kernel[(jobs.count,)](jobs.table, jobs.offsets, param, grad, state, hp, partial, P, T * P,
+                                   ACC=tl_acc, BLOCK=_BLOCK, FP=_FP)
+    sums = jobs.segment_sums(partial)
+    norms = torch.rsqrt(sums / jobs.sizes[:, None] + hyper[5]).to(acc).reshape(T, nseg, NUM_FEATURES).contiguous()
+    _step_kernel[(jobs.count,)](jobs.table, jobs.offsets, param, grad, state, weights, norms, hp, p_new, s_new,
+                                P, T * P, nseg, H=hidden, HP=_hp(hidden), LAYERS=layers, IEEE=acc == torch.float32,
+                                ACC=tl_acc, BLOCK=_BLOCK, FP=_FP, OUT_PAD=_OUT_PAD)
+    return p_new, s_new, norms
+
+
+def lopt_backward(param, grad, state, weights, norms, offsets, hidden, layers, hyper, grad_param_out,
+                  grad_state_out, needs_grad):
+    """Same contract as metakernels._C.lopt_backward: returns [d_params, d_grads, d_state, d_weights]."""
+    T, P = param.shape
+    acc, tl_acc, hp = _common(param, hyper)
+    jobs = _Jobs(T, offsets, param.device)
+    nseg = len(offsets) - 1
+    outs = [_new(like, like.shape) if need else None for like, need in zip((param, grad, state), needs_grad)]
+    dp, dg, ds = outs
+    programs = max(1, min(jobs.count, _BWD_PROGRAMS))
+    dw_partial = torch.zeros(programs, weights.numel(), dtype=acc, device=param.device)
+    c_partial = torch.empty(jobs.count, NUM_FEATURES, dtype=acc, device=param.device)
+    _backward_kernel[(programs,)](
+        jobs.table, jobs.offsets, param, grad, state, weights, norms, hp, grad_param_out, grad_state_out,
+        dp, dg, ds, dw_partial, c_partial, jobs.count, P, T * P, nseg,
+        H=hidden, HP=_hp(hidden), LAYERS=layers, IEEE=acc == torch.float32,
+        HAS_GP=grad_param_out is not None, HAS_GS=grad_state_out is not None,
+        HAS_DP=dp is not None, HAS_DG=dg is not None, HAS_DS=ds is not None,
+        ACC=tl_acc, BLOCK=_BLOCK, FP=_FP, OUT_PAD=_OUT_PAD, NW=weights.numel())
+    d_weights = dw_partial.double().sum(dim=0).to(acc)
+    if any(o is not None for o in outs):
+        n = norms.reshape(T * nseg, NUM_FEATURES).double()
+        coef = (-n ** 3 * jobs.segment_sums(c_partial) / jobs.sizes[:, None]).to(acc).contiguous()
+        _normaliser_kernel[(jobs.count,)](
+            jobs.table, jobs.offsets, param, grad, state, coef, hp, dp, dg, ds, P, T * P, nseg,
+            HAS_DP=dp is not None, HAS_DG=dg is not None, HAS_DS=ds is not None,
+            ACC=tl_acc, BLOCK=_BLOCK, FP=_FP)
+    return [dp, dg, ds, d_weights]

@@ -1,0 +1,164 @@
+"""The fused learned-optimizer step on every backend against the float64 reference: values, the fused
+backward, gradcheck / gradgradcheck, determinism, the [P] form, and bad input."""
+import pytest
+import torch
+
+import metakernels as mk
+from metakernels.ops.learned_update import LoptHyper, num_weights
+
+# (T, segments, hidden, layers): odd sizes, a one-element tensor, tails shorter than a lane block.
+CASES = [
+    (1, [37], 4, 1),
+    (3, [185, 1037, 1], 32, 2),
+    (2, [5, 70], 8, 3),
+]
+# Larger multipliers than the defaults so the step is not negligible next to p (the test sees errors).
+HYPER = LoptHyper(step_mult=0.1, exp_mult=0.5)
+
+
+def make(T, segments, hidden, layers, dtype, device, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    P = sum(segments)
+
+    def rand(*shape, scale=1.0, positive=False):
+        x = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.1 if positive else torch.randn(shape, generator=gen, dtype=torch.float64)
+        return (scale * x).to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+    params, grads = rand(T, P), rand(T, P, scale=0.1)
+    state = torch.cat([0.1 * torch.randn(3, T, P, generator=gen, dtype=torch.float64),
+                       0.01 * (torch.rand(1, T, P, generator=gen, dtype=torch.float64) + 0.1)])
+    state = state.to(dtype=dtype, device=device).requires_grad_(requires_grad)
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = (torch.randn(num_weights(hidden, layers), generator=gen, dtype=torch.float64) * 0.5)
+    weights = weights.to(dtype=wdtype, device=device).requires_grad_(requires_grad)
+    return params, grads, state, weights
+
+
+def step(params, grads, state, weights, segments, hidden, layers, hyper=HYPER):
+    return mk.ops.learned_update(params, grads, state, weights, hidden=hidden, layers=layers, segments=segments,
+                                 hyper=hyper)
+
+
+def reference64(inputs, segments, hidden, layers):
+    leaves = [x.detach().to("cpu", torch.float64).requires_grad_() for x in inputs]
+    with mk.use_backend("reference"):
+        return step(*leaves, segments, hidden, layers), leaves
+
+
+# (rtol, atol as a fraction of the largest |expected|): the cotangents span orders of magnitude (r^3
+# with a small second moment), so low precision is judged against the tensor's scale.
+TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-3, 1e-5), torch.bfloat16: (2e-2, 1e-2)}
+
+
+def close(actual, expected, dtype, what):
+    rtol, scale = TOL[dtype]
+    expected = expected.detach()
+    torch.testing.assert_close(actual.detach().to("cpu", torch.float64), expected, rtol=rtol,
+                               atol=scale * float(expected.abs().max().clamp_min(1.0)), msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("T,segments,hidden,layers", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_forward_and_backward_match_reference(backend, T, segments, hidden, layers, dtype):
+    name, device = backend
+    inputs = make(T, segments, hidden, layers, dtype, device, requires_grad=True)
+    before = [x.detach().clone() for x in inputs]
+    outs = step(*inputs, segments, hidden, layers)
+    (ref_p, ref_s), leaves = reference64(inputs, segments, hidden, layers)
+    # bf16 storage rounds the inputs; the oracle sees the same rounded values.
+    close(outs[0], ref_p, dtype, "params'")
+    close(outs[1], ref_s, dtype, "state'")
+    gen = torch.Generator().manual_seed(1)
+    cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    got = torch.autograd.grad(outs, inputs, [c.to(o.dtype).to(device) for c, o in zip(cot, outs)])
+    want = torch.autograd.grad((ref_p, ref_s), leaves, [c.to(o.dtype).double() for c, o in zip(cot, outs)])
+    for g, w, what in zip(got, want, ("params", "grads", "state", "weights")):
+        tol_dtype = torch.float32 if dtype == torch.bfloat16 and what == "weights" else dtype
+        if dtype == torch.bfloat16 and what != "weights":
+            continue  # bf16 cotangents are stored rounded; their values are covered by float32
+        close(g, w, tol_dtype, f"d {what}")
+    for x, b in zip(inputs, before):
+        assert torch.equal(x.detach(), b), "an input was modified"
+
+
+def test_only_params_cotangent_and_unneeded_inputs(backend):
+    """Backward with the state' output unused, and grads/state not requiring a gradient (first order)."""
+    _, device = backend
+    params, grads, state, weights = make(2, [33, 9], 8, 2, torch.float64, device)
+    params.requires_grad_()
+    weights.requires_grad_()
+    new_p, _ = step(params, grads, state, weights, [33, 9], 8, 2)
+    got = torch.autograd.grad(new_p.sum(), (params, weights))
+    (ref_p, _), leaves = reference64((params, grads, state, weights), [33, 9], 8, 2)
+    want = torch.autograd.grad(ref_p.sum(), (leaves[0], leaves[3]))
+    for g, w in zip(got, want):
+        close(g, w, torch.float64, "grad")
+
+
+def test_gradcheck_and_gradgradcheck(backend):
+    _, device = backend
+    segments = [3, 4]
+    inputs = make(2, segments, 3, 2, torch.float64, device, seed=3, requires_grad=True)
+
+    def fn(*args):
+        return step(*args, segments, 3, 2)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_single_task_form_matches_batched(backend):
+    _, device = backend
+    params, grads, state, weights = make(1, [50], 4, 2, torch.float64, device)
+    p1, s1 = step(params[0], grads[0], state[:, 0], weights, None, 4, 2)
+    p2, s2 = step(params, grads, state, weights, None, 4, 2)
+    assert p1.shape == (50,) and s1.shape == (4, 50)
+    torch.testing.assert_close(p1, p2[0])
+    torch.testing.assert_close(s1, s2[:, 0])
+
+
+def test_weight_gradient_is_deterministic(backend):
+    _, device = backend
+    params, grads, state, weights = make(4, [3000, 517], 16, 2, torch.float32, device)
+    weights.requires_grad_()
+    params.requires_grad_()
+    runs = []
+    for _ in range(2):
+        new_p, new_s = step(params, grads, state, weights, [3000, 517], 16, 2)
+        runs.append(torch.autograd.grad((new_p.sum() + new_s.sum()), (weights, params)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_zero_gradients_stay_finite(backend):
+    """A tensor whose gradient and state are all zero (unused parameters): features 0, no NaN."""
+    _, device = backend
+    params, grads, state, weights = make(2, [20, 30], 4, 1, torch.float64, device, requires_grad=False)
+    grads[:, :20] = 0
+    state[:, :, :20] = 0
+    params.requires_grad_()
+    weights.requires_grad_()
+    new_p, new_s = step(params, grads, state, weights, [20, 30], 4, 1)
+    assert torch.isfinite(new_p).all() and torch.isfinite(new_s).all()
+    d = torch.autograd.grad(new_p.sum(), (params, weights))
+    assert all(torch.isfinite(x).all() for x in d)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(grads=a["grads"][:, :-1]), "grads"),
+    (lambda a: a.update(state=a["state"][:3]), "state"),
+    (lambda a: a.update(weights=a["weights"][:-1]), "weights"),
+    (lambda a: a.update(weights=a["weights"].to(torch.int64)), "weights"),
+    (lambda a: a.update(grads=a["grads"].float()), "grads"),
+    (lambda a: a.update(segments=[5, 5]), "segments"),
+    (lambda a: a.update(segments=[20, 0]), "segments"),
+    (lambda a: a.update(hidden=0), "hidden"),
+    (lambda a: a.update(layers=9), "layers"),
+    (lambda a: a.update(params=a["params"][None]), "params"),
+])
+def test_bad_input_names_the_argument(change, match):
+    params, grads, state, weights = make(2, [20], 4, 2, torch.float64, "cpu")
+    args = dict(params=params, grads=grads, state=state, weights=weights, segments=[20], hidden=4, layers=2)
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        mk.ops.learned_update(args.pop("params"), args.pop("grads"), args.pop("state"), args.pop("weights"), **args)
