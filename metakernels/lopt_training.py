@@ -1,0 +1,144 @@
+"""Meta-training a learned optimizer: backpropagation through K unrolled inner steps of training a model
+on T tasks at once, on the inner-loop engine (stacked [T, P] fast weights, vmap over the forward, inner
+gradients from one ``torch.autograd.grad``) with the fused learned step as the update.
+
+    trainer = LearnedOptimizerTrainer(lopt, model)
+    result = trainer.unroll(loss_fn, support, steps=K)        # or a list of K per-step batches
+    result.meta_loss.backward()                              # gradients on lopt's meta-parameters
+    result = trainer.unroll(loss_fn, support, steps=K, state=result.state)   # truncated: continue
+
+Meta-loss, with theta_0 the start, theta_{k+1} = U(theta_k, grad L_k(theta_k), s_k; phi):
+    meta_loss="inner" (default, Metz et al.): sum_k w_k mean_t L_k(theta_k) over k = 1..K, divided by
+        sum_k w_k, where L_k is the task's loss on step k's batch (on the last batch for k = K);
+    meta_loss="query": mean_t L_query(theta_K).
+``first_order=True`` treats the inner gradients as constants (no Hessian-vector products); the default
+differentiates through them exactly.  The start theta_0 is the model's parameters (or ``init``) and is
+not meta-trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .inner_loop import TaskBatchedModel, check_finite
+from .layout import AdaptSpec, ParamLayout
+from .learned_optimizer import LearnedOptimizer
+from .tasks import task_count
+
+META_LOSSES = ("inner", "query")
+
+
+@dataclasses.dataclass
+class UnrollState:
+    """Where a truncated unroll stopped: fast weights [T, P], optimizer state [4, T, P], next step."""
+
+    fast: torch.Tensor
+    opt_state: torch.Tensor
+    step: int
+
+
+@dataclasses.dataclass
+class UnrollResult:
+    meta_loss: torch.Tensor  # 0-d; differentiable w.r.t. the learned optimizer unless track_meta_gradient=False
+    losses: torch.Tensor     # [K + 1, T]: each task's loss at theta_0 .. theta_K (the last on the final batch)
+    state: UnrollState       # detached, to continue with a truncated unroll
+
+
+class LearnedOptimizerTrainer:
+    """Unrolls a learned optimizer on a model for T tasks at once.
+
+    Args:
+        lopt: the LearnedOptimizer whose meta-parameters are trained.
+        model: any nn.Module; ``loss_fn(f, batch)`` calls it bound to one task's weights, as in MAML.
+        first_order: drop the second-order terms (no gradient through the model's Hessian).
+        adapt: which parameters the learned optimizer trains (as in MAML); the others stay fixed.
+        vectorize: vmap the tasks (None: try, fall back to a loop).
+        nan_policy: "raise" (default) stops at a non-finite inner loss, naming the task and step.
+    """
+
+    def __init__(self, lopt: LearnedOptimizer, model: nn.Module, *, first_order: bool = False,
+                 adapt: AdaptSpec = None, vectorize: bool | None = None, nan_policy: str = "raise"):
+        if not isinstance(lopt, LearnedOptimizer):
+            raise TypeError(f"lopt must be a LearnedOptimizer, got {type(lopt).__name__}")
+        if nan_policy not in ("raise", "ignore"):
+            raise ValueError(f"nan_policy must be 'raise' or 'ignore', got {nan_policy!r}")
+        self.lopt = lopt
+        self.layout = ParamLayout(model, adapt)
+        self.evaluator = TaskBatchedModel(model, self.layout, vectorize)
+        self.first_order = first_order
+        self.nan_policy = nan_policy
+
+    def initial_state(self, num_tasks: int, init: torch.Tensor | None = None) -> UnrollState:
+        """Start of an unroll: ``init`` ([P] or [T, P]) or the model's parameters, zero optimizer state."""
+        start = self.layout.flatten().detach() if init is None else init.detach()
+        P = self.layout.numel
+        if start.shape not in ((P,), (num_tasks, P)):
+            raise ValueError(f"init must be [{P}] or [{num_tasks}, {P}], got {list(start.shape)}")
+        fast = start.expand(num_tasks, P).clone()
+        return UnrollState(fast, self.lopt.initial_state(fast), 0)
+
+    def unroll(self, loss_fn, support, steps: int, *, state: UnrollState | None = None, query=None,
+               meta_loss: str = "inner", step_weights=None, track_meta_gradient: bool = True) -> UnrollResult:
+        """Runs ``steps`` learned updates of every task.  ``support`` is one batch with a leading task
+        dimension used at every step, or a list of ``steps`` such batches (one per step)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        if meta_loss not in META_LOSSES:
+            raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {meta_loss!r}")
+        per_step = isinstance(support, list)
+        if per_step and len(support) != steps:
+            raise ValueError(f"support is a list of {len(support)} batches; expected one per step ({steps})")
+        batches = support if per_step else [support] * steps
+        T = task_count(batches[0], "support")
+        if meta_loss == "query":
+            if query is None:
+                raise ValueError("meta_loss='query' needs a query batch")
+            if task_count(query, "query") != T:
+                raise ValueError(f"query has T={task_count(query, 'query')} tasks, support has T={T}")
+        weights = self._step_weights(step_weights, steps)
+        state = self.initial_state(T) if state is None else state
+        if state.fast.shape[0] != T:
+            raise ValueError(f"state is for {state.fast.shape[0]} tasks, the batch has {T}")
+        create_graph = track_meta_gradient and not self.first_order
+        fast, opt_state = state.fast, state.opt_state
+        history, terms = [], []
+        for k in range(steps):
+            if not fast.requires_grad:
+                fast = fast.detach().requires_grad_()
+            losses = self._losses(loss_fn, fast, batches[k], T, state.step + k)
+            history.append(losses.detach())
+            if k > 0 and meta_loss == "inner":
+                terms.append(weights[k - 1] * losses.mean())
+            (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph,
+                                           retain_graph=track_meta_gradient)
+            with torch.set_grad_enabled(track_meta_gradient):
+                fast, opt_state = self.lopt.update(fast, grads, opt_state, state.step + k, segments=self.layout.numels)
+            if not track_meta_gradient:
+                fast, opt_state = fast.detach(), opt_state.detach()
+        final = self._losses(loss_fn, fast, query if meta_loss == "query" else batches[-1], T, state.step + steps)
+        history.append(final.detach())
+        if meta_loss == "inner":
+            terms.append(weights[-1] * final.mean())
+            meta = torch.stack(terms).sum() / float(sum(weights))
+        else:
+            meta = final.mean()
+        if not track_meta_gradient:
+            meta = meta.detach()
+        return UnrollResult(meta, torch.stack(history), UnrollState(fast.detach(), opt_state.detach(), state.step + steps))
+
+    def _losses(self, loss_fn, fast, batch, T, step):
+        losses = self.evaluator.losses(loss_fn, fast, batch, T)
+        if self.nan_policy == "raise":
+            check_finite(losses, "inner", step)
+        return losses
+
+    @staticmethod
+    def _step_weights(step_weights, steps: int) -> list[float]:
+        if step_weights is None:
+            return [1.0] * steps
+        weights = [float(w) for w in step_weights]
+        if len(weights) != steps or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"step_weights must be {steps} non-negative numbers with a positive sum, got {weights}")
+        return weights
