@@ -10,3 +10,10 @@
 #else
 #define MK_CPU_CLONES __attribute__((noinline))
 #endif
+
+// The learned-optimizer loops are FMA-bound, so their vector clone targets x86-64-v3 (AVX2 + FMA).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MK_CPU_CLONES_FMA __attribute__((noinline, target_clones("arch=x86-64-v3", "default")))
+#else
+#define MK_CPU_CLONES_FMA __attribute__((noinline))
+#endif

@@ -79,7 +79,7 @@ struct Block {
 };
 
 template <typename acc_t, typename scalar_t>
-MK_CPU_CLONES void moments_job(const LoptConsts<acc_t> c, const Rows<scalar_t> r, int64_t n, double* out) {
+MK_CPU_CLONES_FMA void moments_job(const LoptConsts<acc_t> c, const Rows<scalar_t> r, int64_t n, double* out) {
   Block<acc_t, scalar_t> b;
   acc_t acc[F * kLanes] = {};
   for (int64_t i = 0; i < n; i += kLanes) {
@@ -94,7 +94,7 @@ MK_CPU_CLONES void moments_job(const LoptConsts<acc_t> c, const Rows<scalar_t> r
 }
 
 template <typename acc_t, typename scalar_t>
-MK_CPU_CLONES void forward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
+MK_CPU_CLONES_FMA void forward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
                                const acc_t* __restrict__ norm, const Rows<scalar_t> r, int64_t n,
                                scalar_t* __restrict__ po, scalar_t* __restrict__ so, acc_t* __restrict__ act) {
   Block<acc_t, scalar_t> b;
@@ -145,7 +145,7 @@ inline void store_grads(const LoptArgs& a, const Job& j, int64_t i, int64_t m, c
 // Pass A of the backward for one job; returns c_k = sum_i dx_ik f_ik in c_out and accumulates the
 // weight gradient into dw (double).
 template <typename acc_t, typename scalar_t>
-MK_CPU_CLONES void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
+MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
                                 const acc_t* __restrict__ norm, const Rows<scalar_t> r, const OutCotangents<scalar_t> cot,
                                 const LoptArgs& a, const Job& j, double* __restrict__ dw, double* __restrict__ c_out,
                                 acc_t* __restrict__ act, acc_t* __restrict__ dz_a, acc_t* __restrict__ dz_b) {
@@ -189,7 +189,7 @@ MK_CPU_CLONES void backward_job(const LoptConsts<acc_t> c, const acc_t* __restri
 
 // Pass B for one job: adds the normaliser's term df_ik = coef_k f_ik.
 template <typename acc_t, typename scalar_t>
-MK_CPU_CLONES void normaliser_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ coef, const Rows<scalar_t> r,
+MK_CPU_CLONES_FMA void normaliser_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ coef, const Rows<scalar_t> r,
                                   const LoptArgs& a, const Job& j) {
   Block<acc_t, scalar_t> b;
   BlockGrads<acc_t> d;
