@@ -1,0 +1,153 @@
+"""Side-by-side table of the fused learned-optimizer step (metakernels.ops.learned_update): each
+available compiled backend against eager PyTorch (the reference composition and its autograd) and
+``torch.compile`` of it, forward and forward + meta-backward, and the optimizer step alone
+(``lopt.optimizer([p]).step()``), with the FLOP rate against the fp32 matmul rate and the bytes against
+the copy bandwidth, both measured in the same run.
+
+FLOPs: 2 per multiply-add of the per-parameter MLP; forward 2 M, forward + backward 6 M per element
+(M = 9 H + (layers - 1) H^2 + 2 H multiply-adds; the fused backward's recomputed forward is not counted).
+Bytes (fp32, each distinct tensor once): forward 10 x 4 B per element (p, g, 4 state planes ->
+p', 4 planes), forward + backward 27 x 4 B (+ p, g, 4 planes, the cotangents of p' and the 4 planes ->
+cotangents of p, g and the 4 planes).
+
+    python benchmarks/lopt_table.py            # CPU, P = 1e5, 1e6, 1e7 with T = 1 and 16 (T*P <= 1.6e7)
+    python benchmarks/lopt_table.py --quick    # small sizes, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+
+DEFAULT_SIZES = ["1x100000", "16x100000", "1x1000000", "16x1000000", "1x10000000"]
+QUICK_SIZES = ["1x100000", "4x100000"]
+COMPILE_P = 1_000_000  # torch.compile is timed at the issue's reference size only (minutes to compile)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", nargs="+", default=None, help="TxP entries, e.g. 16x1000000")
+    ap.add_argument("--hidden", nargs="+", type=int, default=[4, 32])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--system-malloc", action="store_true", help="keep glibc's defaults (see harness.py)")
+    ap.add_argument("--markdown", action="store_true")
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
+    allocator = harness.reexec_with_malloc_tunables(not args.system_malloc and args.device == "cpu")
+    import torch
+
+    import metakernels as mk
+    from metakernels.ops.learned_update import flops_per_element, num_weights
+
+    device = torch.device(args.device)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    repeats = 3 if args.quick else 7
+    fused = "cuda" if device.type == "cuda" else "cpu"
+    matmul = harness.matmul_gflops(device)
+    copy = harness.copy_bandwidth_gbs(device)
+    print(harness.machine_line(device))
+    print(f"{allocator}; fp32 matmul {matmul:.0f} GFLOP/s, copy {copy:.1f} GB/s (same run); medians of {repeats}")
+
+    rows = []
+    for hidden in args.hidden:
+        flops = flops_per_element(hidden, args.layers)
+        for size in sizes:
+            T, P = (int(x) for x in size.split("x"))
+            gen = torch.Generator().manual_seed(0)
+            p = torch.randn(T, P, generator=gen).to(device)
+            g = (0.01 * torch.randn(T, P, generator=gen)).to(device)
+            s = torch.zeros(4, T, P, device=device)
+            s[3] = 1e-4
+            w = (0.3 * torch.randn(num_weights(hidden, args.layers), generator=gen)).to(device)
+            N = T * P
+
+            def step(p_, g_, s_, w_):
+                return mk.ops.learned_update(p_, g_, s_, w_, hidden=hidden, layers=args.layers)
+
+            def timings(fn, label):
+                leaves = [x.clone().requires_grad_() for x in (p, g, s, w)]
+
+                def forward():
+                    with torch.no_grad():
+                        fn(p, g, s, w)
+
+                def forward_backward():
+                    new_p, new_s = fn(*leaves)
+                    torch.autograd.grad((new_p, new_s), leaves, (torch.ones_like(new_p), torch.ones_like(new_s)))
+
+                fwd = harness.median_ms(forward, device, repeats, warmup=2)
+                fb = harness.median_ms(forward_backward, device, repeats, warmup=2)
+                rows.append(dict(hidden=hidden, size=size, impl=label, fwd=fwd, fb=fb,
+                                 fwd_gflops=flops["forward"] * N / fwd / 1e6,
+                                 fb_gflops=(flops["forward"] + flops["backward"]) * N / fb / 1e6,
+                                 fwd_floor=10 * 4 * N / copy / 1e6, fb_floor=27 * 4 * N / copy / 1e6))
+
+            with mk.use_backend(fused):
+                timings(step, fused)
+            with mk.use_backend("reference"):
+                timings(step, "eager")
+                if not args.no_compile and P == COMPILE_P:
+                    torch._dynamo.reset()
+                    timings(torch.compile(step), "torch.compile")
+            rows.extend(optimizer_rows(mk, torch, device, hidden, args.layers, size, T, P, repeats, flops, copy))
+    print_table(rows, matmul, args.markdown)
+
+
+def optimizer_rows(mk, torch, device, hidden, layers, size, T, P, repeats, flops, copy):
+    """lopt.optimizer([p]).step() on one [T * P] parameter, fused and eager."""
+    out = []
+    lopt = mk.LearnedOptimizer(hidden=hidden, layers=layers, seed=0).to(device)
+    for backend, label in (("cpu" if device.type == "cpu" else "cuda", "optimizer.step fused"),
+                           ("reference", "optimizer.step eager")):
+        param = torch.nn.Parameter(torch.randn(T * P, device=device))
+        param.grad = 0.01 * torch.randn(T * P, device=device)
+        opt = lopt.optimizer([param])
+        with mk.use_backend(backend):
+            ms = harness.median_ms(opt.step, device, repeats, warmup=2)
+        out.append(dict(hidden=hidden, size=size, impl=label, fwd=ms, fb=None,
+                        fwd_gflops=flops["forward"] * T * P / ms / 1e6, fb_gflops=None,
+                        fwd_floor=10 * 4 * T * P / copy / 1e6, fb_floor=None))
+    return out
+
+
+def print_table(rows, matmul, markdown):
+    header = ["hidden", "T x P", "implementation", "fwd ms", "fwd GFLOP/s (% matmul)", "fwd / byte floor",
+              "fwd vs eager", "fwd+bwd ms", "fwd+bwd GFLOP/s (% matmul)", "fwd+bwd / byte floor", "fwd+bwd vs eager"]
+    eager = {(r["hidden"], r["size"], r["impl"]): r for r in rows if r["impl"].endswith("eager")}
+    lines = []
+    for r in rows:
+        baseline = "optimizer.step eager" if r["impl"].startswith("optimizer") else "eager"
+        e = eager[(r["hidden"], r["size"], baseline)]
+        fb = r["fb"]
+        lines.append([
+            str(r["hidden"]), r["size"], r["impl"], f"{r['fwd']:.2f}",
+            f"{r['fwd_gflops']:.1f} ({100 * r['fwd_gflops'] / matmul:.0f}%)", f"{r['fwd'] / r['fwd_floor']:.1f}x",
+            f"{e['fwd'] / r['fwd']:.2f}x", "-" if fb is None else f"{fb:.2f}",
+            "-" if fb is None else f"{r['fb_gflops']:.1f} ({100 * r['fb_gflops'] / matmul:.0f}%)",
+            "-" if fb is None else f"{fb / r['fb_floor']:.1f}x",
+            "-" if fb is None else f"{e['fb'] / fb:.2f}x",
+        ])
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+
+
+if __name__ == "__main__":
+    main()
