@@ -3,7 +3,8 @@
 The CPU kernels are always built.  The CUDA kernels are added when torch is a CUDA build and a CUDA
 toolkit is found (torch.utils.cpp_extension.CUDA_HOME), so CI compiles and links them even on a machine
 without a GPU.  METAKERNELS_NO_CUDA=1 skips them; TORCH_CUDA_ARCH_LIST picks the GPU architectures
-(default: 9.0, the H100/H200).
+(default: 9.0, the H100/H200).  METAKERNELS_SANITIZE=1 builds the CPU kernels with ASan and UBSan
+(see .ci/sanitize).
 """
 import glob
 import os
@@ -18,8 +19,11 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+SANITIZE = os.environ.get("METAKERNELS_SANITIZE", "0") == "1"
+
+
 def _want_cuda():
-    if os.environ.get("METAKERNELS_NO_CUDA", "0") == "1":
+    if os.environ.get("METAKERNELS_NO_CUDA", "0") == "1" or SANITIZE:
         return False
     import torch
 
@@ -37,6 +41,9 @@ def _extension():
     # The C++ standard is the one torch's tooling picks.
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-wrapv", "-fopenmp"]
     link = ["-fopenmp"]
+    if SANITIZE:  # .ci/sanitize: AddressSanitizer + UndefinedBehaviorSanitizer over the CPU kernels
+        cxx += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+        link += ["-fsanitize=address,undefined"]
     sources = _sources("python/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not _want_cuda():
         return cpp_extension.CppExtension(
