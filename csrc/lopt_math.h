@@ -284,7 +284,7 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_mlp_forward(const acc_t* w, int H, int 
   lopt_dense<L, false>(Wo, Wo + 2 * H, H, 2, in, out);
 }
 
-// The step and its derivatives: p' = p - step, step = step_mult * d * exp(exp_mult * q).
+// The step: p' = p - step, step = step_mult * d * exp(exp_mult * q).
 template <typename acc_t>
 MK_HOST_DEVICE inline acc_t lopt_step(const LoptConsts<acc_t>& c, acc_t d, acc_t q) {
   return c.step_mult * d * std::exp(c.exp_mult * q);
