@@ -203,11 +203,12 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_lanes_matvec(const acc_t* A, int64_t rs
   }
 }
 
-// x[i] = 0 where (mask ? mask[i] : x[i]) <= 0, for n values (relu, or its derivative's mask).
+// Without mask: relu, x[i] = max(x[i], 0) with NaN kept NaN (as torch.relu).  With mask: the relu
+// derivative's mask, x[i] = 0 where mask[i] > 0 is false (as torch's threshold_backward).
 template <typename acc_t>
 MK_HOST_DEVICE MK_LANES_INLINE void lopt_relu(acc_t* x, const acc_t* mask, int64_t n) {
   MK_SIMD
-  for (int64_t i = 0; i < n; ++i) x[i] = (mask ? mask[i] : x[i]) > acc_t(0) ? x[i] : acc_t(0);
+  for (int64_t i = 0; i < n; ++i) x[i] = (mask ? mask[i] > acc_t(0) : !(x[i] <= acc_t(0))) ? x[i] : acc_t(0);
 }
 
 // dW[r * cols + c] += sum_l dz[r][l] in[c][l], then db[r] += sum_l dz[r][l] (db follows dW), in double.

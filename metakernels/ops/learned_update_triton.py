@@ -87,14 +87,20 @@ def _layer_offset(l: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
+def _relu(z):
+    """max(z, 0) with NaN kept NaN (as torch.relu)."""
+    return tl.where(z <= 0.0, 0.0, z)
+
+
+@triton.jit
 def _hidden(x, w_ptr, N: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, FP: tl.constexpr, IEEE: tl.constexpr):
     """The activation after N >= 1 hidden layers, [BLOCK, HP]."""
     W = _load_matrix(w_ptr, 0, H, 9, HP, FP)
-    a = tl.maximum(_dot(x, tl.trans(W), IEEE) + _load_bias(w_ptr, H * 9, H, HP)[None, :], 0.0)
+    a = _relu(_dot(x, tl.trans(W), IEEE) + _load_bias(w_ptr, H * 9, H, HP)[None, :])
     for l in tl.static_range(1, N):
         off = _layer_offset(l, H)
         W = _load_matrix(w_ptr, off, H, H, HP, HP)
-        a = tl.maximum(_dot(a, tl.trans(W), IEEE) + _load_bias(w_ptr, off + H * H, H, HP)[None, :], 0.0)
+        a = _relu(_dot(a, tl.trans(W), IEEE) + _load_bias(w_ptr, off + H * H, H, HP)[None, :])
     return a
 
 
