@@ -69,12 +69,22 @@ inline void load_lanes(const scalar_t* src, int64_t n, acc_t* dst) {
 template <typename acc_t, typename scalar_t>
 struct Block {
   alignas(64) acc_t p[kLanes], g[kLanes], s[kLoptStates * kLanes], s_new[kLoptStates * kLanes], f[F * kLanes];
+  alignas(64) acc_t x[F * kLanes], out[2 * kLanes];  // normalised features, MLP outputs (d, q)
 
   void load(const LoptConsts<acc_t>& c, const Rows<scalar_t>& r, int64_t i, int64_t n) {
     load_lanes(r.p + i, n, p);
     load_lanes(r.g + i, n, g);
     for (int j = 0; j < kLoptStates; ++j) load_lanes(r.s + j * r.plane + i, n, s + j * kLanes);
     lopt_features<kLanes>(c, p, g, s, s_new, f);
+  }
+
+  // Loads elements [i, i + n) and runs the MLP on their normalised features x = f * norm.
+  void load_and_forward(const LoptConsts<acc_t>& c, const Rows<scalar_t>& r, int64_t i, int64_t n,
+                        const acc_t* norm, const acc_t* w, int H, int layers, acc_t* act) {
+    load(c, r, i, n);
+    for (int k = 0; k < F; ++k)
+      for (int l = 0; l < kLanes; ++l) x[k * kLanes + l] = f[k * kLanes + l] * norm[k];
+    lopt_mlp_forward<kLanes>(w, H, layers, x, act, out);
   }
 };
 
@@ -98,15 +108,11 @@ MK_CPU_CLONES_FMA void forward_job(const LoptConsts<acc_t> c, const acc_t* __res
                                const acc_t* __restrict__ norm, const Rows<scalar_t> r, int64_t n,
                                scalar_t* __restrict__ po, scalar_t* __restrict__ so, acc_t* __restrict__ act) {
   Block<acc_t, scalar_t> b;
-  alignas(64) acc_t x[F * kLanes], out[2 * kLanes];
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, n - i);
-    b.load(c, r, i, m);
-    for (int k = 0; k < F; ++k)
-      for (int l = 0; l < kLanes; ++l) x[k * kLanes + l] = b.f[k * kLanes + l] * norm[k];
-    lopt_mlp_forward<kLanes>(w, H, layers, x, act, out);
+    b.load_and_forward(c, r, i, m, norm, w, H, layers, act);
     for (int l = 0; l < m; ++l) {
-      po[i + l] = static_cast<scalar_t>(b.p[l] - lopt_step(c, out[l], out[kLanes + l]));
+      po[i + l] = static_cast<scalar_t>(b.p[l] - lopt_step(c, b.out[l], b.out[kLanes + l]));
       for (int j = 0; j < kLoptStates; ++j) so[j * r.plane + i + l] = static_cast<scalar_t>(b.s_new[j * kLanes + l]);
     }
   }
@@ -151,16 +157,14 @@ MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __re
                                 acc_t* __restrict__ act, acc_t* __restrict__ dz_a, acc_t* __restrict__ dz_b) {
   Block<acc_t, scalar_t> b;
   BlockGrads<acc_t> d;
-  alignas(64) acc_t x[F * kLanes], out[2 * kLanes], dout[2 * kLanes], dx[F * kLanes], df[F * kLanes];
+  alignas(64) acc_t dout[2 * kLanes], dx[F * kLanes], df[F * kLanes];
   alignas(64) acc_t gp[kLanes], gs[kLoptStates * kLanes];
   acc_t csum[F * kLanes] = {};
   const int64_t n = j.end - j.begin;
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, n - i);
-    b.load(c, r, i, m);
-    for (int k = 0; k < F; ++k)
-      for (int l = 0; l < kLanes; ++l) x[k * kLanes + l] = b.f[k * kLanes + l] * norm[k];
-    lopt_mlp_forward<kLanes>(w, H, layers, x, act, out);
+    b.load_and_forward(c, r, i, m, norm, w, H, layers, act);
+    const acc_t* out = b.out;
     if (cot.gp) load_lanes(cot.gp + i, m, gp);
     else std::fill(gp, gp + kLanes, acc_t(0));
     for (int l = 0; l < kLanes; ++l) {
@@ -169,7 +173,7 @@ MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __re
       dout[l] = dstep;
       dout[kLanes + l] = dstep * out[l] * c.exp_mult;
     }
-    lopt_mlp_backward<kLanes>(w, H, layers, x, act, dout, dx, dw, dz_a, dz_b);
+    lopt_mlp_backward<kLanes>(w, H, layers, b.x, act, dout, dx, dw, dz_a, dz_b);
     for (int k = 0; k < F; ++k)
       for (int l = 0; l < kLanes; ++l) {
         csum[k * kLanes + l] += dx[k * kLanes + l] * b.f[k * kLanes + l];
