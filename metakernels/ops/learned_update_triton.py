@@ -105,6 +105,25 @@ def _hidden(x, w_ptr, N: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, FP: tl
 
 
 @triton.jit
+def _mlp(x, w_ptr, LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, FP: tl.constexpr,
+         OUT_PAD: tl.constexpr, IEEE: tl.constexpr):
+    """(last hidden activation [BLOCK, HP], padded output matrix W_o [OUT_PAD, HP], d, q)."""
+    a = _hidden(x, w_ptr, LAYERS, H, HP, FP, IEEE)
+    off = _layer_offset(LAYERS, H)
+    Wo = _load_matrix(w_ptr, off, 2, H, OUT_PAD, HP)
+    out = _dot(a, tl.trans(Wo), IEEE) + _load_bias(w_ptr, off + 2 * H, 2, OUT_PAD)[None, :]
+    ocols = tl.arange(0, OUT_PAD)[None, :]
+    return a, Wo, _column(out, ocols, 0), _column(out, ocols, 1)
+
+
+@triton.jit
+def _row9(ptr, t, seg, NSEG, FP: tl.constexpr):
+    """The 9 values of (task t, segment seg) in a [T, NSEG, 9] tensor, zero padded to FP."""
+    k = tl.arange(0, FP)
+    return tl.load(ptr + (t * NSEG + seg) * 9 + k, mask=k < 9, other=0.0)
+
+
+@triton.jit
 def _load_job(job_ptr, jid, off_ptr, P, TP, p_ptr, g_ptr, s_ptr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     t = tl.load(job_ptr + 3 * jid)
     seg = tl.load(job_ptr + 3 * jid + 1)
@@ -140,16 +159,8 @@ def _step_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, w_ptr, norm_ptr, hp_ptr,
     jid = tl.program_id(0).to(tl.int64)
     t, seg, at, mask, p, g, s0, s1, s2, s3 = _load_job(job_ptr, jid, off_ptr, P, TP, p_ptr, g_ptr, s_ptr, BLOCK, ACC)
     m0, m1, m2, v, r = _state_and_r(g, s0, s1, s2, s3, hp_ptr)
-    cols = tl.arange(0, FP)[None, :]
-    k = tl.arange(0, FP)
-    n = tl.load(norm_ptr + (t * NSEG + seg) * 9 + k, mask=k < 9, other=0.0)
-    x = _feature_matrix(p, g, m0, m1, m2, r, cols) * n[None, :]
-    a = _hidden(x, w_ptr, LAYERS, H, HP, FP, IEEE)
-    off = _layer_offset(LAYERS, H)
-    out = _dot(a, tl.trans(_load_matrix(w_ptr, off, 2, H, OUT_PAD, HP)), IEEE) + _load_bias(w_ptr, off + 2 * H, 2, OUT_PAD)[None, :]
-    ocols = tl.arange(0, OUT_PAD)[None, :]
-    d = _column(out, ocols, 0)
-    q = _column(out, ocols, 1)
+    x = _feature_matrix(p, g, m0, m1, m2, r, tl.arange(0, FP)[None, :]) * _row9(norm_ptr, t, seg, NSEG, FP)[None, :]
+    a, Wo, d, q = _mlp(x, w_ptr, LAYERS, H, HP, FP, OUT_PAD, IEEE)
     p_new = p - tl.load(hp_ptr + 6) * d * tl.exp(tl.load(hp_ptr + 7) * q)
     tl.store(po_ptr + at, p_new.to(po_ptr.dtype.element_ty), mask=mask)
     tl.store(so_ptr + at, m0.to(so_ptr.dtype.element_ty), mask=mask)
@@ -235,14 +246,10 @@ def _backward_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, w_ptr, norm_ptr, hp_
     for jid in range(pid, NJOBS, tl.num_programs(0)):
         t, seg, at, mask, p, g, s0, s1, s2, s3 = _load_job(job_ptr, jid, off_ptr, P, TP, p_ptr, g_ptr, s_ptr, BLOCK, ACC)
         m0, m1, m2, v, r = _state_and_r(g, s0, s1, s2, s3, hp_ptr)
-        n = tl.load(norm_ptr + (t * NSEG + seg) * 9 + k, mask=k < 9, other=0.0)
+        n = _row9(norm_ptr, t, seg, NSEG, FP)
         f = _feature_matrix(p, g, m0, m1, m2, r, cols)
         x = f * n[None, :]
-        a = _hidden(x, w_ptr, LAYERS, H, HP, FP, IEEE)
-        Wo = _load_matrix(w_ptr, out_off, 2, H, OUT_PAD, HP)
-        out = _dot(a, tl.trans(Wo), IEEE) + _load_bias(w_ptr, out_off + 2 * H, 2, OUT_PAD)[None, :]
-        d = _column(out, ocols, 0)
-        q = _column(out, ocols, 1)
+        a, Wo, d, q = _mlp(x, w_ptr, LAYERS, H, HP, FP, OUT_PAD, IEEE)
         gp = tl.zeros([BLOCK], dtype=ACC)
         if HAS_GP:
             gp = tl.load(gp_ptr + at, mask=mask, other=0.0).to(ACC)
@@ -284,9 +291,7 @@ def _normaliser_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, coef_ptr, hp_ptr, 
     t, seg, at, mask, p, g, s0, s1, s2, s3 = _load_job(job_ptr, jid, off_ptr, P, TP, p_ptr, g_ptr, s_ptr, BLOCK, ACC)
     m0, m1, m2, v, r = _state_and_r(g, s0, s1, s2, s3, hp_ptr)
     cols = tl.arange(0, FP)[None, :]
-    k = tl.arange(0, FP)
-    coef = tl.load(coef_ptr + (t * NSEG + seg) * 9 + k, mask=k < 9, other=0.0)
-    df = _feature_matrix(p, g, m0, m1, m2, r, cols) * coef[None, :]
+    df = _feature_matrix(p, g, m0, m1, m2, r, cols) * _row9(coef_ptr, t, seg, NSEG, FP)[None, :]
     zero = tl.zeros([BLOCK], dtype=ACC)
     dp, dg, ds0, ds1, ds2, ds3 = _features_backward(g, m0, m1, m2, r, df, cols, zero, zero, zero, zero, hp_ptr)
     _store_grads(dp_ptr, dg_ptr, ds_ptr, at, mask, TP, dp, dg, ds0, ds1, ds2, ds3, True, HAS_DP, HAS_DG, HAS_DS)
