@@ -68,3 +68,16 @@ def machine_line(device: torch.device) -> str:
         f"device={device} ({name}), torch {torch.__version__}, threads={torch.get_num_threads()}, "
         f"python {platform.python_version()}"
     )
+
+
+def print_table(header, rows, markdown: bool) -> None:
+    """A table of strings: markdown, or right-aligned plain columns."""
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for r in [header] + rows:
+        print("  ".join(str(x).rjust(w) for x, w in zip(r, widths)))

@@ -100,7 +100,7 @@ def main():
                     torch._dynamo.reset()
                     timings(torch.compile(step), "torch.compile")
             rows.extend(optimizer_rows(mk, torch, device, hidden, args.layers, size, T, P, repeats, flops, copy))
-    print_table(rows, matmul, args.markdown)
+    print_results(rows, matmul, args.markdown)
 
 
 def optimizer_rows(mk, torch, device, hidden, layers, size, T, P, repeats, flops, copy):
@@ -120,7 +120,7 @@ def optimizer_rows(mk, torch, device, hidden, layers, size, T, P, repeats, flops
     return out
 
 
-def print_table(rows, matmul, markdown):
+def print_results(rows, matmul, markdown):
     header = ["hidden", "T x P", "implementation", "fwd ms", "fwd GFLOP/s (% matmul)", "fwd / byte floor",
               "fwd vs eager", "fwd+bwd ms", "fwd+bwd GFLOP/s (% matmul)", "fwd+bwd / byte floor", "fwd+bwd vs eager"]
     eager = {(r["hidden"], r["size"], r["impl"]): r for r in rows if r["impl"].endswith("eager")}
@@ -137,17 +137,7 @@ def print_table(rows, matmul, markdown):
             "-" if fb is None else f"{fb / r['fb_floor']:.1f}x",
             "-" if fb is None else f"{e['fb'] / fb:.2f}x",
         ])
-    if markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-        return
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for line in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
-
+    harness.print_table(header, lines, markdown)
 
 if __name__ == "__main__":
     main()

@@ -196,19 +196,7 @@ def main():
                 rows.append(row)
     header = ["op", "TxP", "variant", "fwd ms", "fwd GB/s", "fwd %copy", "fwd vs eager",
               "fwd+bwd ms", "fwd+bwd GB/s", "fwd+bwd %copy", "fwd+bwd vs eager"]
-    print_table(header, rows, args.markdown)
-
-
-def print_table(header, rows, markdown):
-    if markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for r in rows:
-            print("| " + " | ".join(r) + " |")
-        return
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for r in [header] + rows:
-        print("  ".join(str(x).rjust(w) for x, w in zip(r, widths)))
+    harness.print_table(header, rows, args.markdown)
 
 
 if __name__ == "__main__":
