@@ -21,6 +21,7 @@ from .layout import ParamLayout
 from .tasks import select_tasks
 
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+NAN_POLICIES = ("raise", "ignore")  # what to do with a non-finite inner loss (see check_finite)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import ops
 from .checkpoint import CheckpointError, load_checked, save_checked
-from .ops.learned_update import MAX_HIDDEN, MAX_LAYERS, NUM_FEATURES, NUM_STATES, LoptHyper
+from .ops.learned_update import NUM_FEATURES, NUM_STATES, LoptHyper, check_mlp_size
 
 TIME_SCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
 _ADAM_FEATURE = 7  # m_0.9 * r
@@ -52,10 +52,7 @@ class LearnedOptimizer(nn.Module):
     def __init__(self, hidden: int = 32, layers: int = 2, hyper: LoptHyper = LoptHyper(), init: str = "adam",
                  seed: int | None = None):
         super().__init__()
-        for name, value, high in (("hidden", hidden, MAX_HIDDEN),
-                                  ("layers", layers, MAX_LAYERS)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-                raise ValueError(f"LearnedOptimizer: {name} must be an int in [1, {high}], got {value!r}")
+        check_mlp_size("LearnedOptimizer", hidden, layers)
         if init not in ("adam", "random"):
             raise ValueError(f"LearnedOptimizer: init must be 'adam' or 'random', got {init!r}")
         if init == "adam" and hidden < 2:

@@ -22,7 +22,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .inner_loop import TaskBatchedModel, check_finite
+from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite
 from .layout import AdaptSpec, ParamLayout
 from .learned_optimizer import LearnedOptimizer
 from .tasks import task_count
@@ -62,8 +62,8 @@ class LearnedOptimizerTrainer:
                  adapt: AdaptSpec = None, vectorize: bool | None = None, nan_policy: str = "raise"):
         if not isinstance(lopt, LearnedOptimizer):
             raise TypeError(f"lopt must be a LearnedOptimizer, got {type(lopt).__name__}")
-        if nan_policy not in ("raise", "ignore"):
-            raise ValueError(f"nan_policy must be 'raise' or 'ignore', got {nan_policy!r}")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         self.lopt = lopt
         self.layout = ParamLayout(model, adapt)
         self.evaluator = TaskBatchedModel(model, self.layout, vectorize)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inner_loop import InnerOptimizer, TaskBatchedModel, check_finite, run_inner_loop
+from .inner_loop import NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, run_inner_loop
 from .layout import AdaptSpec, ParamLayout
 from .tasks import select_tasks, task_count
 
 MEMORY_MODES = ("fast", "low")
-NAN_POLICIES = ("raise", "ignore")
 # Nodes autograd records in place of a derivative it cannot take (DelayedError, NotImplemented).
 _NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImplemented")
 

@@ -64,6 +64,13 @@ def num_weights(hidden: int, layers: int) -> int:
     return hidden * NUM_FEATURES + hidden + (layers - 1) * (hidden * hidden + hidden) + 2 * hidden + 2
 
 
+def check_mlp_size(where: str, hidden, layers) -> None:
+    """Raises ValueError unless hidden and layers are ints in [1, MAX_HIDDEN] and [1, MAX_LAYERS]."""
+    for name, value, high in (("hidden", hidden, MAX_HIDDEN), ("layers", layers, MAX_LAYERS)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+            raise ValueError(f"{where}: argument '{name}' must be an int in [1, {high}], got {value!r}")
+
+
 def split_weights(weights: torch.Tensor, hidden: int, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(W, b)] per layer (hidden layers, then the output layer) as views of the flat vector."""
     shapes = [(hidden, NUM_FEATURES)] + [(hidden, hidden)] * (layers - 1) + [(2, hidden)]
@@ -184,9 +191,7 @@ def learned_update(params: torch.Tensor, grads: torch.Tensor, state: torch.Tenso
     if tuple(state.shape) != expected_state:
         raise ValueError(f"{_OP}: argument 'state' must be {_checks.shape_str(expected_state)} (4 planes: three momenta "
                          f"and the second moment), got {_checks.shape_str(state.shape)}")
-    for name, value, high in (("hidden", hidden, MAX_HIDDEN), ("layers", layers, MAX_LAYERS)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-            raise ValueError(f"{_OP}: argument '{name}' must be an int in [1, {high}], got {value!r}")
+    check_mlp_size(_OP, hidden, layers)
     if weights.dim() != 1 or weights.numel() != num_weights(hidden, layers):
         raise ValueError(f"{_OP}: argument 'weights' must be [{num_weights(hidden, layers)}] for hidden={hidden}, "
                          f"layers={layers}, got {_checks.shape_str(weights.shape)}")
