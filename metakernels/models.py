@@ -59,14 +59,34 @@ class TransformerLM(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> the final LayerNorm's output [B, S, d_model]."""
         S = tokens.shape[-1]
         if S > self.max_len:
             raise ValueError(f"sequence length {S} exceeds max_len={self.max_len}")
         x = self.tok(tokens) + self.pos(torch.arange(S, device=tokens.device))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(tokens))
+
+
+class TransformerClassifier(TransformerLM):
+    """tokens [B, S] (int64, ``pad`` after the text) -> logits [B, n_classes]: the LM's trunk, the mean of
+    its features over the non-pad positions, and a linear head of ``n_classes`` outputs."""
+
+    def __init__(self, n_classes: int, vocab: int = 256, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
+                 max_len: int = 64, dropout: float = 0.0, pad: int = 0):
+        super().__init__(vocab, d_model, n_heads, n_layers, max_len, dropout)
+        self.head = nn.Linear(d_model, n_classes)
+        self.pad = pad
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        keep = (tokens != self.pad).unsqueeze(-1).to(self.head.weight.dtype)
+        pooled = (self.features(tokens) * keep).sum(-2) / keep.sum(-2).clamp_min(1.0)
+        return self.head(pooled)
 
 
 def lm_loss(f, batch) -> torch.Tensor:
@@ -74,3 +94,9 @@ def lm_loss(f, batch) -> torch.Tensor:
     tokens = batch if isinstance(batch, torch.Tensor) else batch[0]
     logits = f(tokens[..., :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[..., 1:].reshape(-1))
+
+
+def classification_loss(f, batch) -> torch.Tensor:
+    """Cross-entropy of one task's (tokens [B, S], labels [B])."""
+    tokens, labels = batch
+    return F.cross_entropy(f(tokens), labels)

@@ -1,0 +1,77 @@
+"""``python -m metakernels train``: meta-train, train the baselines, print the meta-test table, and write
+metrics.json, curves.png and checkpoint.mk under --out."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ..checkpoint import CheckpointError
+from ..data import DataError
+from ..training import ALGORITHMS, TASKS, TrainConfig, run
+from ..training.report import METRICS_FILE, PLOT_FILE, format_table, write_outputs
+
+_HELP = {
+    "steps": "meta-steps per algorithm, and pretraining steps of the baseline",
+    "tasks_per_step": "T, tasks per meta-step",
+    "inner_steps": "K, adaptation steps",
+    "inner_lr": "MAML's inner SGD rate (Meta-SGD's initial rates)",
+    "meta_lr": "Adam rate of the meta-learners and of pretraining",
+    "lopt_meta_lr": "Adam rate of the learned optimizer's MLP",
+    "seq_len": "characters predicted per LM chunk; text length cap for classification",
+    "n_support": "support chunks per LM task; shots per class for classification",
+    "n_query": "query chunks per LM task; query texts per class for classification",
+    "n_way": "classes per episode (classification)",
+    "eval_tasks": "meta-test tasks in the final table",
+    "val_tasks": "meta-validation tasks (baselines' rates, learning curves)",
+}
+
+
+def add_parser(commands) -> None:
+    defaults = TrainConfig()
+    p = commands.add_parser("train", help="meta-train and compare with baselines on held-out tasks",
+                            description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=TASKS, default=defaults.task,
+                   help="lm: few-shot language modelling (stdlib docstrings, or --data folder of .txt domains); "
+                        "clinc: CLINC150 intent episodes (--data folder); labelled: --data folder of <class>.txt")
+    p.add_argument("--data", default=None, help="data folder (see --task)")
+    p.add_argument("--algo", default=",".join(defaults.algos),
+                   help=f"comma-separated meta-learners from {', '.join(ALGORITHMS)}")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in ("task", "data", "algos"):
+            continue
+        p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
+                       default=getattr(defaults, field.name), help=_HELP.get(field.name, " "))
+    p.add_argument("--out", default="runs/train", help="output folder: metrics.json, curves.png, checkpoint.mk")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=main)
+
+
+def main(args) -> int:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            return _fail(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("algos",)}
+    try:
+        config = TrainConfig(**values, algos=tuple(a.strip() for a in args.algo.split(",") if a.strip()))
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        result = run(config, args.out, resume=args.resume, progress=not args.no_progress)
+    except (DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
+        return _fail(str(e))
+    write_outputs(args.out, result.metrics)
+    print()
+    print(format_table(result.metrics))
+    print(f"\n{result.metrics['seconds']:.0f} s; wrote {args.out}/{METRICS_FILE}, {args.out}/{PLOT_FILE} and the checkpoint")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,73 @@
+"""Few-shot language-modelling tasks: a task is one text domain; its support set is ``n_support``
+chunks of the domain and its query set ``n_query`` other chunks (disjoint positions), each chunk
+``seq_len + 1`` characters (the model predicts characters 1..seq_len from the ones before).
+
+Batch ``index`` of a sampler is a pure function of (seed, index): the T domains are drawn without
+replacement when there are at least T (with replacement otherwise), and each task's chunks are drawn
+without replacement from a grid of non-overlapping chunks whose offset is random per task.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+
+from .text import DataError, encode
+
+
+@dataclasses.dataclass
+class LMTaskBatch:
+    support: torch.Tensor   # int64 [T, n_support, seq_len + 1]
+    query: torch.Tensor     # int64 [T, n_query, seq_len + 1]
+    domains: list[str]      # the T task domains
+
+
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of batch ``index`` of a sampler seeded ``seed`` (independent of other batches)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2 ** 63))
+
+
+class LMTaskSampler:
+    """Samples few-shot LM task batches from ``domains`` ({name: text})."""
+
+    def __init__(self, domains: Mapping[str, str], n_support: int = 4, n_query: int = 4, seq_len: int = 48,
+                 seed: int = 0):
+        for name, value in (("n_support", n_support), ("n_query", n_query), ("seq_len", seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not domains:
+            raise DataError("no domains to sample tasks from")
+        self.n_support, self.n_query, self.seq_len, self.seed = n_support, n_query, seq_len, seed
+        self.names = sorted(domains)
+        needed = (n_support + n_query) * (seq_len + 1) + seq_len
+        too_small = [(n, len(domains[n])) for n in self.names if len(domains[n]) < needed]
+        if too_small:
+            shown = ", ".join(f"{n!r} ({c} characters)" for n, c in too_small[:5])
+            raise DataError(
+                f"{len(too_small)} domain(s) are too small for {n_support} support + {n_query} query chunks of "
+                f"{seq_len + 1} characters (each domain needs at least {needed}): {shown}"
+            )
+        self.tokens = [encode(domains[n]) for n in self.names]
+
+    def batch(self, index: int, num_tasks: int) -> LMTaskBatch:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        gen = batch_generator(self.seed, index)
+        n = len(self.names)
+        if num_tasks <= n:
+            picks = torch.randperm(n, generator=gen)[:num_tasks].tolist()
+        else:
+            picks = torch.randint(n, (num_tasks,), generator=gen).tolist()
+        chunk = self.seq_len + 1
+        per_task = self.n_support + self.n_query
+        tasks = []
+        for d in picks:
+            tokens = self.tokens[d]
+            offset = int(torch.randint(self.seq_len + 1, (), generator=gen))
+            n_chunks = (tokens.numel() - offset) // chunk
+            starts = offset + torch.randperm(n_chunks, generator=gen)[:per_task] * chunk
+            tasks.append(torch.stack([tokens[s:s + chunk] for s in starts.tolist()]))
+        chunks = torch.stack(tasks)
+        return LMTaskBatch(chunks[:, :self.n_support].contiguous(), chunks[:, self.n_support:].contiguous(),
+                           [self.names[d] for d in picks])

@@ -1,0 +1,146 @@
+"""The few-shot task data: tokens, built-in and folder domains, disjoint splits, the seeded LM task and
+classification episode samplers, and clear errors for bad data."""
+import json
+import os
+
+import pytest
+import torch
+
+from metakernels.data import (PAD, DataError, EpisodeSampler, LMTaskSampler, decode, encode, folder_domains,
+                              load_clinc150, load_labelled_folder, split_domains, stdlib_domains)
+
+CLINC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "clinc150")
+needs_clinc = pytest.mark.skipif(not os.path.exists(os.path.join(CLINC, "data_full.json")),
+                                 reason=f"CLINC150 is not at {CLINC}")
+
+
+def numbered_text(n: int) -> str:
+    """Text in which every 7-character window is unique: its chunks identify their positions."""
+    return "".join(f"{i:06d}\n" for i in range(n))
+
+
+def test_tokens_are_characters_with_non_latin1_as_255():
+    text = "café ∑ x\n"
+    tokens = encode(text)
+    assert tokens.dtype == torch.int64 and tokens.numel() == len(text)
+    assert tokens.tolist() == [ord(c) if ord(c) < 255 else 255 for c in text]
+    assert decode(tokens) == "café \ufffd x\n"
+
+
+def test_stdlib_domains_hold_docstrings_and_split_disjointly():
+    domains = stdlib_domains()
+    assert len(domains) >= 50 and all(len(t) >= 2000 for t in domains.values())
+    assert "Return" in domains["json"] and "pydoc_data.topics" in domains
+    splits = split_domains(domains)
+    parts = [set(splits[s]) for s in ("train", "val", "test")]
+    assert set().union(*parts) == set(domains)
+    assert sum(map(len, parts)) == len(domains)
+    assert splits == split_domains(domains) and splits != split_domains(domains, seed=1)
+
+
+def test_split_needs_three_domains():
+    with pytest.raises(DataError, match="at least 3"):
+        split_domains(["a", "b"])
+    assert {k: len(v) for k, v in split_domains(["a", "b", "c"]).items()} == {"train": 1, "val": 1, "test": 1}
+
+
+def test_lm_sampler_draws_disjoint_chunks_of_one_domain_reproducibly():
+    domains = {"a": numbered_text(300), "b": numbered_text(400)[::-1], "c": numbered_text(200)}
+    sampler = LMTaskSampler(domains, n_support=3, n_query=2, seq_len=20, seed=5)
+    batch = sampler.batch(7, 2)
+    assert batch.support.shape == (2, 3, 21) and batch.query.shape == (2, 2, 21)
+    assert len(set(batch.domains)) == 2
+    for t, name in enumerate(batch.domains):
+        chunks = [decode(c) for c in torch.cat([batch.support[t], batch.query[t]])]
+        assert all(c in domains[name] for c in chunks)
+        assert len({domains[name].index(c) for c in chunks}) == 5
+    again = sampler.batch(7, 2)
+    assert torch.equal(again.support, batch.support) and torch.equal(again.query, batch.query)
+    assert not torch.equal(sampler.batch(8, 2).support, batch.support)
+    assert sampler.batch(0, 7).support.shape[0] == 7   # more tasks than domains: drawn with replacement
+
+
+def test_lm_sampler_names_domains_too_small():
+    with pytest.raises(DataError, match=r"at least 43\): 'tiny' \(30 characters\)"):
+        LMTaskSampler({"tiny": "x" * 30, "big": "y" * 1000}, n_support=2, n_query=1, seq_len=10)
+    with pytest.raises(ValueError, match="n_query must be a positive int"):
+        LMTaskSampler({"big": "y" * 1000}, n_query=0)
+
+
+def test_folder_domains(tmp_path):
+    (tmp_path / "alpha.txt").write_text("hello " * 10, encoding="utf-8")
+    (tmp_path / "beta.txt").write_text("world " * 10, encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored")
+    assert folder_domains(tmp_path) == {"alpha": "hello " * 10, "beta": "world " * 10}
+    (tmp_path / "gamma.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(DataError, match="gamma.txt: not UTF-8"):
+        folder_domains(tmp_path)
+    with pytest.raises(DataError, match="holds no .txt files"):
+        folder_domains(tmp_path / "..")
+    with pytest.raises(DataError, match="not a folder"):
+        folder_domains(tmp_path / "missing")
+
+
+def test_episode_sampler_labels_match_classes(tmp_path):
+    classes = {f"class{c}": [f"{c} text number {i}" for i in range(12)] for c in range(6)}
+    sampler = EpisodeSampler(classes, n_way=3, k_shot=2, n_query=4, max_len=16, seed=1)
+    batch = sampler.batch(3, 5)
+    (s_tokens, s_labels), (q_tokens, q_labels) = batch.support, batch.query
+    assert s_tokens.shape == (5, 6, 16) and s_labels.shape == (5, 6)
+    assert q_tokens.shape == (5, 12, 16) and q_labels.shape == (5, 12)
+    for t in range(5):
+        assert len(set(batch.classes[t])) == 3
+        for tokens, labels in ((s_tokens[t], s_labels[t]), (q_tokens[t], q_labels[t])):
+            for row, label in zip(tokens, labels.tolist()):
+                text = decode(row[row != PAD])
+                assert text in [x[:16] for x in classes[batch.classes[t][label]]]
+        support_texts = {decode(r) for r in s_tokens[t]}
+        assert support_texts.isdisjoint({decode(r) for r in q_tokens[t]})
+    assert torch.equal(sampler.batch(3, 5).support[0], s_tokens)
+
+
+def test_episode_sampler_errors():
+    with pytest.raises(DataError, match="5-way episodes need at least 5 classes"):
+        EpisodeSampler({"a": ["x"] * 10}, n_way=5)
+    with pytest.raises(DataError, match=r"'b' \(3\)"):
+        EpisodeSampler({"a": ["x"] * 10, "b": ["y"] * 3}, n_way=2, k_shot=2, n_query=2)
+
+
+def test_labelled_folder(tmp_path):
+    (tmp_path / "yes.txt").write_text("sure\n\nok\n", encoding="utf-8")
+    (tmp_path / "no.txt").write_text("nope\n", encoding="utf-8")
+    assert load_labelled_folder(tmp_path) == {"no": ["nope"], "yes": ["sure", "ok"]}
+
+
+@needs_clinc
+def test_clinc150_loads_150_intents_in_10_domains():
+    classes, groups = load_clinc150(CLINC)
+    assert len(groups) == 10 and sum(len(v) for v in groups.values()) == 150
+    assert all(len(classes[i]) == 150 for v in groups.values() for i in v)
+    assert "oos" not in classes or all("oos" not in v for v in groups.values())
+
+
+def write_clinc(folder, data, domains):
+    folder.mkdir(exist_ok=True)
+    (folder / "data_full.json").write_text(json.dumps(data))
+    (folder / "domains.json").write_text(json.dumps(domains))
+
+
+@pytest.mark.parametrize("data, domains, message", [
+    ({"train": [], "val": []}, {}, r"data_full.json: expected the keys \['train', 'val', 'test'\]"),
+    ({"train": [["hi"]], "val": [], "test": []}, {}, r"data_full.json: train\[0\] is \['hi'\]"),
+    ({"train": [["hi", "greet"]], "val": [], "test": []}, {"d": ["greet", "bye"]},
+     r"domains.json: intents \['bye'\] have no utterances"),
+])
+def test_clinc150_bad_files_are_named(tmp_path, data, domains, message):
+    write_clinc(tmp_path / "c", data, domains)
+    with pytest.raises(DataError, match=message):
+        load_clinc150(tmp_path / "c")
+
+
+def test_clinc150_missing_or_corrupt_file(tmp_path):
+    with pytest.raises(DataError, match="data_full.json: file not found"):
+        load_clinc150(tmp_path)
+    (tmp_path / "data_full.json").write_text("{not json")
+    with pytest.raises(DataError, match="data_full.json: not valid JSON"):
+        load_clinc150(tmp_path)
