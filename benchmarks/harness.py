@@ -3,6 +3,7 @@ copy bandwidth and matmul rate measured in the same run, and the allocator setti
 benchmarks measure kernels rather than page faults."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -70,8 +71,15 @@ def machine_line(device: torch.device) -> str:
     )
 
 
-def print_table(header, rows, markdown: bool) -> None:
-    """A table of strings: markdown, or right-aligned plain columns."""
+TABLES_ENV = "METAKERNELS_BENCH_TABLES"  # set by `python -m metakernels bench`: where tables are also saved
+
+
+def print_table(header, rows, markdown: bool, title: str = "") -> None:
+    """A table of strings: markdown, or right-aligned plain columns.  When $METAKERNELS_BENCH_TABLES names
+    a file, the table is also appended to it as one JSON line {"title", "header", "rows"}."""
+    if os.environ.get(TABLES_ENV):
+        with open(os.environ[TABLES_ENV], "a", encoding="utf-8") as f:
+            f.write(json.dumps({"title": title, "header": list(header), "rows": [list(map(str, r)) for r in rows]}) + "\n")
     if markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))

@@ -137,7 +137,7 @@ def print_results(rows, matmul, markdown):
             "-" if fb is None else f"{fb / r['fb_floor']:.1f}x",
             "-" if fb is None else f"{e['fb'] / fb:.2f}x",
         ])
-    harness.print_table(header, lines, markdown)
+    harness.print_table(header, lines, markdown, title="fused learned-optimizer step")
 
 if __name__ == "__main__":
     main()

@@ -204,12 +204,7 @@ def main():
         rate = flops / r["seconds"] / 1e9
         rows.append([r["variant"], f"{r['seconds']:.3f}", f"{r['peak_mb']:.0f}", f"{rate:.0f}", f"{100 * rate / big_rate:.0f}%",
                      f"{ref['seconds'] / r['seconds']:.2f}x" if ref else "", f"{r['grad_norm']:.6g}"])
-    sep = " | " if args.markdown else "  "
-    if args.markdown:
-        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for row in [header] * (not args.markdown) + rows:
-        print(("| " if args.markdown else "") + sep.join(row) + (" |" if args.markdown else ""))
-
+    harness.print_table(header, rows, args.markdown, title=f"second-order MAML meta-step, T={args.tasks}, K={args.steps}")
 
 if __name__ == "__main__":
     main()

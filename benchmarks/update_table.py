@@ -196,7 +196,7 @@ def main():
                 rows.append(row)
     header = ["op", "TxP", "variant", "fwd ms", "fwd GB/s", "fwd %copy", "fwd vs eager",
               "fwd+bwd ms", "fwd+bwd GB/s", "fwd+bwd %copy", "fwd+bwd vs eager"]
-    harness.print_table(header, rows, args.markdown)
+    harness.print_table(header, rows, args.markdown, title=f"fused update ops on {args.device}")
 
 
 if __name__ == "__main__":

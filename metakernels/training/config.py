@@ -17,7 +17,7 @@ class TrainConfig:
     task: str = "lm"                 # lm (stdlib docstrings or --data folder of .txt domains), clinc, labelled
     data: str | None = None          # folder: CLINC150, .txt domains (lm) or <class>.txt files (labelled)
     algos: tuple[str, ...] = ("maml",)
-    steps: int = 300                 # meta-steps per algorithm (and pretraining steps of the baseline)
+    steps: int = 800                 # meta-steps per algorithm (and pretraining steps of the baseline)
     tasks_per_step: int = 8          # T
     inner_steps: int = 3             # K
     inner_lr: float = 0.3            # MAML's inner SGD rate (Meta-SGD's initial rates)
