@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import metakernels as mk
-from metakernels.checkpoint import load_checked, save_checked
+from metakernels.checkpoint import atomic_write_text, load_checked, save_checked
 
 
 def _lopt(seed=0):
@@ -77,3 +77,16 @@ def test_save_killed_midway_leaves_previous_file_intact(tmp_path):
     assert result.returncode == 17, result.stderr
     assert path.read_bytes() == before
     mk.LearnedOptimizer.load(path)
+
+
+def test_atomic_write_gives_the_mode_of_a_plain_open_and_keeps_a_replaced_files(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "new.json", "{}")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "new.json").chmod(0o600)
+        atomic_write_text(tmp_path / "new.json", "[]")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "new.json").read_text() == "[]"
+    finally:
+        os.umask(umask)

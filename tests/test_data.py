@@ -72,6 +72,10 @@ def test_folder_domains(tmp_path):
     (tmp_path / "beta.txt").write_text("world " * 10, encoding="utf-8")
     (tmp_path / "notes.md").write_text("ignored")
     assert folder_domains(tmp_path) == {"alpha": "hello " * 10, "beta": "world " * 10}
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty.txt: 0 characters"):
+        folder_domains(tmp_path)
+    (tmp_path / "empty.txt").unlink()
     (tmp_path / "gamma.txt").write_bytes(b"\xff\xfe bad")
     with pytest.raises(DataError, match="gamma.txt: not UTF-8"):
         folder_domains(tmp_path)

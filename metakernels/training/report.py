@@ -64,6 +64,7 @@ def plot_png(metrics: dict) -> bytes:
     adapt.set(xlabel="adaptation step k", ylabel=f"query loss ({metrics['unit']})",
               title=f"meta-test adaptation ({next(iter(metrics['results'].values()))['tasks']} tasks)")
     adapt.set_xticks(range(metrics["config"]["inner_steps"] + 1))
+    adapt.set_yscale("log")
     adapt.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()

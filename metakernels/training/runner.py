@@ -57,12 +57,12 @@ def run(config: TrainConfig, out_dir: str | os.PathLike | None = None, resume: b
     """Trains and evaluates everything ``config`` asks for; writes the checkpoint under ``out_dir``.
     ``on_step(phase_name, step)`` is called after every step (tests use it to interrupt a run)."""
     started = time.perf_counter()
-    family = build_family(config)
-    log(f"tasks: {family.description}")
     checkpoint = None if out_dir is None else os.path.join(os.fspath(out_dir), CHECKPOINT_FILE)
     saved = _load_checkpoint(checkpoint, config) if resume else {}
     if checkpoint and not resume and os.path.exists(checkpoint):
         raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+    family = build_family(config)
+    log(f"tasks: {family.description}")
 
     torch.manual_seed(config.seed)
     initial = family.make_model()
