@@ -100,3 +100,9 @@ def classification_loss(f, batch) -> torch.Tensor:
     """Cross-entropy of one task's (tokens [B, S], labels [B])."""
     tokens, labels = batch
     return F.cross_entropy(f(tokens), labels)
+
+
+def classification_accuracy(f, batch) -> torch.Tensor:
+    """Fraction of one task's (tokens [B, S], labels [B]) classified correctly."""
+    tokens, labels = batch
+    return (f(tokens).argmax(-1) == labels).to(torch.float32).mean()

@@ -47,7 +47,7 @@ def test_resume_continues_bit_for_bit(tmp_path, text_folder, stop_at):
     resumed = run(config, tmp_path / "cut", resume=True, progress=False, log=lambda *a: None)
     assert losses(resumed) == losses(whole)
     assert resumed.metrics["results"] == whole.metrics["results"]
-    assert all(torch.equal(resumed.curves[k], whole.curves[k]) for k in whole.curves)
+    assert all(torch.equal(resumed.curves[k]["loss"], whole.curves[k]["loss"]) for k in whole.curves)
 
 
 def test_same_seed_same_losses_and_another_seed_differs(text_folder):
@@ -66,10 +66,14 @@ def test_table_rows_and_metrics(text_folder):
     assert names[:3] == ["first-order MAML (K=2 SGD steps)", "Meta-SGD (K=2 SGD steps)", "pretrained + learned optimizer"]
     assert [n.split(" (lr")[0] for n in names[3:]] == ["pretrained + SGD", "pretrained + Adam", "scratch + Adam"]
     for name, r in result.metrics["results"].items():
+        assert list(r) == ["loss"]
+        r = r["loss"]
         assert len(r["mean"]) == 3 and r["tasks"] == 4 and all(v > 0 for v in r["mean"])
-        assert torch.allclose(torch.tensor(r["mean"], dtype=torch.float64), result.curves[name].mean(dim=1).double(), rtol=1e-6)
+        curve = result.curves[name]["loss"].double()
+        assert torch.allclose(torch.tensor(r["mean"], dtype=torch.float64), curve.mean(dim=1), rtol=1e-6)
     pre = result.metrics["results"]
-    assert pre[names[2]]["mean"][0] == pytest.approx(pre[names[3]]["mean"][0])   # both start from the pretrained model
+    # the learned optimizer and the fine-tuning baselines start from the pretrained model
+    assert pre[names[2]]["loss"]["mean"][0] == pytest.approx(pre[names[3]]["loss"]["mean"][0])
     table = format_table(result.metrics)
     assert all(name in table for name in names) and "bits per character" in table
     assert plot_png(result.metrics).startswith(b"\x89PNG")
@@ -110,7 +114,12 @@ def test_clinc_episodes_train_with_class_disjoint_splits():
     assert sum(map(len, members)) == 150
     result = run(config, progress=False, log=lambda *a: None)
     assert result.metrics["unit"] == "bits per example"
-    assert all(len(r["mean"]) == 3 for r in result.metrics["results"].values())
+    for name, r in result.metrics["results"].items():
+        assert len(r["loss"]["mean"]) == 3 and len(r["accuracy"]["mean"]) == 3
+        accuracy = result.curves[name]["accuracy"]
+        assert ((accuracy * 6).round() == accuracy * 6).all() and accuracy.min() >= 0 and accuracy.max() <= 1
+    table = format_table(result.metrics)
+    assert "accuracy after K=2" in table and "fraction correct" in table
 
 
 def cli(*args, cwd):
@@ -123,7 +132,7 @@ def test_cli_train_writes_table_metrics_plot_and_checkpoint(tmp_path, text_folde
     out = tmp_path / "out"
     done = cli("train", *TINY_ARGS, "--data", text_folder, "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "before adaptation" in done.stdout and "MAML (K=1 SGD steps)" in done.stdout
+    assert "loss before" in done.stdout and "MAML (K=1 SGD steps)" in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["steps"] == 2 and set(metrics["phases"]) == {"pretrain", "maml"}
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..data import EpisodeSampler, LMTaskSampler, folder_domains, load_clinc150, load_labelled_folder, split_domains
 from ..data.text import DataError, VOCAB_SIZE, stdlib_domains, subset
-from ..models import TransformerClassifier, TransformerLM, classification_loss, lm_loss
+from ..models import TransformerClassifier, TransformerLM, classification_accuracy, classification_loss, lm_loss
 from .config import TrainConfig
 
 SPLITS = ("train", "val", "test")
@@ -23,6 +23,10 @@ class TaskFamily:
     make_model: Callable[[], nn.Module]
     loss_fn: Callable
     loss_unit: str            # what the reported loss is measured in
+    extra_metrics: dict = dataclasses.field(default_factory=dict)   # name -> fn(f, batch) -> scalar, reported too
+
+    def metrics(self) -> dict:
+        return {"loss": self.loss_fn, **self.extra_metrics}
 
 
 def build_family(config: TrainConfig) -> TaskFamily:
@@ -72,7 +76,8 @@ def _classification_family(config: TrainConfig) -> TaskFamily:
                                      max_len=config.seq_len)
 
     return TaskFamily(f"{config.n_way}-way {config.n_support}-shot episodes of {source}", samplers, splits,
-                      make_model, _bits(classification_loss), "bits per example")
+                      make_model, _bits(classification_loss), "bits per example",
+                      {"accuracy": classification_accuracy})
 
 
 def _bits(loss_fn):

@@ -16,6 +16,8 @@ meta-validation tasks; the meta-test tasks choose nothing.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils._pytree import tree_map
 
@@ -23,6 +25,7 @@ from ..learned_optimizer import LearnedOptimizer
 from ..lopt_training import LearnedOptimizerTrainer
 from ..maml import MAML, MetaSGD
 from ..ops.learned_update import LoptHyper
+from ..tasks import task_count
 
 SGD_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -54,37 +57,45 @@ def lopt_meta_loss(trainer: LearnedOptimizerTrainer, loss_fn, batch, K: int) -> 
 
 
 class Adapter:
-    """One row of the table: how a method adapts the model to a batch of tasks, k = 0..K steps."""
+    """One row of the table: how a method adapts the model to a batch of tasks, k = 0..K steps.
 
-    def __init__(self, name: str, curve_fn):
+    ``adapt(loss_fn, support, K)`` yields, after each of k = 0..K steps, a function
+    ``evaluate(metric_fn, query) -> [T]`` of the adapted weights (no graph kept)."""
+
+    def __init__(self, name: str, adapt):
         self.name = name
-        self._curve_fn = curve_fn
+        self._adapt = adapt
 
-    def curve(self, loss_fn, batch, K: int) -> torch.Tensor:
-        """[K + 1, T] query losses after k = 0..K adaptation steps on the support sets."""
-        return self._curve_fn(loss_fn, batch, K)
+    def curves(self, loss_fn, batch, K: int, metrics: dict) -> dict[str, torch.Tensor]:
+        """{metric name: [K + 1, T] values on the query sets after k = 0..K steps on the support sets}."""
+        rows = {name: [] for name in metrics}
+        for evaluate in self._adapt(loss_fn, batch.support, K):
+            for name, fn in metrics.items():
+                rows[name].append(evaluate(fn, batch.query))
+        return {name: torch.stack(r) for name, r in rows.items()}
 
 
 def fine_tune_adapter(name: str, model, optimizer: str, lr: float) -> Adapter:
-    learner = MAML(model, inner_lr=lr, inner_optimizer=optimizer)
-    return maml_adapter(name, learner)
+    return maml_adapter(name, MAML(model, inner_lr=lr, inner_optimizer=optimizer))
 
 
 def maml_adapter(name: str, learner: MAML) -> Adapter:
-    def curve(loss_fn, batch, K):
-        return torch.stack([learner.adapt(loss_fn, batch.support, steps=k).losses(loss_fn, batch.query)
-                            for k in range(K + 1)])
-    return Adapter(name, curve)
+    def adapt(loss_fn, support, K):
+        for k in range(K + 1):
+            yield learner.adapt(loss_fn, support, steps=k).losses
+    return Adapter(name, adapt)
 
 
-def lopt_adapter(name: str, trainer: LearnedOptimizerTrainer, start: MAML) -> Adapter:
-    def curve(loss_fn, batch, K):
-        rows = [start.adapt(loss_fn, batch.support, steps=0).losses(loss_fn, batch.query)]
-        state = None
-        for _ in range(K):
-            result = trainer.unroll(loss_fn, batch.support, 1, state=state, query=batch.query, meta_loss="query",
-                                    track_meta_gradient=False)
-            rows.append(result.losses[-1])
-            state = result.state
-        return torch.stack(rows)
-    return Adapter(name, curve)
+def lopt_adapter(name: str, trainer: LearnedOptimizerTrainer) -> Adapter:
+    def adapt(loss_fn, support, K):
+        state = trainer.initial_state(task_count(support, "support"))
+        for k in range(K + 1):
+            if k > 0:
+                state = trainer.unroll(loss_fn, support, 1, state=state, track_meta_gradient=False).state
+            yield functools.partial(_evaluate, trainer.evaluator, state.fast)
+    return Adapter(name, adapt)
+
+
+def _evaluate(evaluator, fast, metric_fn, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return evaluator.losses(metric_fn, fast, batch, fast.shape[0])

@@ -13,23 +13,27 @@ PLOT_FILE = "curves.png"
 
 
 def format_table(metrics: dict) -> str:
-    """Query loss before adaptation and after K steps on the meta-test tasks, mean +- 95% interval."""
+    """Query loss (and any other metric) before adaptation and after K steps on the meta-test tasks,
+    mean +- 95% interval over tasks, best loss after K steps first."""
     K = metrics["config"]["inner_steps"]
     results = metrics["results"]
+    names = list(next(iter(results.values())))
     width = max(len(name) for name in results) + 2
-    n = next(iter(results.values()))["tasks"]
-    lines = [f"Meta-test: {n} tasks from held-out domains; query loss in {metrics['unit']} "
-             "(mean +- 95% interval over tasks; lower is better)",
-             f"{'method':<{width}}{'before adaptation':>20}{f'after K={K} steps':>20}"]
-    ranked = sorted(results.items(), key=lambda item: item[1]["mean"][-1])
+    n = next(iter(results.values()))["loss"]["tasks"]
+    unit = {"loss": metrics["unit"], "accuracy": "fraction correct"}
+    lines = [f"Meta-test: {n} tasks from held-out domains, query sets; "
+             + "; ".join(f"{m} in {unit.get(m, m)}" for m in names)
+             + " (mean +- 95% interval over tasks)",
+             f"{'method':<{width}}" + "".join(f"{f'{m} before':>20}{f'{m} after K={K}':>20}" for m in names)]
+    ranked = sorted(results.items(), key=lambda item: item[1]["loss"]["mean"][-1])
     for name, r in ranked:
-        lines.append(f"{name:<{width}}{_cell(r, 0):>20}{_cell(r, -1):>20}")
-    lines.append(f"best after K steps: {ranked[0][0]}")
+        lines.append(f"{name:<{width}}" + "".join(f"{_cell(r[m], 0):>20}{_cell(r[m], -1):>20}" for m in names))
+    lines.append(f"lowest query loss after K steps: {ranked[0][0]}")
     return "\n".join(lines)
 
 
-def _cell(result: dict, k: int) -> str:
-    return f"{result['mean'][k]:.3f} +- {result['ci95'][k]:.3f}"
+def _cell(summary: dict, k: int) -> str:
+    return f"{summary['mean'][k]:.3f} +- {summary['ci95'][k]:.3f}"
 
 
 def write_outputs(out_dir: str | os.PathLike, metrics: dict) -> None:
@@ -59,10 +63,11 @@ def plot_png(metrics: dict) -> bytes:
     train.set(xlabel="step", ylabel=f"loss ({metrics['unit']})", title="training")
     train.legend(fontsize=7)
     for i, (name, r) in enumerate(metrics["results"].items()):
-        ks = range(len(r["mean"]))
-        adapt.errorbar(ks, r["mean"], yerr=r["ci95"], marker="o", capsize=3, color=f"C{i}", label=name)
+        loss = r["loss"]
+        adapt.errorbar(range(len(loss["mean"])), loss["mean"], yerr=loss["ci95"], marker="o", capsize=3,
+                       color=f"C{i}", label=name)
     adapt.set(xlabel="adaptation step k", ylabel=f"query loss ({metrics['unit']})",
-              title=f"meta-test adaptation ({next(iter(metrics['results'].values()))['tasks']} tasks)")
+              title=f"meta-test adaptation ({next(iter(metrics['results'].values()))['loss']['tasks']} tasks)")
     adapt.set_xticks(range(metrics["config"]["inner_steps"] + 1))
     adapt.set_yscale("log")
     adapt.legend(fontsize=7)

@@ -31,7 +31,7 @@ _CHECKPOINT_KIND = "metakernels.train"
 @dataclasses.dataclass
 class RunResult:
     metrics: dict     # everything metrics.json holds
-    curves: dict      # method name -> [K + 1, n_tasks] query losses on the meta-test tasks
+    curves: dict      # method name -> {metric: [K + 1, n_tasks]} on the meta-test tasks' query sets
 
 
 class _Phase:
@@ -81,14 +81,15 @@ def run(config: TrainConfig, out_dir: str | os.PathLike | None = None, resume: b
         selected[label] = {"lr": lr, "val_loss_at_K": scores}
         adapters.append(methods.fine_tune_adapter(f"{label} (lr {lr:g})", model, optimizer, lr))
     log(f"evaluating {len(adapters)} methods on {config.eval_tasks} meta-test tasks")
-    curves = {a.name: _curves(a, family, "test", config.eval_tasks, config, config.inner_steps) for a in adapters}
+    curves = {a.name: _curves(a, family, "test", config.eval_tasks, config, config.inner_steps, family.metrics())
+              for a in adapters}
     metrics = {
         "config": config.to_dict(), "tasks": family.description, "splits": family.splits, "unit": family.loss_unit,
         "phases": {p.name: {"loss": p.history, "val": p.val, "seconds": p.seconds,
                             "tasks_per_second": p.step * config.tasks_per_step / max(p.seconds, 1e-9)}
                    for p in phases},
         "selected_rates": selected,
-        "results": {name: _summary(c) for name, c in curves.items()},
+        "results": {name: {metric: _summary(c) for metric, c in by_metric.items()} for name, by_metric in curves.items()},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"},
         "seconds": time.perf_counter() - started,
     }
@@ -109,7 +110,7 @@ def _algo_phase(algo, config, family, initial, pretrained) -> _Phase:
         lopt = methods.new_learned_optimizer(config.seed)
         trainer = LearnedOptimizerTrainer(lopt, model)
         optimizer = torch.optim.Adam(lopt.parameters(), lr=config.lopt_meta_lr)
-        adapter = methods.lopt_adapter("pretrained + learned optimizer", trainer, MAML(model, inner_steps=0))
+        adapter = methods.lopt_adapter("pretrained + learned optimizer", trainer)
         return _Phase(algo, lopt, optimizer, lambda batch: methods.lopt_meta_loss(trainer, family.loss_fn, batch, K),
                       adapter)
     learner = methods.meta_learner(algo, copy.deepcopy(initial), config)
@@ -154,7 +155,8 @@ def _validation_loss(phase, family, config) -> float:
     """Mean query loss on the meta-validation tasks after K steps of the phase's own adaptation (for the
     pretrained model, without adaptation: its training objective)."""
     K = 0 if phase.name == "pretrain" else config.inner_steps
-    return _curves(phase.adapter, family, "val", config.val_tasks, config, K)[-1].mean().item()
+    curves = _curves(phase.adapter, family, "val", config.val_tasks, config, K, {"loss": family.loss_fn})
+    return curves["loss"][-1].mean().item()
 
 
 def _select_rate(config, family, model, optimizer, grid):
@@ -173,9 +175,10 @@ def _batches(family, split, n_tasks, config):
     return [family.samplers[split].batch(i, min(T, n_tasks - i * T)) for i in range(math.ceil(n_tasks / T))]
 
 
-def _curves(adapter, family: TaskFamily, split: str, n_tasks: int, config, K: int) -> torch.Tensor:
-    """[K + 1, n_tasks] query losses of ``split``'s first n_tasks tasks after 0..K adaptation steps."""
-    return torch.cat([adapter.curve(family.loss_fn, b, K) for b in _batches(family, split, n_tasks, config)], dim=1)
+def _curves(adapter, family: TaskFamily, split: str, n_tasks: int, config, K: int, metrics: dict) -> dict:
+    """{metric: [K + 1, n_tasks]} on the query sets of ``split``'s first n_tasks tasks after 0..K steps."""
+    parts = [adapter.curves(family.loss_fn, b, K, metrics) for b in _batches(family, split, n_tasks, config)]
+    return {name: torch.cat([p[name] for p in parts], dim=1) for name in metrics}
 
 
 def _summary(curves: torch.Tensor) -> dict:
