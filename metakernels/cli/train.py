@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
+from .. import distributed
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..training import ALGORITHMS, TASKS, TrainConfig, run
@@ -61,15 +63,35 @@ def main(args) -> int:
         config = TrainConfig(**values, algos=tuple(a.strip() for a in args.algo.split(",") if a.strip()))
     except ValueError as e:
         return _fail(str(e))
+    process_group = _join_process_group()
+    try:
+        distributed.local_tasks(config.tasks_per_step)
+    except ValueError as e:
+        return _fail(str(e))
     try:
         result = run(config, args.out, resume=args.resume, progress=not args.no_progress)
     except (DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         return _fail(str(e))
+    finally:
+        if process_group:
+            torch.distributed.destroy_process_group()
+    if result is None:  # a process other than rank 0 of a distributed run
+        return 0
     write_outputs(args.out, result.metrics)
     print()
     print(format_table(result.metrics))
     print(f"\n{result.metrics['seconds']:.0f} s; wrote {args.out}/{METRICS_FILE}, {args.out}/{PLOT_FILE} and the checkpoint")
     return 0
+
+
+def _join_process_group() -> bool:
+    """Under torchrun (WORLD_SIZE > 1), joins the process group (gloo: the run is on CPU)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
 
 
 def _fail(message: str) -> int:

@@ -17,9 +17,11 @@ import time
 import torch
 from tqdm import tqdm
 
+from .. import distributed
 from ..checkpoint import CheckpointError, load_checked, save_checked
 from ..lopt_training import LearnedOptimizerTrainer
 from ..maml import MAML
+from ..tasks import select_tasks
 from . import methods
 from .config import TrainConfig
 from .family import TaskFamily, build_family
@@ -53,24 +55,36 @@ class _Phase:
 
 
 def run(config: TrainConfig, out_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-        on_step=None, log=print) -> RunResult:
+        on_step=None, log=print) -> RunResult | None:
     """Trains and evaluates everything ``config`` asks for; writes the checkpoint under ``out_dir``.
-    ``on_step(phase_name, step)`` is called after every step (tests use it to interrupt a run)."""
+    ``on_step(phase_name, step)`` is called after every step (tests use it to interrupt a run).
+
+    Under torch.distributed (an initialised process group, e.g. from torchrun), every process trains on
+    its share of each meta-batch's tasks (:func:`metakernels.distributed.local_tasks`) and the
+    meta-gradients are all-reduced, so the trained modules are those of one process taking all the
+    tasks (up to the order of float additions); only rank 0 validates, writes the checkpoint, evaluates
+    and returns a result (the others return None).  A checkpoint resumes on any number of processes."""
     started = time.perf_counter()
+    lead = distributed.rank() == 0
+    log = log if lead else (lambda *args: None)
+    progress = progress and lead
     checkpoint = None if out_dir is None else os.path.join(os.fspath(out_dir), CHECKPOINT_FILE)
     saved = _load_checkpoint(checkpoint, config) if resume else {}
     if checkpoint and not resume and os.path.exists(checkpoint):
         raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
     family = build_family(config)
-    log(f"tasks: {family.description}")
+    log(f"tasks: {family.description}" + (f"; {distributed.world_size()} processes" if distributed.is_distributed() else ""))
+    save_to = checkpoint if lead else None
 
     torch.manual_seed(config.seed)
     initial = family.make_model()
     phases = [_pretrain_phase(config, family, initial)]
-    _train(phases[0], config, family, saved, phases, checkpoint, progress, on_step)
+    _train(phases[0], config, family, saved, phases, save_to, progress, on_step)
     for algo in config.algos:
         phases.append(_algo_phase(algo, config, family, initial, phases[0].module))
-        _train(phases[-1], config, family, saved, phases, checkpoint, progress, on_step)
+        _train(phases[-1], config, family, saved, phases, save_to, progress, on_step)
+    if not lead:
+        return None
 
     adapters = [p.adapter for p in phases[1:]]
     selected = {}
@@ -124,20 +138,29 @@ def _train(phase, config, family, saved, phases, checkpoint, progress, on_step) 
     if phase.name in saved:
         phase.load(saved[phase.name])
     T = config.tasks_per_step
+    share = distributed.local_tasks(T)
+    weight = (share.stop - share.start) / T
+    parameters = [p for group in phase.optimizer.param_groups for p in group["params"]]
+    lead = distributed.rank() == 0
     bar = tqdm(total=config.steps * T, initial=phase.step * T, unit="task", desc=phase.name, disable=not progress,
                dynamic_ncols=True)
     with bar:
         while phase.step < config.steps:
             tick = time.perf_counter()
             torch.manual_seed(_step_seed(config.seed, phase.name, phase.step))
-            loss = phase.loss_fn(family.samplers["train"].batch(phase.step, T))
+            batch = family.samplers["train"].batch(phase.step, T)
+            if share != slice(0, T):
+                batch = dataclasses.replace(batch, support=select_tasks(batch.support, share),
+                                            query=select_tasks(batch.query, share))
+            loss = phase.loss_fn(batch)
             phase.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_gradients(parameters, weight)
             phase.optimizer.step()
-            phase.history.append(loss.item())
+            phase.history.append(distributed.all_reduce_mean(loss, weight).item())
             phase.step += 1
             phase.seconds += time.perf_counter() - tick
-            if phase.step % config.val_every == 0 or phase.step == config.steps:
+            if lead and (phase.step % config.val_every == 0 or phase.step == config.steps):
                 phase.val.append((phase.step, _validation_loss(phase, family, config)))
             bar.update(T)
             bar.set_postfix(loss=f"{phase.history[-1]:.3f}", val=f"{phase.val[-1][1]:.3f}" if phase.val else "-")

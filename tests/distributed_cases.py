@@ -1,0 +1,32 @@
+"""The meta-gradients compared between one process and two (tests/test_distributed.py): float64, the
+small transformer LM with LayerNorm, attention, embeddings and GELU, seeded so that every process
+builds the same model and task batch."""
+import torch
+
+import metakernels as mk
+from metakernels.models import TransformerLM, lm_loss
+
+
+def setup(algo: str, T: int):
+    torch.manual_seed(0)
+    model = TransformerLM(vocab=17, d_model=16, n_heads=2, n_layers=1, max_len=8).double()
+    support = torch.randint(17, (T, 2, 7))
+    query = torch.randint(17, (T, 2, 7))
+    if algo in ("maml", "ddp"):
+        module = mk.MAML(model, inner_lr=0.3, inner_steps=2)
+    elif algo == "metasgd":
+        module = mk.MetaSGD(model, inner_lr=0.3, inner_steps=2)
+    else:
+        module = mk.LearnedOptimizer(hidden=4, layers=1, hyper=mk.ops.LoptHyper(step_mult=0.05), seed=0).double()
+        module.trainer = mk.LearnedOptimizerTrainer(module, model)
+    return module, support, query
+
+
+def meta_gradients(algo, module, support, query, forward=None):
+    """The mean-over-tasks meta-loss of this task batch, backpropagated; returns the trained parameters."""
+    if algo == "lopt":
+        loss = module.trainer.unroll(lm_loss, support, 2, query=query, meta_loss="query").meta_loss
+    else:
+        loss = (forward or module)(lm_loss, support, query)
+    loss.backward()
+    return {"params": [p for p in module.parameters() if p.requires_grad]}

@@ -1,0 +1,115 @@
+"""Task-parallel meta-training: two gloo processes on 127.0.0.1, launched with torchrun inside the test,
+give the single-process meta-gradient over the union of their tasks (float64, 1e-12), for MAML,
+Meta-SGD, the learned optimizer, uneven shares, and MAML under DistributedDataParallel; the main job
+runs under torchrun, and its checkpoints resume on another number of processes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from metakernels import distributed
+from metakernels.training import TrainConfig, run
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from distributed_cases import meta_gradients, setup  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def torchrun(*args, cwd, nproc=2):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_local_tasks_share_the_batch():
+    for T in (2, 3, 7, 16):
+        for world in range(1, T + 1):
+            shares = [distributed.local_tasks(T, r, world) for r in range(world)]
+            assert [s.start for s in shares] == [0] + [s.stop for s in shares[:-1]] and shares[-1].stop == T
+            sizes = [s.stop - s.start for s in shares]
+            assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="3 tasks cannot be shared by 4 processes"):
+        distributed.local_tasks(3, 0, 4)
+
+
+def test_single_process_all_reduce_only_scales():
+    a = torch.nn.Parameter(torch.ones(3))
+    b = torch.nn.Parameter(torch.ones(2))
+    a.grad = torch.full((3,), 4.0)
+    distributed.all_reduce_gradients([a, b], weight=0.25)
+    assert torch.equal(a.grad, torch.ones(3)) and b.grad is None
+
+
+@pytest.mark.parametrize("algo, T", [("maml", 4), ("maml", 3), ("metasgd", 4), ("lopt", 3), ("ddp", 4)])
+def test_two_processes_give_the_single_process_meta_gradient(tmp_path, algo, T):
+    out = tmp_path / "grads.pt"
+    done = torchrun(os.path.join(HERE, "distributed_worker.py"), algo, str(T), str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    together = torch.load(out)
+    module, support, query = setup(algo, T)
+    alone = [p.grad for p in meta_gradients(algo, module, support, query)["params"]]
+    assert len(together) == len(alone)
+    # NOTE: the learned optimizer's weight gradient sums over (task, element) jobs in 64 fixed groups, whose
+    # float64 sums regroup when the tasks are split; one process computing the two shares one after the
+    # other already differs from the whole batch by up to 1.1e-10 of the largest entry (measured), so its
+    # bound is 1e-9.  MAML and Meta-SGD meet 1e-12.
+    tolerance = 1e-9 if algo == "lopt" else 1e-12
+    for g2, g1 in zip(together, alone):
+        assert g2.dtype == torch.float64
+        assert torch.allclose(g2, g1, rtol=tolerance, atol=tolerance * g1.abs().max().item())
+
+
+TINY = ["--steps", "4", "--tasks-per-step", "4", "--inner-steps", "1", "--d-model", "16", "--n-heads", "2",
+        "--n-layers", "1", "--seq-len", "12", "--n-support", "2", "--n-query", "2", "--eval-tasks", "4",
+        "--val-tasks", "2", "--val-every", "2", "--checkpoint-every", "2", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("domains")
+    for d, word in enumerate(["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]):
+        (folder / f"{word}.txt").write_text(" ".join(f"{word}{i * (d + 1) % 97}" for i in range(200)), encoding="utf-8")
+    return str(folder)
+
+
+def config_of(text_folder):
+    return TrainConfig(steps=4, tasks_per_step=4, inner_steps=1, d_model=16, n_heads=2, n_layers=1, seq_len=12,
+                       n_support=2, n_query=2, eval_tasks=4, val_tasks=2, val_every=2, checkpoint_every=2,
+                       data=text_folder)
+
+
+def test_torchrun_main_job_matches_one_process_and_resumes_across_world_sizes(tmp_path, text_folder):
+    alone = run(config_of(text_folder), progress=False, log=lambda *a: None)
+
+    done = torchrun("-m", "metakernels", "train", *TINY, "--data", text_folder, "--out", str(tmp_path / "two"),
+                    cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("loss before") == 1                      # only rank 0 reports
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for name, phase in alone.metrics["phases"].items():
+        assert two["phases"][name]["loss"] == pytest.approx(phase["loss"], rel=1e-4)
+
+    def interrupt(phase, step):
+        if (phase, step) == ("maml", 2):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):                            # one process, stopped after step 2
+        run(config_of(text_folder), tmp_path / "mixed", progress=False, on_step=interrupt, log=lambda *a: None)
+    done = torchrun("-m", "metakernels", "train", *TINY, "--data", text_folder, "--out", str(tmp_path / "mixed"),
+                    "--resume", cwd=tmp_path)                         # resumed on two
+    assert done.returncode == 0, done.stderr[-3000:]
+    mixed = json.loads((tmp_path / "mixed" / "metrics.json").read_text())
+    assert mixed["phases"]["maml"]["loss"][:2] == alone.metrics["phases"]["maml"]["loss"][:2]
+    assert mixed["phases"]["maml"]["loss"] == pytest.approx(alone.metrics["phases"]["maml"]["loss"], rel=1e-4)
+
+
+def test_torchrun_refuses_fewer_tasks_than_processes(tmp_path, text_folder):
+    done = torchrun("-m", "metakernels", "train", *TINY, "--tasks-per-step", "1", "--data", text_folder,
+                    "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert done.returncode != 0 and "1 tasks cannot be shared by 2 processes" in done.stderr
