@@ -1,5 +1,6 @@
 """``python -m metakernels bench``: runs the benchmark tables of a source checkout (``benchmarks/``:
-the fused update ops, the learned-optimizer step, second-order MAML against its peers) on this machine,
+the fused update ops, the learned-optimizer step, second-order MAML against its peers, task-parallel
+scaling over processes) on this machine,
 prints them under a line naming the device and versions, and saves them as bench.json and a bar chart
 of every table's ratio columns ("... vs eager", "speed vs ...") as bench.png under --out."""
 from __future__ import annotations
@@ -15,7 +16,8 @@ import tempfile
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 
-TABLES = {"update": "update_table.py", "lopt": "lopt_table.py", "maml": "maml_table.py"}
+TABLES = {"update": "update_table.py", "lopt": "lopt_table.py", "maml": "maml_table.py",
+          "distributed": "distributed_scaling.py"}
 PEERS = ("higher", "torchopt", "learn2learn", "triton")
 _TABLES_ENV = "METAKERNELS_BENCH_TABLES"  # benchmarks/harness.py appends each printed table here
 
