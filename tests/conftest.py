@@ -42,3 +42,12 @@ def backend(request):
 
 def triton_interpreted(backend_name: str) -> bool:
     return backend_name == "triton" and not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory):
+    """A folder of six small text domains (one .txt file each) for the training and distributed tests."""
+    folder = tmp_path_factory.mktemp("domains")
+    for d, word in enumerate(["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]):
+        (folder / f"{word}.txt").write_text(" ".join(f"{word}{i * (d + 1) % 97}" for i in range(200)), encoding="utf-8")
+    return str(folder)

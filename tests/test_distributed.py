@@ -70,14 +70,6 @@ TINY = ["--steps", "4", "--tasks-per-step", "4", "--inner-steps", "1", "--d-mode
         "--val-tasks", "2", "--val-every", "2", "--checkpoint-every", "2", "--no-progress", "--threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def text_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("domains")
-    for d, word in enumerate(["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]):
-        (folder / f"{word}.txt").write_text(" ".join(f"{word}{i * (d + 1) % 97}" for i in range(200)), encoding="utf-8")
-    return str(folder)
-
-
 def config_of(text_folder):
     return TrainConfig(steps=4, tasks_per_step=4, inner_steps=1, d_model=16, n_heads=2, n_layers=1, seq_len=12,
                        n_support=2, n_query=2, eval_tasks=4, val_tasks=2, val_every=2, checkpoint_every=2,

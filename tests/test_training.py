@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from metakernels.checkpoint import CheckpointError, load_checked
+from metakernels.data import DataError
 from metakernels.training import TrainConfig, run
 from metakernels.training.family import build_family
 from metakernels.training.report import format_table, plot_png
@@ -19,14 +20,6 @@ TINY = dict(steps=4, tasks_per_step=2, inner_steps=2, d_model=16, n_heads=2, n_l
 TINY_ARGS = ["--steps", "2", "--tasks-per-step", "2", "--inner-steps", "1", "--d-model", "16", "--n-heads", "2",
              "--n-layers", "1", "--seq-len", "12", "--n-support", "2", "--n-query", "2", "--eval-tasks", "4",
              "--val-tasks", "2", "--no-progress", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def text_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("domains")
-    for d, word in enumerate(["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]):
-        (folder / f"{word}.txt").write_text(" ".join(f"{word}{i * (d + 1) % 97}" for i in range(200)), encoding="utf-8")
-    return str(folder)
 
 
 def losses(result):
@@ -149,8 +142,15 @@ def test_cli_train_writes_table_metrics_plot_and_checkpoint(tmp_path, text_folde
     (["--steps", "0"], "steps must be a positive int"),
     (["--resume"], "no checkpoint to resume from"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--n-support", "500"], "the standard-library docstrings: "),
 ])
 def test_cli_bad_arguments_exit_2_with_the_reason(tmp_path, args, message):
+    """(--n-support 500: chunks a domain cannot hold; the message names the text and the domains.)"""
     done = cli("train", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_too_small_data_names_the_folder_and_domain(tmp_path, text_folder):
+    with pytest.raises(DataError, match=f"{text_folder}: [0-9] domain\\(s\\) are too small for 200 support"):
+        run(TrainConfig(**{**TINY, "n_support": 200}, data=text_folder), progress=False, log=lambda *a: None)

@@ -30,9 +30,12 @@ class TaskFamily:
 
 
 def build_family(config: TrainConfig) -> TaskFamily:
-    if config.task == "lm":
-        return _lm_family(config)
-    return _classification_family(config)
+    """The task family of ``config``; a DataError names the data folder (or the built-in text) and the problem."""
+    try:
+        return _lm_family(config) if config.task == "lm" else _classification_family(config)
+    except DataError as e:
+        source = config.data or "the standard-library docstrings"
+        raise DataError(str(e) if str(e).startswith(str(source)) else f"{source}: {e}") from None
 
 
 def _lm_family(config: TrainConfig) -> TaskFamily:
