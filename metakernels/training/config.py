@@ -10,6 +10,7 @@ import dataclasses
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "lopt")
 TASKS = ("lm", "clinc", "labelled")
+RESUMABLE_CHANGES = ("checkpoint_every",)  # the only setting that may differ when resuming a run
 
 
 @dataclasses.dataclass
@@ -58,6 +59,3 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    # Settings that may differ when resuming: how long to train and how often to check/save.
-    RESUMABLE_CHANGES = ("steps", "val_every", "checkpoint_every")

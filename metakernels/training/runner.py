@@ -23,7 +23,7 @@ from ..lopt_training import LearnedOptimizerTrainer
 from ..maml import MAML
 from ..tasks import select_tasks
 from . import methods
-from .config import TrainConfig
+from .config import RESUMABLE_CHANGES, TrainConfig
 from .family import TaskFamily, build_family
 
 CHECKPOINT_FILE = "checkpoint.mk"
@@ -222,7 +222,7 @@ def _load_checkpoint(path, config) -> dict:
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
     _, saved = load_checked(path, _CHECKPOINT_KIND)
     ours, theirs = config.to_dict(), saved["config"]
-    differ = [k for k in ours if k != "checkpoint_every" and ours[k] != theirs.get(k)]
+    differ = [k for k in ours if k not in RESUMABLE_CHANGES and ours[k] != theirs.get(k)]
     if differ:
         shown = ", ".join(f"{k}: checkpoint {theirs.get(k)!r}, now {ours[k]!r}" for k in differ)
         raise CheckpointError(f"{path}: the run was started with other settings ({shown}); resume with the same ones")
