@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from .lm_tasks import batch_generator
-from .text import PAD, DataError, encode
+from .text import PAD, DataError, check_positive_ints, encode
 
 _CLINC_SPLITS = ("train", "val", "test")
 
@@ -83,9 +83,7 @@ class EpisodeSampler:
 
     def __init__(self, classes: Mapping[str, list[str]], n_way: int = 5, k_shot: int = 5, n_query: int = 5,
                  max_len: int = 48, seed: int = 0):
-        for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query), ("max_len", max_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(n_way=n_way, k_shot=k_shot, n_query=n_query, max_len=max_len)
         self.names = sorted(classes)
         if len(self.names) < n_way:
             raise DataError(f"{n_way}-way episodes need at least {n_way} classes, there are {len(self.names)}")
@@ -102,8 +100,7 @@ class EpisodeSampler:
         return torch.cat([tokens, torch.full((self.max_len - tokens.numel(),), PAD, dtype=torch.int64)])
 
     def batch(self, index: int, num_tasks: int) -> EpisodeBatch:
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        check_positive_ints(num_tasks=num_tasks)
         gen = batch_generator(self.seed, index)
         support, query, names = [], [], []
         for _ in range(num_tasks):

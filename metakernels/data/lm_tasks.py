@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .text import DataError, encode
+from .text import DataError, check_positive_ints, encode
 
 
 @dataclasses.dataclass
@@ -33,9 +33,7 @@ class LMTaskSampler:
 
     def __init__(self, domains: Mapping[str, str], n_support: int = 4, n_query: int = 4, seq_len: int = 48,
                  seed: int = 0):
-        for name, value in (("n_support", n_support), ("n_query", n_query), ("seq_len", seq_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(n_support=n_support, n_query=n_query, seq_len=seq_len)
         if not domains:
             raise DataError("no domains to sample tasks from")
         self.n_support, self.n_query, self.seq_len, self.seed = n_support, n_query, seq_len, seed
@@ -51,8 +49,7 @@ class LMTaskSampler:
         self.tokens = [encode(domains[n]) for n in self.names]
 
     def batch(self, index: int, num_tasks: int) -> LMTaskBatch:
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        check_positive_ints(num_tasks=num_tasks)
         gen = batch_generator(self.seed, index)
         n = len(self.names)
         if num_tasks <= n:

@@ -34,6 +34,13 @@ class DataError(ValueError):
     """A data file or domain is missing, malformed or too small; the message names it."""
 
 
+def check_positive_ints(**values) -> None:
+    """Raises ValueError naming the first argument that is not an int >= 1 (bools are not ints here)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def encode(text: str) -> torch.Tensor:
     """int64 tokens [len(text)]: min(ord(c), 255) per character."""
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..data.text import check_positive_ints
+
 ALGORITHMS = ("maml", "fomaml", "metasgd", "lopt")
 TASKS = ("lm", "clinc", "labelled")
 RESUMABLE_CHANGES = ("checkpoint_every",)  # the only setting that may differ when resuming a run
@@ -46,11 +48,9 @@ class TrainConfig:
         unknown = [a for a in self.algos if a not in ALGORITHMS]
         if not self.algos or unknown or len(set(self.algos)) != len(self.algos):
             raise ValueError(f"algos must be distinct names from {ALGORITHMS}, got {list(self.algos)}")
-        for name in ("steps", "tasks_per_step", "inner_steps", "d_model", "n_heads", "n_layers", "seq_len",
-                     "n_support", "n_query", "n_way", "eval_tasks", "val_tasks", "val_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(**{name: getattr(self, name) for name in (
+            "steps", "tasks_per_step", "inner_steps", "d_model", "n_heads", "n_layers", "seq_len", "n_support",
+            "n_query", "n_way", "eval_tasks", "val_tasks", "val_every", "checkpoint_every")})
         for name in ("inner_lr", "meta_lr", "lopt_meta_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
