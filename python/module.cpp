@@ -6,6 +6,7 @@
 namespace mk {
 void register_update_ops(pybind11::module_& m);
 void register_lopt_ops(pybind11::module_& m);
+void register_norm_ops(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,4 +22,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fill every output buffer with NaN before a kernel writes it (for tests)");
   mk::register_update_ops(m);
   mk::register_lopt_ops(m);
+  mk::register_norm_ops(m);
 }
