@@ -22,6 +22,17 @@ def _sources(pattern):
 SANITIZE = os.environ.get("METAKERNELS_SANITIZE", "0") == "1"
 
 
+def _libmvec():
+    """glibc's vector math library has expf/tanhf/erff variants from 2.35 on x86-64 (csrc/cpu/vector_math.h)."""
+    import platform
+
+    version = (os.confstr("CS_GNU_LIBC_VERSION") or "") if hasattr(os, "confstr") else ""
+    if platform.machine() != "x86_64" or not version.startswith("glibc "):
+        return False
+    major, minor = (int(p) for p in version.split()[1].split(".")[:2])
+    return (major, minor) >= (2, 35)
+
+
 def _want_cuda():
     if os.environ.get("METAKERNELS_NO_CUDA", "0") == "1" or SANITIZE:
         return False
@@ -44,16 +55,20 @@ def _extension():
     if SANITIZE:  # .ci/sanitize: AddressSanitizer + UndefinedBehaviorSanitizer over the CPU kernels
         cxx += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
         link += ["-fsanitize=address,undefined"]
+    macros = []
+    if _libmvec():
+        macros.append(("MK_HAVE_LIBMVEC", None))
+        link.append("-lmvec")
     sources = _sources("python/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not _want_cuda():
         return cpp_extension.CppExtension(
-            "metakernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link
+            "metakernels._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     return cpp_extension.CUDAExtension(
         "metakernels._C",
         sources + _sources("csrc/cuda/*.cu"),
-        define_macros=[("WITH_CUDA", None)],
+        define_macros=macros + [("WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
         extra_link_args=link,
     )

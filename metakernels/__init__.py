@@ -1,12 +1,13 @@
 """metakernels: fast, exact meta-learning for PyTorch language models.
 
 See README.md.  ``metakernels.ops`` holds the fused task-batched kernels; :class:`MAML` and
-:class:`MetaSGD` run meta-gradient descent on them; :class:`LearnedOptimizer` (meta-trained with
+:class:`MetaSGD` run meta-gradient descent on them (``metakernels.nn`` swaps fused, twice-differentiable
+layers into a model); :class:`LearnedOptimizer` (meta-trained with
 :class:`LearnedOptimizerTrainer`) is the meta-neural network; :func:`backend_info` says which implementation
 runs where, and why.  ``metakernels.data`` samples few-shot task batches; ``python -m metakernels train``
 is the main job (``metakernels.training``).
 """
-from . import data, ops
+from . import data, nn, ops
 from ._backend import BackendUnavailableError, backend_info, use_backend
 from .checkpoint import CheckpointError
 from .learned_optimizer import LearnedOptimizer
@@ -14,5 +15,5 @@ from .lopt_training import LearnedOptimizerTrainer, UnrollResult, UnrollState
 from .maml import MAML, AdaptedModel, MetaSGD
 
 __version__ = "0.1.0"
-__all__ = ["ops", "data", "MAML", "MetaSGD", "AdaptedModel", "LearnedOptimizer", "LearnedOptimizerTrainer", "UnrollState",
+__all__ = ["ops", "nn", "data", "MAML", "MetaSGD", "AdaptedModel", "LearnedOptimizer", "LearnedOptimizerTrainer", "UnrollState",
            "UnrollResult", "CheckpointError", "backend_info", "use_backend", "BackendUnavailableError", "__version__"]

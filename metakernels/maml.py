@@ -17,6 +17,7 @@ from torch import nn
 
 from .inner_loop import NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, run_inner_loop
 from .layout import AdaptSpec, ParamLayout
+from .nn import fuse_layers
 from .tasks import select_tasks, task_count
 
 MEMORY_MODES = ("fast", "low")
@@ -85,12 +86,15 @@ class MAML(nn.Module):
             "ignore" lets it through.
         vectorize: True (torch.vmap over tasks), False (a Python loop over the forward only), or
             None: try vmap and fall back to the loop with one warning.
+        fused_layers: swap metakernels' fused, twice-differentiable LayerNorm / RMSNorm / bias + GELU
+            into ``model`` (in place, same parameters: see :func:`metakernels.nn.fuse_layers`); the
+            list of what changed is ``self.fused_layers``.
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 1, first_order: bool = False,
                  inner_optimizer: str = "sgd", momentum: float = 0.9, betas=(0.9, 0.999), eps: float = 1e-8,
                  adapt: AdaptSpec = None, memory: str = "fast", task_chunk: int | None = None,
-                 nan_policy: str = "raise", vectorize: bool | None = None):
+                 nan_policy: str = "raise", vectorize: bool | None = None, fused_layers: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -102,6 +106,7 @@ class MAML(nn.Module):
             raise ValueError(f"task_chunk must be a positive int or None, got {task_chunk!r}")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.fused_layers = fuse_layers(model) if fused_layers else []
         self.module = model
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps

@@ -7,6 +7,7 @@ namespace mk {
 void register_update_ops(pybind11::module_& m);
 void register_lopt_ops(pybind11::module_& m);
 void register_norm_ops(pybind11::module_& m);
+void register_gelu_ops(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   mk::register_update_ops(m);
   mk::register_lopt_ops(m);
   mk::register_norm_ops(m);
+  mk::register_gelu_ops(m);
 }

@@ -1,6 +1,9 @@
 """Fused, differentiable, task-batched ops.  Each family lives in its own module; this package exports
 the public functions."""
+from .gelu import bias_gelu
 from .learned_update import LoptHyper, learned_update
+from .norm import layer_norm, rms_norm
 from .update import adam_update, momentum_update, sgd_update
 
-__all__ = ["sgd_update", "momentum_update", "adam_update", "learned_update", "LoptHyper"]
+__all__ = ["sgd_update", "momentum_update", "adam_update", "learned_update", "LoptHyper", "layer_norm", "rms_norm",
+           "bias_gelu"]

@@ -1,0 +1,103 @@
+"""Drop-in modules that run the fused, twice-differentiable layer ops, and :func:`fuse_layers`, which swaps
+them into an existing model.
+
+    changes = mk.nn.fuse_layers(model)      # in place; returns what it changed, one line per module
+    maml = mk.MAML(model, fused_layers=True)   # the same, done by MAML
+
+Each fused module is a subclass of the torch module it replaces, with the same parameters, buffers,
+state_dict keys and hooks (the swap changes the module's class and nothing else), so optimizers, saved
+checkpoints and parameter orders are unaffected.  What is swapped:
+
+* ``nn.LayerNorm`` over the last dimension -> :class:`LayerNorm` (``metakernels.ops.layer_norm``);
+* ``nn.RMSNorm`` over the last dimension -> :class:`RMSNorm` (``metakernels.ops.rms_norm``);
+* ``nn.Linear`` directly followed by ``nn.GELU`` in an ``nn.Sequential`` -> :class:`LinearGELU` (the
+  matrix product, then the fused bias + GELU) and ``nn.Identity`` in the GELU's place;
+* any other ``nn.GELU`` -> :class:`GELU` (the fused activation, no bias).
+
+Norms over several trailing dimensions are left alone and listed as such.  Attention and the vocabulary
+head with cross-entropy are not fused yet (they keep PyTorch's own twice-differentiable ops).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops.gelu import bias_gelu
+from .ops.norm import layer_norm, rms_norm
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dimension, computed by the fused op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight is not None else torch.ones(self.normalized_shape, dtype=x.dtype, device=x.device)
+        return layer_norm(x, weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` over the last dimension, computed by the fused op (eps=None: the dtype's epsilon,
+    as torch does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight is not None else torch.ones(self.normalized_shape, dtype=x.dtype, device=x.device)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return rms_norm(x, weight, eps)
+
+
+class GELU(nn.GELU):
+    """``nn.GELU`` computed by the fused op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bias_gelu(x, None, self.approximate)
+
+
+class LinearGELU(nn.Linear):
+    """``nn.Linear`` followed by GELU: the matrix product, then the fused bias + GELU.  ``approximate``
+    is the GELU's form ("none" or "tanh")."""
+
+    approximate = "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bias_gelu(F.linear(x, self.weight), self.bias, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, approximate={self.approximate!r}"
+
+
+def _one_dim(norm: nn.Module) -> bool:
+    return len(norm.normalized_shape) == 1
+
+
+def fuse_layers(model: nn.Module) -> list[str]:
+    """Swaps the fused modules into ``model`` in place (see the module docstring).  Returns one line per
+    module looked at: ``"<name>: <old class> -> <new class>"``, or ``"<name>: <class> kept (<why>)"``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_layers: model must be an nn.Module, got {type(model).__name__}")
+    changes: list[str] = []
+    swaps = ((nn.LayerNorm, LayerNorm), (nn.RMSNorm, RMSNorm))
+    for prefix, parent in list(model.named_modules()):
+        children = list(parent.named_children())
+        for i, (child_name, child) in enumerate(children):
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            for torch_cls, fused_cls in swaps:
+                if type(child) is torch_cls:
+                    if _one_dim(child):
+                        child.__class__ = fused_cls
+                        changes.append(f"{name}: torch.nn.{torch_cls.__name__} -> metakernels.nn.{fused_cls.__name__}")
+                    else:
+                        changes.append(f"{name}: {torch_cls.__name__} kept (normalizes {len(child.normalized_shape)} "
+                                       "trailing dimensions; the fused op normalizes the last one)")
+            if type(child) is nn.Linear and isinstance(parent, nn.Sequential) and i + 1 < len(children) \
+                    and type(children[i + 1][1]) is nn.GELU:
+                gelu_name, gelu = children[i + 1]
+                child.__class__ = LinearGELU
+                child.approximate = gelu.approximate
+                setattr(parent, gelu_name, nn.Identity())
+                changes.append(f"{name} + {prefix + '.' if prefix else ''}{gelu_name}: torch.nn.Linear + torch.nn.GELU "
+                               "-> metakernels.nn.LinearGELU + torch.nn.Identity")
+    for name, module in model.named_modules():
+        if type(module) is nn.GELU:
+            module.__class__ = GELU
+            changes.append(f"{name}: torch.nn.GELU -> metakernels.nn.GELU")
+    return changes

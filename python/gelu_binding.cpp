@@ -1,0 +1,102 @@
+// Bindings of the fused bias + GELU kernels: argument checks, output allocation, and the call of the CPU
+// or CUDA kernel.  metakernels/ops/gelu.py validates user input first and wires these into autograd.
+#include <torch/extension.h>
+
+#include <tuple>
+
+#include "../csrc/gelu_kernels.h"
+#include "common.h"
+
+#ifdef WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace mk {
+namespace {
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device() == x.device(), "metakernels: ", name, " is on ", t.device(), ", expected ", x.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "metakernels: ", name, " has dtype ", t.scalar_type(),
+                   ", expected ", x.scalar_type());
+  TORCH_CHECK(t.sizes() == shape && t.is_contiguous(), "metakernels: ", name, " must be a contiguous ", shape,
+              " tensor, got ", t.sizes());
+}
+
+GeluArgs base_args(const at::Tensor& x, const at::Tensor& b, bool tanh_form) {
+  dtype_code(x, "x");
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "metakernels: x must be a contiguous [N, R, C] tensor, got ",
+              x.sizes());
+  check_same(b, "bias", x, {x.size(0), x.size(2)});
+  GeluArgs a{};
+  a.N = x.size(0);
+  a.R = x.size(1);
+  a.C = x.size(2);
+  a.tanh_form = tanh_form;
+  a.x = x.data_ptr();
+  a.b = b.data_ptr();
+  return a;
+}
+
+void launch(GeluPass pass, const at::Tensor& x, const GeluArgs& a) {
+  const DType dtype = dtype_code(x, "x");
+  if (x.device().is_cpu()) {
+    gelu_cpu(pass, dtype, a);
+    return;
+  }
+#ifdef WITH_CUDA
+  if (x.device().is_cuda()) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const char* err = gelu_cuda(pass, dtype, a, at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == nullptr, "metakernels: CUDA gelu kernel failed: ", err);
+    return;
+  }
+#endif
+  TORCH_CHECK(false, "metakernels: no compiled gelu kernel for device ", x.device());
+}
+
+at::Tensor gelu_forward(const at::Tensor& x, const at::Tensor& b, bool tanh_form) {
+  GeluArgs a = base_args(x, b, tanh_form);
+  at::Tensor y = new_output(x, x.sizes());
+  a.out = y.data_ptr();
+  launch(GeluPass::kForward, x, a);
+  return y;
+}
+
+at::Tensor gelu_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& b, bool tanh_form) {
+  GeluArgs a = base_args(x, b, tanh_form);
+  check_same(g, "grad_out", x, x.sizes());
+  at::Tensor dx = new_output(x, x.sizes());
+  a.g = g.data_ptr();
+  a.out = dx.data_ptr();
+  launch(GeluPass::kBackward, x, a);
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor> gelu_double_backward(const at::Tensor& ga, const at::Tensor& g, const at::Tensor& x,
+                                                        const at::Tensor& b, bool tanh_form) {
+  GeluArgs a = base_args(x, b, tanh_form);
+  check_same(ga, "grad_dx", x, x.sizes());
+  check_same(g, "grad_out", x, x.sizes());
+  at::Tensor dg = new_output(x, x.sizes()), du = new_output(x, x.sizes());
+  a.a = ga.data_ptr();
+  a.g = g.data_ptr();
+  a.out = du.data_ptr();
+  a.out_g = dg.data_ptr();
+  launch(GeluPass::kDoubleBackward, x, a);
+  return {dg, du};
+}
+
+}  // namespace
+
+void register_gelu_ops(pybind11::module_& m) {
+  m.def("gelu_forward", &gelu_forward, "Fused task-batched bias + GELU forward (see metakernels.ops.gelu)",
+        pybind11::arg("x"), pybind11::arg("bias"), pybind11::arg("tanh_form"));
+  m.def("gelu_backward", &gelu_backward, "Fused bias + GELU backward", pybind11::arg("grad_out"), pybind11::arg("x"),
+        pybind11::arg("bias"), pybind11::arg("tanh_form"));
+  m.def("gelu_double_backward", &gelu_double_backward, "Fused bias + GELU double backward",
+        pybind11::arg("grad_dx"), pybind11::arg("grad_out"), pybind11::arg("x"),
+        pybind11::arg("bias"), pybind11::arg("tanh_form"));
+}
+
+}  // namespace mk
