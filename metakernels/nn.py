@@ -65,10 +65,6 @@ class LinearGELU(nn.Linear):
         return f"{super().extra_repr()}, approximate={self.approximate!r}"
 
 
-def _one_dim(norm: nn.Module) -> bool:
-    return len(norm.normalized_shape) == 1
-
-
 def fuse_layers(model: nn.Module) -> list[str]:
     """Swaps the fused modules into ``model`` in place (see the module docstring).  Returns one line per
     module looked at: ``"<name>: <old class> -> <new class>"``, or ``"<name>: <class> kept (<why>)"``."""
@@ -76,28 +72,32 @@ def fuse_layers(model: nn.Module) -> list[str]:
         raise TypeError(f"fuse_layers: model must be an nn.Module, got {type(model).__name__}")
     changes: list[str] = []
     swaps = ((nn.LayerNorm, LayerNorm), (nn.RMSNorm, RMSNorm))
-    for prefix, parent in list(model.named_modules()):
-        children = list(parent.named_children())
-        for i, (child_name, child) in enumerate(children):
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            for torch_cls, fused_cls in swaps:
-                if type(child) is torch_cls:
-                    if _one_dim(child):
-                        child.__class__ = fused_cls
-                        changes.append(f"{name}: torch.nn.{torch_cls.__name__} -> metakernels.nn.{fused_cls.__name__}")
-                    else:
-                        changes.append(f"{name}: {torch_cls.__name__} kept (normalizes {len(child.normalized_shape)} "
-                                       "trailing dimensions; the fused op normalizes the last one)")
-            if type(child) is nn.Linear and isinstance(parent, nn.Sequential) and i + 1 < len(children) \
-                    and type(children[i + 1][1]) is nn.GELU:
-                gelu_name, gelu = children[i + 1]
-                child.__class__ = LinearGELU
-                child.approximate = gelu.approximate
-                setattr(parent, gelu_name, nn.Identity())
-                changes.append(f"{name} + {prefix + '.' if prefix else ''}{gelu_name}: torch.nn.Linear + torch.nn.GELU "
-                               "-> metakernels.nn.LinearGELU + torch.nn.Identity")
-    for name, module in model.named_modules():
-        if type(module) is nn.GELU:
-            module.__class__ = GELU
+    modules = dict(model.named_modules())
+    for name, child in list(modules.items())[1:]:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = modules[parent_name]
+        if getattr(parent, child_name) is not child:  # a GELU already folded into its Linear
+            continue
+        for torch_cls, fused_cls in swaps:
+            if type(child) is torch_cls:
+                if len(child.normalized_shape) == 1:
+                    child.__class__ = fused_cls
+                    changes.append(f"{name}: torch.nn.{torch_cls.__name__} -> metakernels.nn.{fused_cls.__name__}")
+                else:
+                    changes.append(f"{name}: {torch_cls.__name__} kept (normalizes {len(child.normalized_shape)} "
+                                   "trailing dimensions; the fused op normalizes the last one)")
+        if type(child) is nn.GELU:
+            child.__class__ = GELU
             changes.append(f"{name}: torch.nn.GELU -> metakernels.nn.GELU")
+        siblings = list(parent.named_children())
+        position = [n for n, _ in siblings].index(child_name)
+        if type(child) is nn.Linear and isinstance(parent, nn.Sequential) and position + 1 < len(siblings) \
+                and type(siblings[position + 1][1]) is nn.GELU:
+            gelu_name, gelu = siblings[position + 1]
+            child.__class__ = LinearGELU
+            child.approximate = gelu.approximate
+            setattr(parent, gelu_name, nn.Identity())
+            gelu_full = f"{parent_name}.{gelu_name}" if parent_name else gelu_name
+            changes.append(f"{name} + {gelu_full}: torch.nn.Linear + torch.nn.GELU "
+                           "-> metakernels.nn.LinearGELU + torch.nn.Identity")
     return changes

@@ -1,0 +1,219 @@
+"""The fused, twice-differentiable LayerNorm / RMSNorm / bias + GELU: every backend's three kernels
+against the float64 reference over odd shapes and dtypes, the reference against PyTorch's own layers
+(values, gradients and gradients of gradients), gradcheck / gradgradcheck of the public ops on every
+backend, the vmap rule, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import metakernels as mk
+from conftest import triton_interpreted
+from metakernels.ops import gelu, norm
+
+SHAPES = [(1, 1, 1), (3, 37, 5), (2, 33, 129), (1, 3, 1037)]
+
+
+def _dtypes(backend_name):
+    if triton_interpreted(backend_name):
+        return [torch.float64, torch.float32]  # the interpreter has no bf16
+    return [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _tol(dtype):
+    return {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+
+
+def _close(got, want, dtype, what):
+    """|got - want| <= tol (|want|_max + 1): scaled to the tensor, not to each element (norms of rows of one
+    element, or gelu'' near its zeros, have outputs that are rounding noise around 0)."""
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= _tol(dtype) * (want.abs().max().item() + 1.0), (what, err)
+
+
+def _run(backend_name, fn):
+    """The kernel function ``fn`` of the forced backend (the extension, the Triton module, the reference)."""
+    if backend_name in ("cpu", "cuda"):
+        return getattr(mk._backend.extension(), fn)
+    family = fn.split("_")[0]
+    if backend_name == "triton":
+        import importlib
+
+        return getattr(importlib.import_module(f"metakernels.ops.{family}_triton"), fn)
+    module = norm if family == "norm" else gelu
+    return getattr(module, "reference_" + fn.split("_", 1)[1])
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_norm_kernels_match_the_float64_reference(backend, centered, shape):
+    name, device = backend
+    gen = torch.Generator().manual_seed(sum(shape))
+    N, R, D = shape
+    for dtype in _dtypes(name):
+        def rand(*s, scale=1.0, shift=0.0):
+            return (torch.randn(s, generator=gen, dtype=torch.float64) * scale + shift).to(dtype=dtype, device=device)
+        x, w, g, a = rand(N, R, D, scale=3.0, shift=1.0), rand(N, D), rand(N, R, D), rand(N, R, D)
+        b = rand(N, D) if centered else None
+        aw, ab = rand(N, D), rand(N, D)
+        inputs = [x.clone(), w.clone(), g.clone(), a.clone(), aw.clone()]
+        d = lambda t: None if t is None else t.double().cpu()  # noqa: E731
+        y, mean, rstd = _run(name, "norm_forward")(x, w, b, 1e-5, centered)
+        y0, mean0, rstd0 = norm.reference_forward(d(x), d(w), d(b), 1e-5, centered)
+        for got, want, what in ((y, y0, "y"), (mean, mean0, "mean"), (rstd, rstd0, "rstd")):
+            _close(got.cpu(), want, dtype, what)
+        got = _run(name, "norm_backward")(g, x, w, mean, rstd, centered)
+        want = norm.reference_backward(d(g), d(x), d(w), mean0, rstd0, centered)
+        for gt, wt, what in zip(got, want, ("dx", "dw", "db")):
+            _close(gt.cpu(), wt, dtype, what)
+        got = _run(name, "norm_double_backward")(a, aw, ab if centered else None, g, x, w, mean, rstd, centered)
+        want = norm.reference_double_backward(d(a), d(aw), d(ab) if centered else None, d(g), d(x), d(w), mean0, rstd0,
+                                              centered)
+        for gt, wt, what in zip(got, want, ("dg", "ddx", "ddw")):
+            _close(gt.cpu(), wt, dtype, what)
+        for before, after in zip(inputs, [x, w, g, a, aw]):
+            assert torch.equal(before, after), "an input was modified"
+
+
+@pytest.mark.parametrize("tanh_form", [False, True], ids=["erf", "tanh"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gelu_kernels_match_the_float64_reference(backend, tanh_form, shape):
+    name, device = backend
+    gen = torch.Generator().manual_seed(sum(shape) + 1)
+    N, R, C = shape
+    for dtype in _dtypes(name):
+        def rand(*s):
+            return (2 * torch.randn(s, generator=gen, dtype=torch.float64)).to(dtype=dtype, device=device)
+        x, b, g, a = rand(N, R, C), rand(N, C), rand(N, R, C), rand(N, R, C)
+        inputs = [x.clone(), b.clone(), g.clone(), a.clone()]
+        d = lambda t: t.double().cpu()  # noqa: E731
+        _close(_run(name, "gelu_forward")(x, b, tanh_form).cpu(), gelu.reference_forward(d(x), d(b), tanh_form), dtype, "y")
+        _close(_run(name, "gelu_backward")(g, x, b, tanh_form).cpu(), gelu.reference_backward(d(g), d(x), d(b), tanh_form),
+               dtype, "dx")
+        got = _run(name, "gelu_double_backward")(a, g, x, b, tanh_form)
+        want = gelu.reference_double_backward(d(a), d(g), d(x), d(b), tanh_form)
+        for gt, wt, what in zip(got, want, ("dg", "ddx")):
+            _close(gt.cpu(), wt, dtype, what)
+        for before, after in zip(inputs, [x, b, g, a]):
+            assert torch.equal(before, after), "an input was modified"
+
+
+def _torch_layer(kind):
+    """PyTorch's own layer with a per-task affine, as the oracle of the formulas."""
+    if kind == "layernorm":
+        return lambda x, w, b: F.layer_norm(x, x.shape[-1:], eps=1e-5) * w.unsqueeze(1) + b.unsqueeze(1)
+    if kind == "rmsnorm":
+        return lambda x, w, b: F.rms_norm(x, x.shape[-1:], eps=1e-6) * w.unsqueeze(1)
+    approximate = "tanh" if kind == "gelu-tanh" else "none"
+    return lambda x, w, b: F.gelu(x + b.unsqueeze(1), approximate=approximate)
+
+
+def _ours(kind):
+    if kind == "layernorm":
+        return lambda x, w, b: mk.ops.layer_norm(x, w, b)
+    if kind == "rmsnorm":
+        return lambda x, w, b: mk.ops.rms_norm(x, w)
+    approximate = "tanh" if kind == "gelu-tanh" else "none"
+    return lambda x, w, b: mk.ops.bias_gelu(x, b, approximate)
+
+
+KINDS = ["layernorm", "rmsnorm", "gelu-erf", "gelu-tanh"]
+
+
+def _inputs(device, seed=0, requires_grad=True, shape=(2, 3, 5)):
+    gen = torch.Generator().manual_seed(seed)
+    N, R, D = shape
+    return [(torch.randn(s, generator=gen, dtype=torch.float64) * k).to(device).requires_grad_(requires_grad)
+            for s, k in (((N, R, D), 2.0), ((N, D), 1.0), ((N, D), 1.0))]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_first_and_second_derivatives_equal_pytorch_layers(backend, kind):
+    _, device = backend
+    x, w, b = _inputs(device)
+    ours, theirs = _ours(kind), _torch_layer(kind)
+    y, y0 = ours(x, w, b), theirs(x, w, b)
+    torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y).requires_grad_()
+    first = torch.autograd.grad(y, (x, w, b), g, create_graph=True, allow_unused=True)
+    first0 = torch.autograd.grad(y0, (x, w, b), g, create_graph=True, allow_unused=True)
+    probe = [torch.randn_like(t) for t in (x, w, b)]
+    s = sum((f * p).sum() for f, p in zip(first, probe) if f is not None)
+    s0 = sum((f * p).sum() for f, p in zip(first0, probe) if f is not None)
+    second = torch.autograd.grad(s, (x, w, g), allow_unused=True)
+    second0 = torch.autograd.grad(s0, (x, w, g), allow_unused=True)
+    for got, want in zip(first + second, first0 + second0):
+        if want is None:
+            assert got is None or torch.count_nonzero(got) == 0
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_and_gradgradcheck(backend, kind):
+    name, device = backend
+    shape = (2, 3, 5) if triton_interpreted(name) else (2, 4, 7)
+    x, w, b = _inputs(device, seed=3, shape=shape)
+    fn = _ours(kind)
+    if kind == "rmsnorm":
+        args, f = (x, w), (lambda x, w: fn(x, w, None))
+    else:
+        args, f = (x, w, b), fn
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shared_weight_over_any_leading_shape(kind):
+    """weight [D] normalises every row; a 4-D x keeps its shape."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, 6, generator=gen, dtype=torch.float64)
+    w, b = torch.randn(6, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    got = _ours(kind)(x, w, b)
+    want = _torch_layer(kind)(x.reshape(1, -1, 6), w[None], b[None]).reshape(x.shape)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vmap_over_per_task_weights_equals_a_loop(kind):
+    """The vmap rule folds the vmapped dimension into one task-batched launch."""
+    x, w, b = _inputs("cpu", seed=7, requires_grad=False, shape=(4, 3, 6))
+    fn = _ours(kind)
+    got = torch.vmap(lambda xt, wt, bt: fn(xt, wt, bt))(x, w, b)
+    want = torch.stack([fn(x[t], w[t], b[t]) for t in range(4)])
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    shared = torch.vmap(lambda xt: fn(xt, w[0], b[0]))(x)  # unbatched weight inside vmap
+    torch.testing.assert_close(shared, torch.stack([fn(x[t], w[0], b[0]) for t in range(4)]), rtol=1e-13, atol=1e-13)
+
+
+def test_triple_derivative_is_refused_not_wrong():
+    x, w, b = _inputs("cpu")
+    y = mk.ops.layer_norm(x, w, b)
+    (dx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (ddx,) = torch.autograd.grad((dx * dx).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        torch.autograd.grad(ddx.sum(), x)
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: mk.ops.layer_norm(torch.randn(2, 5), torch.randn(4)), ValueError, ["'weight'", "[4]", "[2, 5]"]),
+    (lambda: mk.ops.layer_norm(torch.randn(3, 2, 5), torch.randn(2, 5)), ValueError, ["'weight'", "[2, 5]"]),
+    (lambda: mk.ops.layer_norm(torch.randn(2, 5), torch.randn(5), torch.randn(4)), ValueError, ["'bias'", "[5]", "[4]"]),
+    (lambda: mk.ops.layer_norm(torch.randn(2, 5), torch.randn(5, dtype=torch.float64)), TypeError, ["'weight'", "float64"]),
+    (lambda: mk.ops.layer_norm(torch.randn(2, 5), torch.randn(5), eps=0.0), ValueError, ["'eps'"]),
+    (lambda: mk.ops.rms_norm(torch.arange(5), torch.randn(5)), TypeError, ["'x'", "int64"]),
+    (lambda: mk.ops.bias_gelu(torch.randn(2, 5), torch.randn(3)), ValueError, ["'bias'", "[3]", "[2, 5]"]),
+    (lambda: mk.ops.bias_gelu(torch.randn(2, 5), None, "fast"), ValueError, ["'approximate'", "'fast'"]),
+    (lambda: mk.ops.bias_gelu(torch.randn(2, 5), torch.randn(5, dtype=torch.float64)), TypeError, ["'bias'"]),
+])
+def test_bad_input_names_the_argument(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_inputs(kind):
+    x, w, b = torch.randn(0, 5), torch.randn(5), torch.randn(5)
+    assert _ours(kind)(x, w, b).shape == (0, 5)
