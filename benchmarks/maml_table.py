@@ -1,5 +1,6 @@
-"""Second-order MAML on the transformer LM, side by side in one run: metakernels (fast and low-memory
-modes), the correct plain-PyTorch batched recipe (stacked per-task weights, vmap over the forward,
+"""Second-order MAML on the transformer LM, side by side in one run: metakernels (fast mode, fast mode
+with the fused LayerNorm / bias + GELU layers of metakernels.nn, low-memory mode), the correct
+plain-PyTorch batched recipe (stacked per-task weights, vmap over the forward,
 autograd.grad(create_graph=True)), higher, TorchOpt and learn2learn where installed.
 
 Configuration (the MAML issue's): 2 layers, d=128, 4 heads, vocabulary 256, sequences of 32 tokens,
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-VARIANTS = ("metakernels", "metakernels-low", "stacked-recipe", "higher", "torchopt", "learn2learn")
+VARIANTS = ("metakernels", "metakernels-fused", "metakernels-low", "stacked-recipe", "higher", "torchopt", "learn2learn")
 
 
 def parse_args():
@@ -69,7 +70,8 @@ def meta_step_fn(variant, model, support, query, K, lr=0.1):
 
     T = support.shape[0]
     if variant.startswith("metakernels"):
-        maml = mk.MAML(model, inner_lr=lr, inner_steps=K, memory="low" if variant.endswith("low") else "fast")
+        maml = mk.MAML(model, inner_lr=lr, inner_steps=K, memory="low" if variant.endswith("low") else "fast",
+                       fused_layers=variant.endswith("fused"))
         return lambda: maml(lm_loss, support, query).backward()
     if variant == "stacked-recipe":
         names = [n for n, _ in model.named_parameters()]

@@ -1,0 +1,111 @@
+"""The fused, twice-differentiable layers (metakernels.ops.layer_norm / rms_norm / bias_gelu) against
+the eager PyTorch composition and torch.compile of it, side by side in one run: forward, backward (the
+first derivative), and double backward (the derivative of the backward, what second-order MAML runs in
+its meta-backward), with every operand batched over T tasks as the MAML engine calls them (per-task
+weights [T, D]).  Bytes moved over the copy bandwidth measured in the same run give each kernel's
+floor: these ops are memory-bound.
+
+    python benchmarks/layers_table.py            # the MAML benchmark's shapes (T=16, 128 rows, D=128 / 512)
+    python benchmarks/layers_table.py --quick    # small shapes, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--rows", type=int, default=128, help="rows per task (sequences x tokens)")
+    ap.add_argument("--width", type=int, default=128, help="D of the norms; the GELU runs at 4 D")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--system-malloc", action="store_true", help="keep glibc's defaults (see harness.py)")
+    args = ap.parse_args()
+    if args.quick:
+        args.tasks, args.rows, args.width, args.repeats = 4, 32, 64, 5
+    return args
+
+
+def layers():
+    """name -> (ours(x, w, b), eager(x, w, b), width multiplier, element-sized tensors moved by
+    (forward, backward, double backward))."""
+    import torch.nn.functional as F
+
+    import metakernels as mk
+
+    return {
+        "layernorm": (lambda x, w, b: mk.ops.layer_norm(x, w, b),
+                      lambda x, w, b: F.layer_norm(x, x.shape[-1:]) * w.unsqueeze(1) + b.unsqueeze(1), 1, (2, 3, 5)),
+        "rmsnorm": (lambda x, w, b: mk.ops.rms_norm(x, w),
+                    lambda x, w, b: F.rms_norm(x, x.shape[-1:], eps=1e-6) * w.unsqueeze(1), 1, (2, 3, 5)),
+        "bias+gelu": (lambda x, w, b: mk.ops.bias_gelu(x, b),
+                      lambda x, w, b: F.gelu(x + b.unsqueeze(1)), 4, (2, 4, 6)),
+    }
+
+
+def timings(fn, x, w, b, device, repeats):
+    """Median ms of (forward, backward, double backward) of fn at (x, w, b)."""
+    import torch
+
+    inputs = (x, w, b)
+    fwd = harness.median_ms(lambda: fn(x, w, b), device, repeats)
+    y = fn(x, w, b)
+    g = torch.randn_like(y).requires_grad_()
+    bwd = harness.median_ms(lambda: torch.autograd.grad(y, inputs, g, retain_graph=True, allow_unused=True), device,
+                            repeats)
+    try:
+        first = [t for t in torch.autograd.grad(y, inputs, g, create_graph=True, allow_unused=True) if t is not None]
+        cot = [torch.randn_like(t) for t in first]
+        dbl = harness.median_ms(lambda: torch.autograd.grad(first, (x, w, g), cot, retain_graph=True, allow_unused=True),
+                                device, repeats)
+    except RuntimeError as exc:  # torch.compile refuses double backward
+        dbl = "refused" if "double backward" in str(exc) else f"failed: {str(exc)[:40]}"
+    return fwd, bwd, dbl
+
+
+def main():
+    args = parse_args()
+    allocator = harness.reexec_with_malloc_tunables(enabled=not args.system_malloc and args.device == "cpu")
+    import torch
+
+    import metakernels as mk
+
+    device = torch.device(args.device)
+    bandwidth = harness.copy_bandwidth_gbs(device)
+    print(harness.machine_line(device))
+    print(f"T={args.tasks} tasks x {args.rows} rows, D={args.width} (GELU at {4 * args.width}), fp32, median of "
+          f"{args.repeats}; copy bandwidth this run {bandwidth:.1f} GB/s (read + write); allocator: {allocator}; "
+          f"metakernels backend: {mk._backend.select(device, 'layers_table')}")
+    header = ["layer", "pass", "eager ms", "compile ms", "metakernels ms", "vs eager", "vs compile", "floor ms",
+              "% of copy bw"]
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, (ours, eager, mult, moved) in layers().items():
+        D = args.width * mult
+        x = torch.randn(args.tasks, args.rows, D, generator=gen).to(device).requires_grad_()
+        w = torch.randn(args.tasks, D, generator=gen).to(device).requires_grad_()
+        b = torch.randn(args.tasks, D, generator=gen).to(device).requires_grad_()
+        compiled = torch.compile(eager, dynamic=False)
+        results = {label: timings(fn, x, w, b, device, args.repeats)
+                   for label, fn in (("eager", eager), ("compile", compiled), ("ours", ours))}
+        for i, pass_name in enumerate(("forward", "backward", "double backward")):
+            e, c, o = (results[k][i] for k in ("eager", "compile", "ours"))
+            floor = moved[i] * x.numel() * 4 / bandwidth / 1e6
+            ratio = lambda t: f"{t / o:.2f}x" if isinstance(t, float) else "-"  # noqa: E731
+            fmt = lambda t: f"{t:.3f}" if isinstance(t, float) else t  # noqa: E731
+            rows.append([name, pass_name, fmt(e), fmt(c), fmt(o), ratio(e), ratio(c), f"{floor:.3f}",
+                         f"{100 * floor / o:.0f}%"])
+    harness.print_table(header, rows, args.markdown, title="fused twice-differentiable layers")
+
+
+if __name__ == "__main__":
+    main()
