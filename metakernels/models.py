@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.vocab_head import linear_cross_entropy
+
 
 class CausalSelfAttention(nn.Module):
     """softmax(Q K^T / sqrt(d_head) + causal mask) V over n_heads heads; x: [B, S, D] -> [B, S, D]."""
@@ -47,7 +49,9 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """tokens [B, S] (int64) -> logits [B, S, vocab]."""
+    """tokens [B, S] (int64) -> logits [B, S, vocab]; with ``targets`` [B, S], the mean next-token
+    cross-entropy instead, computed by the chunked, twice-differentiable vocabulary head
+    (metakernels.ops.linear_cross_entropy) without materialising the logits."""
 
     def __init__(self, vocab: int = 256, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
                  max_len: int = 64, dropout: float = 0.0):
@@ -69,7 +73,9 @@ class TransformerLM(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is not None:
+            return linear_cross_entropy(self.features(tokens), self.head.weight, self.head.bias, targets)
         return self.head(self.features(tokens))
 
 
@@ -94,6 +100,13 @@ def lm_loss(f, batch) -> torch.Tensor:
     tokens = batch if isinstance(batch, torch.Tensor) else batch[0]
     logits = f(tokens[..., :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[..., 1:].reshape(-1))
+
+
+def lm_loss_chunked_head(f, batch) -> torch.Tensor:
+    """lm_loss through the chunked vocabulary head: ``f(tokens, targets=...)`` of a TransformerLM (or any
+    model whose forward takes ``targets`` and returns the mean cross-entropy)."""
+    tokens = batch if isinstance(batch, torch.Tensor) else batch[0]
+    return f(tokens[..., :-1], targets=tokens[..., 1:])
 
 
 def classification_loss(f, batch) -> torch.Tensor:

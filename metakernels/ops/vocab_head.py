@@ -1,0 +1,211 @@
+"""The vocabulary head with cross-entropy, chunked over rows and twice differentiable, so that neither
+the logits nor their second-order tangents exist whole (for a 32k vocabulary they are the largest
+tensors of a second-order meta-step).
+
+    linear_cross_entropy(h, weight, bias, targets)   # h: [*task, ..., D]; weight: [V, D] or [*task, V, D]
+                                                     # targets: [*task, ...] int64 -> loss [*task]
+
+The loss of each task is the mean over its rows (rows whose target is ``ignore_index`` excluded) of
+``lse(z) - z[y]`` with ``z = W h + b``.  Per row r, with p = softmax(z_r), c_r = g m_r / M (g: the loss's
+cotangent, m_r: 1 for a counted row, M: the count) and delta_r = c_r (p - e_y):
+
+    backward:         dh_r = W^T delta_r,   dW = sum_r delta_r h_r^T,   db = sum_r delta_r
+    double backward:  for cotangents (A_h, A_W, A_b) of (dh, dW, db), u_r = W A_h_r + A_W h_r + A_b (the
+                      logits' tangent) and s_r = c_r (p * u_r - p <p, u_r>):
+                      dh_r = W^T s_r + A_W^T delta_r,   dW = sum_r (s_r h_r^T + delta_r A_h_r^T),
+                      db = sum_r s_r,   dg = sum_r (m_r / M) (<p, u_r> - u_r[y_r])
+
+Each pass walks the rows in chunks of ``chunk_rows``, recomputing that chunk's logits from h and W (the
+forward keeps only the per-row logsumexp), so the peak is one chunk's [N, chunk_rows, V] logits and a few
+tensors like them.  A vmap rule stacks the tasks of ``torch.vmap`` into one batched call.  The passes are
+written with batched matrix products and PyTorch element-wise ops on every device (there is no compiled
+kernel for this op yet); the triple derivative raises (once_differentiable).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from ._task_batch import fold_task_vmap
+
+# NOTE: 2^22 logits (16 MB in fp32) per chunk across all tasks: at V = 32k and 16 tasks that is 8 rows per
+# task per chunk, which kept the bmm's near their full-size rate on the CPU here.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(h, w, chunk_rows: int):
+    """(lo, hi) row ranges of the chunks; chunk_rows 0: about DEFAULT_CHUNK_ELEMENTS logits per chunk over
+    all N tasks (resolved here, after a vmap rule has folded its tasks into N)."""
+    N, R, _ = h.shape
+    rows = chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, N * w.shape[1]))
+    return [(start, min(R, start + rows)) for start in range(0, R, rows)]
+
+
+def _logits(h, w, b, lo, hi):
+    z = torch.bmm(h[:, lo:hi], w.transpose(1, 2))
+    return z if b is None else z + b.unsqueeze(1)
+
+
+def _row_weights(targets, ignore_index):
+    """m_r / M per row ([N, R]): 1 / (the task's count of counted rows), 0 for ignored rows."""
+    counted = (targets != ignore_index).to(torch.float64)
+    return (counted / counted.sum(1, keepdim=True).clamp_min(1.0))
+
+
+def _probs_minus_onehot(z, lse, targets, lo, hi, ignore_index):
+    """p - e_y for one chunk ([N, rows, V]); rows with the ignored target get zeros from their weight."""
+    p = torch.exp(z - lse[:, lo:hi].unsqueeze(-1))
+    y = targets[:, lo:hi].clamp_min(0).unsqueeze(-1)
+    return p.scatter_add(-1, y, -torch.ones_like(y, dtype=p.dtype)), p
+
+
+def _forward(h, w, b, targets, rows, ignore_index):
+    N, R, _ = h.shape
+    counted = targets[targets != ignore_index]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= w.shape[1]):
+        raise ValueError(f"linear_cross_entropy: argument 'targets' holds {int(counted.min())}..{int(counted.max())}, "
+                         f"outside the vocabulary [0, {w.shape[1]}) (ignore_index={ignore_index} is skipped)")
+    weights = _row_weights(targets, ignore_index).to(h.dtype)
+    lse = torch.empty((N, R), dtype=h.dtype, device=h.device)
+    loss = torch.zeros(N, dtype=h.dtype, device=h.device)
+    for lo, hi in _chunks(h, w, rows):
+        z = _logits(h, w, b, lo, hi)
+        lse[:, lo:hi] = torch.logsumexp(z, -1)
+        z_y = z.gather(-1, targets[:, lo:hi].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        loss += ((lse[:, lo:hi] - z_y) * weights[:, lo:hi]).sum(1)
+    return loss, lse
+
+
+def _backward(g, h, w, b, targets, lse, rows, ignore_index):
+    N, R, _ = h.shape
+    c = _row_weights(targets, ignore_index).to(h.dtype) * g.unsqueeze(1)  # [N, R]
+    dh = torch.empty_like(h)
+    dw = torch.zeros_like(w)
+    db = torch.zeros((N, w.shape[1]), dtype=h.dtype, device=h.device)
+    for lo, hi in _chunks(h, w, rows):
+        delta, _ = _probs_minus_onehot(_logits(h, w, b, lo, hi), lse, targets, lo, hi, ignore_index)
+        delta = delta * c[:, lo:hi].unsqueeze(-1)
+        dh[:, lo:hi] = torch.bmm(delta, w)
+        dw += torch.bmm(delta.transpose(1, 2), h[:, lo:hi])
+        db += delta.sum(1)
+    return dh, dw, db
+
+
+def _double_backward(a_h, a_w, a_b, g, h, w, b, targets, lse, rows, ignore_index):
+    N, R, _ = h.shape
+    weights = _row_weights(targets, ignore_index).to(h.dtype)
+    c = weights * g.unsqueeze(1)
+    d_h = torch.empty_like(h)
+    d_w = torch.zeros_like(w)
+    d_b = torch.zeros((N, w.shape[1]), dtype=h.dtype, device=h.device)
+    d_g = torch.zeros_like(g)
+    for lo, hi in _chunks(h, w, rows):
+        p_minus_y, p = _probs_minus_onehot(_logits(h, w, b, lo, hi), lse, targets, lo, hi, ignore_index)
+        u = torch.bmm(a_h[:, lo:hi], w.transpose(1, 2)) + torch.bmm(h[:, lo:hi], a_w.transpose(1, 2))
+        if a_b is not None:
+            u = u + a_b.unsqueeze(1)
+        pu = (p * u).sum(-1, keepdim=True)
+        ck = c[:, lo:hi].unsqueeze(-1)
+        s = ck * p * (u - pu)
+        delta = ck * p_minus_y
+        d_h[:, lo:hi] = torch.bmm(s, w) + torch.bmm(delta, a_w)
+        d_w += torch.bmm(s.transpose(1, 2), h[:, lo:hi]) + torch.bmm(delta.transpose(1, 2), a_h[:, lo:hi])
+        d_b += s.sum(1)
+        u_y = u.gather(-1, targets[:, lo:hi].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        d_g += (weights[:, lo:hi] * (pu.squeeze(-1) - u_y)).sum(1)
+    return d_g, d_h, d_w, d_b
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss [N] = mean-over-rows CE of (h [N, R, D] @ w [N, V, D]^T + b [N, V] | None, targets [N, R])."""
+
+    @staticmethod
+    def forward(h, w, b, targets, rows, ignore_index):
+        return _forward(h, w, b, targets, rows, ignore_index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, w, b, targets, rows, ignore_index = inputs
+        ctx.save_for_backward(h, w, b, targets, output[1])
+        ctx.rows, ctx.ignore_index = rows, ignore_index
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, g, _glse):
+        h, w, b, targets, lse = ctx.saved_tensors
+        dh, dw, db = _LinearCrossEntropyBackward.apply(g, h, w, b, targets, lse, ctx.rows, ctx.ignore_index)
+        return dh, dw, None if b is None else db, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, h, w, b, targets, rows, ignore_index):
+        return fold_task_vmap(_LinearCrossEntropy.apply, info, in_dims, h, w, b, targets, rows, ignore_index)
+
+
+class _LinearCrossEntropyBackward(torch.autograd.Function):
+    """(dh, dw, db) of the head at (g, h, w, b); its own backward is the chunked double backward."""
+
+    @staticmethod
+    def forward(g, h, w, b, targets, lse, rows, ignore_index):
+        return _backward(g, h, w, b, targets, lse, rows, ignore_index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, h, w, b, targets, lse, rows, ignore_index = inputs
+        ctx.save_for_backward(g, h, w, b, targets, lse)
+        ctx.rows, ctx.ignore_index = rows, ignore_index
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, a_h, a_w, a_b):
+        g, h, w, b, targets, lse = ctx.saved_tensors
+        a_h = torch.zeros_like(h) if a_h is None else a_h
+        a_w = torch.zeros_like(w) if a_w is None else a_w
+        d_g, d_h, d_w, d_b = _double_backward(a_h, a_w, None if b is None else a_b, g, h, w, b, targets, lse,
+                                              ctx.rows, ctx.ignore_index)
+        return d_g, d_h, d_w, None if b is None else d_b, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, g, h, w, b, targets, lse, rows, ignore_index):
+        return fold_task_vmap(_LinearCrossEntropyBackward.apply, info, in_dims, g, h, w, b, targets, lse, rows,
+                              ignore_index)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T + bias`` against ``targets`` per task, without materialising
+    the logits (see the module docstring).  ``weight`` [V, D] gives a scalar loss; [*task, V, D] (with
+    h [*task, ..., D], targets [*task, ...]) gives one loss per task.  ``chunk_rows``: rows per task per
+    chunk (default: about 2^22 logits per chunk)."""
+    op = "linear_cross_entropy"
+    _checks.require_tensor(op, "h", h)
+    _checks.require_tensor(op, "weight", weight)
+    _checks.require_like(op, "weight", weight, "h", h)
+    if weight.dim() < 2 or h.dim() < weight.dim() - 1 or h.shape[-1] != weight.shape[-1] \
+            or h.shape[:weight.dim() - 2] != weight.shape[:-2]:
+        raise ValueError(f"{op}: argument 'weight' must be [V, D] or [*task, V, D] with h [*task, ..., D], got weight "
+                         f"{_checks.shape_str(weight.shape)} for h {_checks.shape_str(h.shape)}")
+    task_shape, (V, D) = weight.shape[:-2], weight.shape[-2:]
+    if bias is not None:
+        _checks.require_tensor(op, "bias", bias)
+        _checks.require_like(op, "bias", bias, "h", h)
+        if bias.shape != (*task_shape, V):
+            raise ValueError(f"{op}: argument 'bias' must have shape {_checks.shape_str((*task_shape, V))}, got "
+                             f"{_checks.shape_str(bias.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64:
+        raise TypeError(f"{op}: argument 'targets' must be an int64 tensor, got "
+                        f"{targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+    if targets.shape != h.shape[:-1]:
+        raise ValueError(f"{op}: argument 'targets' must have shape {_checks.shape_str(h.shape[:-1])} (h without its "
+                         f"last dimension), got {_checks.shape_str(targets.shape)}")
+    if targets.device != h.device:
+        raise ValueError(f"{op}: argument 'targets' is on {targets.device} but 'h' is on {h.device}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"{op}: argument 'chunk_rows' must be a positive int, got {chunk_rows!r}")
+    N = weight[..., 0, 0].numel()
+    h3 = h.reshape(N, -1, D)
+    if h3.shape[1] == 0:
+        raise ValueError(f"{op}: argument 'h' has no rows (shape {_checks.shape_str(h.shape)}); the mean loss is undefined")
+    loss, _ = _LinearCrossEntropy.apply(h3.contiguous(), weight.reshape(N, V, D).contiguous(),
+                                        None if bias is None else bias.reshape(N, V).contiguous(),
+                                        targets.reshape(N, -1), chunk_rows or 0, int(ignore_index))
+    return loss.reshape(task_shape)
