@@ -1,5 +1,6 @@
 """Second-order MAML on the transformer LM, side by side in one run: metakernels (fast mode, fast mode
-with the fused LayerNorm / bias + GELU layers of metakernels.nn, low-memory mode), the correct
+with the fused LayerNorm / bias + GELU layers of metakernels.nn and the chunked vocabulary head,
+low-memory mode), the correct
 plain-PyTorch batched recipe (stacked per-task weights, vmap over the forward,
 autograd.grad(create_graph=True)), higher, TorchOpt and learn2learn where installed.
 
@@ -36,6 +37,7 @@ def parse_args():
     ap.add_argument("--tasks", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vocab", type=int, default=256, help="vocabulary size (32768 shows the chunked head's memory)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -47,16 +49,16 @@ def parse_args():
     return args
 
 
-def setup(T):
+def setup(T, vocab=256):
     import torch
 
     from metakernels.models import TransformerLM
 
     torch.manual_seed(0)
-    model = TransformerLM(vocab=256, d_model=128, n_heads=4, n_layers=2, max_len=32)
+    model = TransformerLM(vocab=vocab, d_model=128, n_heads=4, n_layers=2, max_len=32)
     gen = torch.Generator().manual_seed(1)
-    support = torch.randint(0, 256, (T, 4, 33), generator=gen)
-    query = torch.randint(0, 256, (T, 4, 33), generator=gen)
+    support = torch.randint(0, vocab, (T, 4, 33), generator=gen)
+    query = torch.randint(0, vocab, (T, 4, 33), generator=gen)
     return model, support, query
 
 
@@ -66,13 +68,15 @@ def meta_step_fn(variant, model, support, query, K, lr=0.1):
     from torch.func import functional_call
 
     import metakernels as mk
-    from metakernels.models import lm_loss
+    from metakernels.models import lm_loss, lm_loss_chunked_head
 
     T = support.shape[0]
     if variant.startswith("metakernels"):
+        fused = variant.endswith("fused")
         maml = mk.MAML(model, inner_lr=lr, inner_steps=K, memory="low" if variant.endswith("low") else "fast",
-                       fused_layers=variant.endswith("fused"))
-        return lambda: maml(lm_loss, support, query).backward()
+                       fused_layers=fused)
+        loss = lm_loss_chunked_head if fused else lm_loss
+        return lambda: maml(loss, support, query).backward()
     if variant == "stacked-recipe":
         names = [n for n, _ in model.named_parameters()]
 
@@ -129,7 +133,7 @@ def meta_step_fn(variant, model, support, query, K, lr=0.1):
 def child(args):
     import torch
 
-    model, support, query = setup(args.tasks)
+    model, support, query = setup(args.tasks, args.vocab)
     try:
         step = meta_step_fn(args.child, model, support, query, args.steps)
     except ImportError as exc:
@@ -155,7 +159,7 @@ def child(args):
 def count_flops(args):
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, support, query = setup(args.tasks)
+    model, support, query = setup(args.tasks, args.vocab)
     step = meta_step_fn("stacked-recipe", model, support, query, args.steps)
     with FlopCounterMode(display=False) as counter:
         step()
@@ -185,14 +189,14 @@ def main():
     results = []
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--child", variant, "--tasks", str(args.tasks), "--steps", str(args.steps),
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats), "--vocab", str(args.vocab)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
             {"variant": variant, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:100]})
         results.append(json.loads(line))
     flops = count_flops(args)
     mlp_rate, att_rate, big_rate = matmul_rate()
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, "
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, vocab={args.vocab}, "
           f"second order, median of {args.repeats} meta-steps; allocator: {allocator}")
     print(f"FLOPs per meta-step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); fp32 matmul rate this run: "
           f"{big_rate:.0f} GFLOP/s at 1024^2, {mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's")
@@ -206,7 +210,8 @@ def main():
         rate = flops / r["seconds"] / 1e9
         rows.append([r["variant"], f"{r['seconds']:.3f}", f"{r['peak_mb']:.0f}", f"{rate:.0f}", f"{100 * rate / big_rate:.0f}%",
                      f"{ref['seconds'] / r['seconds']:.2f}x" if ref else "", f"{r['grad_norm']:.6g}"])
-    harness.print_table(header, rows, args.markdown, title=f"second-order MAML meta-step, T={args.tasks}, K={args.steps}")
+    harness.print_table(header, rows, args.markdown,
+                        title=f"second-order MAML meta-step, T={args.tasks}, K={args.steps}, vocabulary {args.vocab}")
 
 if __name__ == "__main__":
     main()
