@@ -27,6 +27,7 @@ def parse_args():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile time on a GPU)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--system-malloc", action="store_true", help="keep glibc's defaults (see harness.py)")
     args = ap.parse_args()
@@ -94,11 +95,13 @@ def main():
         x = torch.randn(args.tasks, args.rows, D, generator=gen).to(device).requires_grad_()
         w = torch.randn(args.tasks, D, generator=gen).to(device).requires_grad_()
         b = torch.randn(args.tasks, D, generator=gen).to(device).requires_grad_()
-        compiled = torch.compile(eager, dynamic=False)
-        results = {label: timings(fn, x, w, b, device, args.repeats)
-                   for label, fn in (("eager", eager), ("compile", compiled), ("ours", ours))}
+        variants = {"eager": eager, "ours": ours}
+        if not args.no_compile:
+            variants["compile"] = torch.compile(eager, dynamic=False)
+        results = {label: timings(fn, x, w, b, device, args.repeats) for label, fn in variants.items()}
         for i, pass_name in enumerate(("forward", "backward", "double backward")):
-            e, c, o = (results[k][i] for k in ("eager", "compile", "ours"))
+            e, o = results["eager"][i], results["ours"][i]
+            c = results["compile"][i] if "compile" in results else "-"
             floor = moved[i] * x.numel() * 4 / bandwidth / 1e6
             ratio = lambda t: f"{t / o:.2f}x" if isinstance(t, float) else "-"  # noqa: E731
             fmt = lambda t: f"{t:.3f}" if isinstance(t, float) else t  # noqa: E731

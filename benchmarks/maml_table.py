@@ -1,6 +1,6 @@
 """Second-order MAML on the transformer LM, side by side in one run: metakernels (fast mode, fast mode
-with the fused LayerNorm / bias + GELU layers of metakernels.nn and the chunked vocabulary head,
-low-memory mode), the correct
+with the fused LayerNorm / bias + GELU layers of metakernels.nn, the same plus the chunked vocabulary
+head, low-memory mode), the correct
 plain-PyTorch batched recipe (stacked per-task weights, vmap over the forward,
 autograd.grad(create_graph=True)), higher, TorchOpt and learn2learn where installed.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-VARIANTS = ("metakernels", "metakernels-fused", "metakernels-low", "stacked-recipe", "higher", "torchopt", "learn2learn")
+VARIANTS = ("metakernels", "metakernels-fused", "metakernels-fused-head", "metakernels-low", "stacked-recipe", "higher", "torchopt", "learn2learn")
 
 
 def parse_args():
@@ -72,10 +72,9 @@ def meta_step_fn(variant, model, support, query, K, lr=0.1):
 
     T = support.shape[0]
     if variant.startswith("metakernels"):
-        fused = variant.endswith("fused")
         maml = mk.MAML(model, inner_lr=lr, inner_steps=K, memory="low" if variant.endswith("low") else "fast",
-                       fused_layers=fused)
-        loss = lm_loss_chunked_head if fused else lm_loss
+                       fused_layers="fused" in variant)
+        loss = lm_loss_chunked_head if variant.endswith("head") else lm_loss
         return lambda: maml(loss, support, query).backward()
     if variant == "stacked-recipe":
         names = [n for n, _ in model.named_parameters()]

@@ -40,7 +40,7 @@ def test_bench_runs_a_table_and_saves_it(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tables", "update,flash"], "--tables takes names from update, lopt, maml, distributed"),
+    (["--tables", "update,flash"], "--tables takes names from update, layers, lopt, maml, distributed"),
     (["--benchmarks", "/no/such/dir"], "/no/such/dir lacks update_table.py"),
 ])
 def test_bench_bad_arguments(tmp_path, args, message):

@@ -16,7 +16,7 @@ import tempfile
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 
-TABLES = {"update": "update_table.py", "lopt": "lopt_table.py", "maml": "maml_table.py",
+TABLES = {"update": "update_table.py", "layers": "layers_table.py", "lopt": "lopt_table.py", "maml": "maml_table.py",
           "distributed": "distributed_scaling.py"}
 PEERS = ("higher", "torchopt", "learn2learn", "triton")
 _TABLES_ENV = "METAKERNELS_BENCH_TABLES"  # benchmarks/harness.py appends each printed table here
