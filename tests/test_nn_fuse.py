@@ -10,7 +10,7 @@ from torch import nn
 import metakernels as mk
 from maml_reference import sequential_meta_loss
 from metakernels.models import lm_loss
-from test_maml import _assert_grads_close, _grads, _model, _tasks, _tiny_gpt2
+from test_maml import CASES, _assert_grads_close, _grads, _model, _tasks, _tiny_gpt2
 
 
 def test_fuse_layers_lists_every_change_and_keeps_parameters_and_outputs():
@@ -53,13 +53,6 @@ def test_fuse_layers_rmsnorm_standalone_gelu_and_what_it_keeps():
 def test_fuse_layers_refuses_a_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         mk.nn.fuse_layers(lambda x: x)
-
-
-CASES = [
-    dict(first_order=False, inner_optimizer="sgd"),
-    dict(first_order=True, inner_optimizer="sgd"),
-    dict(first_order=False, inner_optimizer="adam"),
-]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['inner_optimizer']}-{'fo' if c['first_order'] else 'so'}")

@@ -175,7 +175,7 @@ def _check(op: str, x, weight, bias, eps) -> tuple[int, int]:
 def _norm(op, x, weight, bias, eps, centered):
     N, D = _check(op, x, weight, bias, eps)
     if x.numel() == 0:
-        return x.clone() if bias is None else x + bias.reshape(*weight.shape[:-1], *([1] * (x.dim() - weight.dim())), D)
+        return x.clone()
     x3 = x.reshape(N, -1, D)
     b2 = None if bias is None else bias.reshape(N, D)
     y, _, _ = _Norm.apply(x3.contiguous(), weight.reshape(N, D).contiguous(),
