@@ -188,6 +188,11 @@ void launch_columns(const NormArgs& a, cudaStream_t s, bool is_double) {
       a.N, nchunks, a.D, partial, a.dw, is_double ? nullptr : a.db);
 }
 
+// The column kernels' grid is (D blocks, chunks, N): CUDA caps its y and z sizes at 65535.
+const char* check_grid(const NormArgs& a) {
+  return norm_chunks(a.R) > 65535 || a.N > 65535 ? "more than 65535 row chunks or tasks for the column kernels" : nullptr;
+}
+
 const char* last_error() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -205,6 +210,7 @@ const char* norm_forward_cuda(DType dtype, const NormArgs& a, void* stream) {
 
 const char* norm_backward_cuda(DType dtype, const NormArgs& a, void* stream) {
   if (a.N * a.R == 0) return nullptr;
+  if (const char* err = check_grid(a)) return err;
   auto s = static_cast<cudaStream_t>(stream);
   with_dtype<float, double, __nv_bfloat16, __half>(dtype, [&](auto v) {
     backward_row_kernel<decltype(v)><<<a.N * a.R, kThreads, 0, s>>>(a);
@@ -215,6 +221,7 @@ const char* norm_backward_cuda(DType dtype, const NormArgs& a, void* stream) {
 
 const char* norm_double_backward_cuda(DType dtype, const NormArgs& a, void* stream) {
   if (a.N * a.R == 0) return nullptr;
+  if (const char* err = check_grid(a)) return err;
   auto s = static_cast<cudaStream_t>(stream);
   with_dtype<float, double, __nv_bfloat16, __half>(dtype, [&](auto v) {
     using acc_t = typename AccType<decltype(v)>::type;
