@@ -3,7 +3,8 @@ the eager PyTorch composition and torch.compile of it, side by side in one run: 
 first derivative), and double backward (the derivative of the backward, what second-order MAML runs in
 its meta-backward), with every operand batched over T tasks as the MAML engine calls them (per-task
 weights [T, D]).  Bytes moved over the copy bandwidth measured in the same run give each kernel's
-floor: these ops are memory-bound.
+floor (the causal softmax's double backward runs its own backward once more to reach the scores:
+8 tensors): these ops are memory-bound.
 
     python benchmarks/layers_table.py            # the MAML benchmark's shapes (T=16, 128 rows, D=128 / 512)
     python benchmarks/layers_table.py --quick    # small shapes, a smoke run
@@ -50,7 +51,16 @@ def layers():
                     lambda x, w, b: F.rms_norm(x, x.shape[-1:], eps=1e-6) * w.unsqueeze(1), 1, (2, 3, 5)),
         "bias+gelu": (lambda x, w, b: mk.ops.bias_gelu(x, b),
                       lambda x, w, b: F.gelu(x + b.unsqueeze(1)), 4, (2, 4, 6)),
+        # rows x width scores as one causal [S_q = rows, S_k = width] block per task (square by default)
+        "causal softmax": (lambda x, w, b: mk.ops.causal_softmax(x, 0.25), _eager_causal_softmax, 1, (2, 3, 8)),
     }
+
+
+def _eager_causal_softmax(x, w, b):
+    import torch
+
+    hidden = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).triu(x.shape[-1] - x.shape[-2] + 1)
+    return torch.softmax((x * 0.25).masked_fill(hidden, float("-inf")), -1)
 
 
 def timings(fn, x, w, b, device, repeats):

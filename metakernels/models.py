@@ -25,13 +25,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
+    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Causal softmax of the scaled scores; q, k: [B, heads, S, d_head] -> [B, heads, S, S]."""
+        S = q.shape[-2]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        causal = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
+        return scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)
         q, k, v = (t.reshape(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.n_heads)
-        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
-        weights = self.dropout(scores.masked_fill(causal, float("-inf")).softmax(dim=-1))
+        weights = self.dropout(self.attention_weights(q, k))
         return self.proj((weights @ v).transpose(1, 2).reshape(B, S, D))
 
 

@@ -12,10 +12,13 @@ checkpoints and parameter orders are unaffected.  What is swapped:
 * ``nn.RMSNorm`` over the last dimension -> :class:`RMSNorm` (``metakernels.ops.rms_norm``);
 * ``nn.Linear`` directly followed by ``nn.GELU`` in an ``nn.Sequential`` -> :class:`LinearGELU` (the
   matrix product, then the fused bias + GELU) and ``nn.Identity`` in the GELU's place;
-* any other ``nn.GELU`` -> :class:`GELU` (the fused activation, no bias).
+* any other ``nn.GELU`` -> :class:`GELU` (the fused activation, no bias);
+* ``metakernels.models.CausalSelfAttention`` -> :class:`CausalSelfAttention` (its mask + softmax by
+  ``metakernels.ops.causal_softmax``; the matrix products stay PyTorch's).
 
-Norms over several trailing dimensions are left alone and listed as such.  Attention and the vocabulary
-head with cross-entropy are not fused yet (they keep PyTorch's own twice-differentiable ops).
+Norms over several trailing dimensions are left alone and listed as such.  Other attention code can call
+``causal_softmax`` where it masks and normalises its scores; the vocabulary head with cross-entropy is
+``metakernels.ops.linear_cross_entropy``, called from the loss (it is not a module swap).
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import models
 from .ops.gelu import bias_gelu
 from .ops.norm import layer_norm, rms_norm
+from .ops.softmax import causal_softmax
 
 
 class LayerNorm(nn.LayerNorm):
@@ -65,6 +70,13 @@ class LinearGELU(nn.Linear):
         return f"{super().extra_repr()}, approximate={self.approximate!r}"
 
 
+class CausalSelfAttention(models.CausalSelfAttention):
+    """metakernels.models.CausalSelfAttention with its mask + softmax fused."""
+
+    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return causal_softmax(q @ k.transpose(-2, -1), q.shape[-1] ** -0.5)
+
+
 def fuse_layers(model: nn.Module) -> list[str]:
     """Swaps the fused modules into ``model`` in place (see the module docstring).  Returns one line per
     module looked at: ``"<name>: <old class> -> <new class>"``, or ``"<name>: <class> kept (<why>)"``."""
@@ -72,6 +84,8 @@ def fuse_layers(model: nn.Module) -> list[str]:
         raise TypeError(f"fuse_layers: model must be an nn.Module, got {type(model).__name__}")
     changes: list[str] = []
     swaps = ((nn.LayerNorm, LayerNorm), (nn.RMSNorm, RMSNorm))
+    classes = ((models.CausalSelfAttention, CausalSelfAttention, "metakernels.models.CausalSelfAttention"),
+               (nn.GELU, GELU, "torch.nn.GELU"))
     modules = dict(model.named_modules())
     for name, child in list(modules.items())[1:]:
         parent_name, _, child_name = name.rpartition(".")
@@ -86,9 +100,10 @@ def fuse_layers(model: nn.Module) -> list[str]:
                 else:
                     changes.append(f"{name}: {torch_cls.__name__} kept (normalizes {len(child.normalized_shape)} "
                                    "trailing dimensions; the fused op normalizes the last one)")
-        if type(child) is nn.GELU:
-            child.__class__ = GELU
-            changes.append(f"{name}: torch.nn.GELU -> metakernels.nn.GELU")
+        for old_cls, fused_cls, old_name in classes:
+            if type(child) is old_cls:
+                child.__class__ = fused_cls
+                changes.append(f"{name}: {old_name} -> metakernels.nn.{fused_cls.__name__}")
         siblings = list(parent.named_children())
         position = [n for n, _ in siblings].index(child_name)
         if type(child) is nn.Linear and isinstance(parent, nn.Sequential) and position + 1 < len(siblings) \

@@ -8,6 +8,7 @@ void register_update_ops(pybind11::module_& m);
 void register_lopt_ops(pybind11::module_& m);
 void register_norm_ops(pybind11::module_& m);
 void register_gelu_ops(pybind11::module_& m);
+void register_softmax_ops(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -25,4 +26,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   mk::register_lopt_ops(m);
   mk::register_norm_ops(m);
   mk::register_gelu_ops(m);
+  mk::register_softmax_ops(m);
 }

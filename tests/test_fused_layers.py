@@ -1,7 +1,9 @@
-"""The fused, twice-differentiable LayerNorm / RMSNorm / bias + GELU: every backend's three kernels
-against the float64 reference over odd shapes and dtypes, the reference against PyTorch's own layers
+"""The fused, twice-differentiable LayerNorm / RMSNorm / bias + GELU / causal softmax: every backend's
+three kernels against the float64 reference over odd shapes and dtypes, the reference against PyTorch's own layers
 (values, gradients and gradients of gradients), gradcheck / gradgradcheck of the public ops on every
 backend, the vmap rule, bad input."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import metakernels as mk
 from conftest import triton_interpreted
-from metakernels.ops import gelu, norm
+from metakernels.ops import gelu, norm, softmax
 
 SHAPES = [(1, 1, 1), (3, 37, 5), (2, 33, 129), (1, 3, 1037)]
 
@@ -35,13 +37,10 @@ def _run(backend_name, fn):
     """The kernel function ``fn`` of the forced backend (the extension, the Triton module, the reference)."""
     if backend_name in ("cpu", "cuda"):
         return getattr(mk._backend.extension(), fn)
-    family = fn.split("_")[0]
+    family, what = fn.split("_", 1)
     if backend_name == "triton":
-        import importlib
-
         return getattr(importlib.import_module(f"metakernels.ops.{family}_triton"), fn)
-    module = norm if family == "norm" else gelu
-    return getattr(module, "reference_" + fn.split("_", 1)[1])
+    return getattr(importlib.import_module(f"metakernels.ops.{family}"), "reference_" + what)
 
 
 @pytest.mark.parametrize("centered", [True, False], ids=["layernorm", "rmsnorm"])
@@ -217,3 +216,63 @@ def test_bad_input_names_the_argument(call, exc, words):
 def test_empty_inputs(kind):
     x, w, b = torch.randn(0, 5), torch.randn(5), torch.randn(5)
     assert _ours(kind)(x, w, b).shape == (0, 5)
+
+
+# ------------------------------------------------------------------------------------- causal softmax
+
+SOFTMAX_SHAPES = [(1, 1, 1), (3, 5, 7), (2, 33, 33), (1, 4, 130)]
+
+
+def _causal_softmax_torch(s, scale):
+    S_q, S_k = s.shape[-2:]
+    hidden = torch.ones(S_q, S_k, dtype=torch.bool, device=s.device).triu(S_k - S_q + 1)
+    return torch.softmax((s * scale).masked_fill(hidden, float("-inf")), -1)
+
+
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_softmax_kernels_match_the_float64_reference(backend, shape):
+    name, device = backend
+    gen = torch.Generator().manual_seed(sum(shape) + 2)
+    for dtype in _dtypes(name):
+        s, g, a = ((3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype=dtype, device=device)
+                   for _ in range(3))
+        inputs = [s.clone(), g.clone(), a.clone()]
+        p = _run(name, "softmax_forward")(s, 0.7)
+        p0 = softmax.reference_forward(s.double().cpu(), 0.7)
+        _close(p.cpu(), p0, dtype, "p")
+        _close(_run(name, "softmax_backward")(g, p, 0.7).cpu(),
+               softmax.reference_backward(g.double().cpu(), p0, 0.7), dtype, "ds")
+        got = _run(name, "softmax_double_backward")(a, g, p, 0.7)
+        want = softmax.reference_double_backward(a.double().cpu(), g.double().cpu(), p0, 0.7)
+        for gt, wt, what in zip(got, want, ("dg", "dp")):
+            _close(gt.cpu(), wt, dtype, what)
+        for before, after in zip(inputs, [s, g, a]):
+            assert torch.equal(before, after), "an input was modified"
+
+
+def test_causal_softmax_equals_pytorch_to_second_order_and_passes_gradgradcheck(backend):
+    name, device = backend
+    shape = (2, 3, 5) if triton_interpreted(name) else (2, 2, 5, 7)
+    gen = torch.Generator().manual_seed(11)
+    s = torch.randn(shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    y, y0 = mk.ops.causal_softmax(s, 0.7), _causal_softmax_torch(s, 0.7)
+    torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y).requires_grad_()
+    (d,), (d0,) = torch.autograd.grad(y, s, g, create_graph=True), torch.autograd.grad(y0, s, g, create_graph=True)
+    probe = torch.randn_like(d)
+    for got, want in zip(torch.autograd.grad((d * probe).sum(), (s, g)), torch.autograd.grad((d0 * probe).sum(), (s, g))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    f = lambda s: mk.ops.causal_softmax(s, 0.7)  # noqa: E731
+    assert gradcheck(f, (s,)) and gradgradcheck(f, (s,))
+
+
+def test_causal_softmax_under_vmap_and_bad_input():
+    s = torch.randn(4, 2, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(torch.vmap(lambda x: mk.ops.causal_softmax(x, 0.5))(s), _causal_softmax_torch(s, 0.5),
+                               rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="S_k=3 keys for S_q=4"):
+        mk.ops.causal_softmax(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="'scores'"):
+        mk.ops.causal_softmax(torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="'scale'"):
+        mk.ops.causal_softmax(torch.randn(2, 2), float("nan"))

@@ -22,9 +22,11 @@ def test_fuse_layers_lists_every_change_and_keeps_parameters_and_outputs():
     changes = mk.nn.fuse_layers(model)
     assert changes == [
         "blocks.0.ln1: torch.nn.LayerNorm -> metakernels.nn.LayerNorm",
+        "blocks.0.attn: metakernels.models.CausalSelfAttention -> metakernels.nn.CausalSelfAttention",
         "blocks.0.ln2: torch.nn.LayerNorm -> metakernels.nn.LayerNorm",
         "blocks.0.mlp.0 + blocks.0.mlp.1: torch.nn.Linear + torch.nn.GELU -> metakernels.nn.LinearGELU + torch.nn.Identity",
         "blocks.1.ln1: torch.nn.LayerNorm -> metakernels.nn.LayerNorm",
+        "blocks.1.attn: metakernels.models.CausalSelfAttention -> metakernels.nn.CausalSelfAttention",
         "blocks.1.ln2: torch.nn.LayerNorm -> metakernels.nn.LayerNorm",
         "blocks.1.mlp.0 + blocks.1.mlp.1: torch.nn.Linear + torch.nn.GELU -> metakernels.nn.LinearGELU + torch.nn.Identity",
         "ln_f: torch.nn.LayerNorm -> metakernels.nn.LayerNorm",
@@ -63,7 +65,7 @@ def test_maml_with_fused_layers_matches_sequential_reference(case, T, K, memory)
     model = copy.deepcopy(reference_model)
     support, query = _tasks(T)
     maml = mk.MAML(model, inner_lr=0.3, inner_steps=K, memory=memory, task_chunk=2, fused_layers=True, **case)
-    assert len(maml.fused_layers) == 7
+    assert len(maml.fused_layers) == 9
     got_loss = maml(lm_loss, support, query)
     got = _grads(got_loss, list(model.parameters()))
     names = [n for n, _ in reference_model.named_parameters()]

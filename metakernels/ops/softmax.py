@@ -1,0 +1,123 @@
+"""Fused, twice-differentiable causal softmax: the attention scores' mask + softmax chain.
+
+    causal_softmax(scores, scale)      # scores: [..., S_q, S_k] -> attention weights, same shape
+
+Row i (a query position, counted within the last-but-one dimension) attends to keys j <= i + (S_k - S_q)
+(the usual causal mask, aligned at the end): p_j = exp(scale s_j - m) / Z over those j, and 0 elsewhere.
+With c = <p, g> and A = <p, a> per row:
+
+    backward:         ds = scale p (g - c)
+    double backward:  for the cotangent a of ds, the backward is a function of (g, p):
+                      dg = scale p (a - A),   dp = scale (a (g - c) - A g)
+                      and autograd carries dp to the scores through p's own (differentiable) backward.
+
+Every quantity is a per-row reduction or a per-element expression, so each of the three is one fused
+row kernel (C++ CPU, CUDA, Triton, and the plain-PyTorch reference); the masked keys have p = 0, so only
+the forward needs the mask.  The op has no parameters: its vmap rule folds the vmapped dimension into
+the rows.  The triple derivative raises.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from ._task_batch import fold_task_vmap, run_kernel
+
+
+# ----------------------------------------------------------------------------------------- reference
+# Over canonical shapes [N, S_q, S_k].
+
+def _acc(t):
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _mask(S_q: int, S_k: int, device) -> torch.Tensor:
+    """True where a key is hidden from a query."""
+    return torch.ones(S_q, S_k, dtype=torch.bool, device=device).triu(S_k - S_q + 1)
+
+
+def reference_forward(s, scale: float):
+    z = (_acc(s) * scale).masked_fill(_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    return torch.softmax(z, -1).to(s.dtype)
+
+
+def reference_backward(g, p, scale: float):
+    pa, ga = _acc(p), _acc(g)
+    return (scale * pa * (ga - (pa * ga).sum(-1, keepdim=True))).to(p.dtype)
+
+
+def reference_double_backward(a, g, p, scale: float):
+    pa, ga, aa = _acc(p), _acc(g), _acc(a)
+    c = (pa * ga).sum(-1, keepdim=True)
+    A = (pa * aa).sum(-1, keepdim=True)
+    return (scale * pa * (aa - A)).to(p.dtype), (scale * (aa * (ga - c) - A * ga)).to(p.dtype)
+
+
+# ---------------------------------------------------------------------------------- autograd wiring
+
+class _CausalSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(s, scale):
+        return run_kernel("softmax_forward", reference_forward, s.device, s, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return _CausalSoftmaxBackward.apply(g, p, ctx.scale), None
+
+    @staticmethod
+    def vmap(info, in_dims, s, scale):
+        (p,), (dim,) = fold_task_vmap(lambda *a: (_CausalSoftmax.apply(*a),), info, in_dims, s, scale)
+        return p, dim
+
+
+class _CausalSoftmaxBackward(torch.autograd.Function):
+    """ds = scale p (g - <p, g>): a fused kernel whose own backward is the fused double backward.  p (the
+    forward's output) is an input, so the double backward reaches the scores through p's backward."""
+
+    @staticmethod
+    def forward(g, p, scale):
+        return run_kernel("softmax_backward", reference_backward, p.device, g.contiguous(), p, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, p, scale = inputs
+        ctx.save_for_backward(g.contiguous(), p)
+        ctx.scale = scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, a):
+        g, p = ctx.saved_tensors
+        dg, dp = run_kernel("softmax_double_backward", reference_double_backward, p.device, a.contiguous(), g, p,
+                            ctx.scale)
+        return dg, dp, None
+
+    @staticmethod
+    def vmap(info, in_dims, g, p, scale):
+        (ds,), (dim,) = fold_task_vmap(lambda *a: (_CausalSoftmaxBackward.apply(*a),), info, in_dims, g, p, scale)
+        return ds, dim
+
+
+# ------------------------------------------------------------------------------------------ public
+
+def causal_softmax(scores: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """softmax(scale * scores) over the last dimension with the causal mask (see the module docstring)."""
+    op = "causal_softmax"
+    _checks.require_tensor(op, "scores", scores)
+    scale = _checks.require_number(op, "scale", scale)
+    if scores.dim() < 2:
+        raise ValueError(f"{op}: argument 'scores' must be [..., S_q, S_k], got shape {_checks.shape_str(scores.shape)}")
+    S_q, S_k = scores.shape[-2:]
+    if S_k < S_q:
+        raise ValueError(f"{op}: argument 'scores' has S_k={S_k} keys for S_q={S_q} queries; the causal mask "
+                         "(aligned at the end) would leave the first queries no key")
+    if scores.numel() == 0:
+        return scores.clone()
+    p = _CausalSoftmax.apply(scores.reshape(-1, S_q, S_k).contiguous(), scale)
+    return p.reshape(scores.shape)
