@@ -13,7 +13,7 @@ from metakernels import _backend
 
 # The interpreted Triton backend takes ~1 s per launch; its kernels are covered by test_fused_layers.
 BACKENDS = [b for b in ("cpu", "reference") if _backend._why_unavailable(b, torch.device("cpu")) is None]
-OPS = ("layer_norm", "rms_norm", "bias_gelu")
+OPS = ("layer_norm", "rms_norm", "bias_gelu", "causal_softmax")
 
 
 @st.composite
@@ -32,6 +32,8 @@ def _call(op, x, w, b):
         return mk.ops.layer_norm(x, w, b)
     if op == "rms_norm":
         return mk.ops.rms_norm(x, w)
+    if op == "causal_softmax":  # x [T, R, D] read as T blocks of R queries over D keys (D >= R required)
+        return mk.ops.causal_softmax(x, 0.5)
     return mk.ops.bias_gelu(x, b)
 
 
@@ -44,6 +46,10 @@ def _oracle(op, x, w, b):
         return torch.nn.functional.layer_norm(x, x.shape[-1:]) * w + b
     if op == "rms_norm":
         return torch.nn.functional.rms_norm(x, x.shape[-1:], eps=1e-6) * w
+    if op == "causal_softmax":
+        S_q, S_k = x.shape[-2:]
+        hidden = torch.ones(S_q, S_k, dtype=torch.bool).triu(S_k - S_q + 1)
+        return torch.softmax((x * 0.5).masked_fill(hidden, float("-inf")), -1)
     return torch.nn.functional.gelu(x + b)
 
 
@@ -74,9 +80,11 @@ def test_fused_layers_match_pytorch_or_raise(case):
     before = [t.clone() for t in (x, w, b)]
     x_grad, w_grad, b_grad = (t.detach().requires_grad_() for t in (x, w, b))
     bad = case["mismatch"] == "width" or (case["mismatch"] == "tasks" and case["per_task"])
+    if case["op"] == "causal_softmax":  # no weights; too few keys is its bad input
+        bad = x.shape[-1] < x.shape[-2]
     with mk.use_backend(case["backend"]):
         if bad:
-            with pytest.raises(ValueError, match="argument '(weight|bias)'"):
+            with pytest.raises(ValueError, match="argument '(weight|bias|scores)'"):
                 _call(case["op"], x_grad, w_grad, b_grad)
             return
         y = _call(case["op"], x_grad, w_grad, b_grad)
@@ -92,6 +100,12 @@ def test_fused_layers_match_pytorch_or_raise(case):
     for got, want in zip((y,) + grads, (y0,) + grads0):
         if want is None:
             continue
+        if case["op"] == "causal_softmax":
+            # Hidden keys: PyTorch's row of NaN spreads into them (and masked_fill's backward zeroes them);
+            # ours keeps p = 0 there.  Compare the visible keys.
+            S_q, S_k = x.shape[-2:]
+            visible = ~torch.ones(S_q, S_k, dtype=torch.bool).triu(S_k - S_q + 1).expand(x.shape)
+            got, want = got[visible], want[visible]
         assert (got.isnan() == want.isnan()).all(), "NaN where the oracle has none, or the reverse"
         finite = want.isfinite()
         scale = want[finite].abs().max().item() if finite.any() else 0.0
