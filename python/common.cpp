@@ -38,4 +38,13 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& ref,
   TORCH_CHECK(t.is_contiguous(), "metakernels: ", name, " must be contiguous");
 }
 
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == ref.device(), "metakernels: ", name, " is on ", t.device(), ", expected ", ref.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "metakernels: ", name, " has dtype ", t.scalar_type(), ", expected ",
+                   dtype);
+  TORCH_CHECK(t.sizes() == shape, "metakernels: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "metakernels: ", name, " must be contiguous");
+}
+
 }  // namespace mk

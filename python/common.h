@@ -20,4 +20,8 @@ at::Tensor new_output(const at::Tensor& like, at::IntArrayRef shape);
 
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& ref, int64_t P);
 
+// t is on ref's device, has `dtype` and `shape`, and is contiguous; the message names the argument.
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
+                  at::ScalarType dtype);
+
 }  // namespace mk

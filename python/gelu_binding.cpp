@@ -15,19 +15,11 @@
 namespace mk {
 namespace {
 
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device() == x.device(), "metakernels: ", name, " is on ", t.device(), ", expected ", x.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "metakernels: ", name, " has dtype ", t.scalar_type(),
-                   ", expected ", x.scalar_type());
-  TORCH_CHECK(t.sizes() == shape && t.is_contiguous(), "metakernels: ", name, " must be a contiguous ", shape,
-              " tensor, got ", t.sizes());
-}
-
 GeluArgs base_args(const at::Tensor& x, const at::Tensor& b, bool tanh_form) {
   dtype_code(x, "x");
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "metakernels: x must be a contiguous [N, R, C] tensor, got ",
               x.sizes());
-  check_same(b, "bias", x, {x.size(0), x.size(2)});
+  check_tensor(b, "bias", x, {x.size(0), x.size(2)}, x.scalar_type());
   GeluArgs a{};
   a.N = x.size(0);
   a.R = x.size(1);
@@ -65,7 +57,7 @@ at::Tensor gelu_forward(const at::Tensor& x, const at::Tensor& b, bool tanh_form
 
 at::Tensor gelu_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& b, bool tanh_form) {
   GeluArgs a = base_args(x, b, tanh_form);
-  check_same(g, "grad_out", x, x.sizes());
+  check_tensor(g, "grad_out", x, x.sizes(), x.scalar_type());
   at::Tensor dx = new_output(x, x.sizes());
   a.g = g.data_ptr();
   a.out = dx.data_ptr();
@@ -76,8 +68,8 @@ at::Tensor gelu_backward(const at::Tensor& g, const at::Tensor& x, const at::Ten
 std::tuple<at::Tensor, at::Tensor> gelu_double_backward(const at::Tensor& ga, const at::Tensor& g, const at::Tensor& x,
                                                         const at::Tensor& b, bool tanh_form) {
   GeluArgs a = base_args(x, b, tanh_form);
-  check_same(ga, "grad_dx", x, x.sizes());
-  check_same(g, "grad_out", x, x.sizes());
+  check_tensor(ga, "grad_dx", x, x.sizes(), x.scalar_type());
+  check_tensor(g, "grad_out", x, x.sizes(), x.scalar_type());
   at::Tensor dg = new_output(x, x.sizes()), du = new_output(x, x.sizes());
   a.a = ga.data_ptr();
   a.g = g.data_ptr();

@@ -23,21 +23,12 @@ using CudaLauncher = const char* (*)(DType, const NormArgs&, void*);
 
 at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_like(const at::Tensor& t, const char* name, const at::Tensor& x, at::IntArrayRef shape,
-                at::ScalarType dtype) {
-  TORCH_CHECK(t.device() == x.device(), "metakernels: ", name, " is on ", t.device(), ", expected ", x.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "metakernels: ", name, " has dtype ", t.scalar_type(), ", expected ",
-                   dtype);
-  TORCH_CHECK(t.sizes() == shape, "metakernels: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "metakernels: ", name, " must be contiguous");
-}
-
 // Checks x [N, R, D] and w [N, D] and fills the shape part of NormArgs.
 NormArgs shape_args(const at::Tensor& x, const at::Tensor& w, bool centered) {
   dtype_code(x, "x");
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "metakernels: x must be a contiguous [N, R, D] tensor, got ",
               x.sizes());
-  check_like(w, "weight", x, {x.size(0), x.size(2)}, x.scalar_type());
+  check_tensor(w, "weight", x, {x.size(0), x.size(2)}, x.scalar_type());
   NormArgs a{};
   a.N = x.size(0);
   a.R = x.size(1);
@@ -49,8 +40,8 @@ NormArgs shape_args(const at::Tensor& x, const at::Tensor& w, bool centered) {
 }
 
 void check_stats(const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x) {
-  check_like(mean, "mean", x, {x.size(0), x.size(1)}, acc_type(x));
-  check_like(rstd, "rstd", x, {x.size(0), x.size(1)}, acc_type(x));
+  check_tensor(mean, "mean", x, {x.size(0), x.size(1)}, acc_type(x));
+  check_tensor(rstd, "rstd", x, {x.size(0), x.size(1)}, acc_type(x));
 }
 
 void launch(const at::Tensor& x, NormArgs& a, Launcher cpu, CudaLauncher cuda) {
@@ -78,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& x,
                                                             const OptTensor& b, double eps, bool centered) {
   NormArgs a = shape_args(x, w, centered);
   TORCH_CHECK(eps > 0, "metakernels: eps must be > 0, got ", eps);
-  if (b) check_like(*b, "bias", x, w.sizes(), x.scalar_type());
+  if (b) check_tensor(*b, "bias", x, w.sizes(), x.scalar_type());
   at::Tensor y = new_output(x, x.sizes());
   at::Tensor mean = new_output(x.new_empty({0}, acc_type(x)), {a.N, a.R});
   at::Tensor rstd = new_output(mean, {a.N, a.R});
@@ -95,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(const at::Tensor& g
                                                              const at::Tensor& w, const at::Tensor& mean,
                                                              const at::Tensor& rstd, bool centered) {
   NormArgs a = shape_args(x, w, centered);
-  check_like(g, "grad_out", x, x.sizes(), x.scalar_type());
+  check_tensor(g, "grad_out", x, x.sizes(), x.scalar_type());
   check_stats(mean, rstd, x);
   at::Tensor dx = new_output(x, x.sizes()), dw = new_output(w, w.sizes()), db = new_output(w, w.sizes());
   a.g = g.data_ptr();
@@ -112,11 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_double_backward(
     const at::Tensor& ga, const at::Tensor& aw, const OptTensor& ab, const at::Tensor& g, const at::Tensor& x,
     const at::Tensor& w, const at::Tensor& mean, const at::Tensor& rstd, bool centered) {
   NormArgs a = shape_args(x, w, centered);
-  check_like(ga, "grad_dx", x, x.sizes(), x.scalar_type());
-  check_like(aw, "grad_dweight", x, w.sizes(), x.scalar_type());
-  if (ab) check_like(*ab, "grad_dbias", x, w.sizes(), x.scalar_type());
+  check_tensor(ga, "grad_dx", x, x.sizes(), x.scalar_type());
+  check_tensor(aw, "grad_dweight", x, w.sizes(), x.scalar_type());
+  if (ab) check_tensor(*ab, "grad_dbias", x, w.sizes(), x.scalar_type());
   const at::Tensor ab_or_zero = ab ? *ab : at::zeros_like(w);  // the kernels always read it
-  check_like(g, "grad_out", x, x.sizes(), x.scalar_type());
+  check_tensor(g, "grad_out", x, x.sizes(), x.scalar_type());
   check_stats(mean, rstd, x);
   at::Tensor dg = new_output(x, x.sizes()), dx = new_output(x, x.sizes()), dw = new_output(w, w.sizes());
   a.a = ga.data_ptr();

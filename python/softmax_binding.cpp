@@ -29,14 +29,6 @@ SoftmaxArgs base_args(const at::Tensor& ref, const char* name, double scale) {
   return a;
 }
 
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.device() == ref.device(), "metakernels: ", name, " is on ", t.device(), ", expected ", ref.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "metakernels: ", name, " has dtype ", t.scalar_type(),
-                   ", expected ", ref.scalar_type());
-  TORCH_CHECK(t.sizes() == ref.sizes() && t.is_contiguous(), "metakernels: ", name, " must be a contiguous ",
-              ref.sizes(), " tensor, got ", t.sizes());
-}
-
 void launch(SoftmaxPass pass, const at::Tensor& ref, const SoftmaxArgs& a) {
   const DType dtype = dtype_code(ref, "scores");
   if (ref.device().is_cpu()) {
@@ -65,7 +57,7 @@ at::Tensor softmax_forward(const at::Tensor& s, double scale) {
 
 at::Tensor softmax_backward(const at::Tensor& g, const at::Tensor& p, double scale) {
   SoftmaxArgs a = base_args(p, "p", scale);
-  check_same(g, "grad_out", p);
+  check_tensor(g, "grad_out", p, p.sizes(), p.scalar_type());
   at::Tensor ds = new_output(p, p.sizes());
   a.p = p.data_ptr();
   a.g = g.data_ptr();
@@ -77,8 +69,8 @@ at::Tensor softmax_backward(const at::Tensor& g, const at::Tensor& p, double sca
 std::tuple<at::Tensor, at::Tensor> softmax_double_backward(const at::Tensor& ga, const at::Tensor& g,
                                                            const at::Tensor& p, double scale) {
   SoftmaxArgs a = base_args(p, "p", scale);
-  check_same(ga, "grad_ds", p);
-  check_same(g, "grad_out", p);
+  check_tensor(ga, "grad_ds", p, p.sizes(), p.scalar_type());
+  check_tensor(g, "grad_out", p, p.sizes(), p.scalar_type());
   at::Tensor dg = new_output(p, p.sizes()), dp = new_output(p, p.sizes());
   a.p = p.data_ptr();
   a.g = g.data_ptr();
