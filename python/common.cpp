@@ -21,6 +21,8 @@ DType dtype_code(const at::Tensor& t, const char* name) {
   }
 }
 
+at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 at::Tensor new_output(const at::Tensor& like, at::IntArrayRef shape) {
   at::Tensor out = at::empty(shape, like.options());
   if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());

@@ -16,6 +16,9 @@ bool& poison_outputs();
 
 DType dtype_code(const at::Tensor& t, const char* name);
 
+// The kernels' accumulation dtype for t's storage dtype: float64 for float64, float32 otherwise.
+at::ScalarType acc_type(const at::Tensor& t);
+
 at::Tensor new_output(const at::Tensor& like, at::IntArrayRef shape);
 
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& ref, int64_t P);

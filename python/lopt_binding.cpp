@@ -24,10 +24,6 @@ LoptHyper make_hyper(const std::vector<double>& h) {
   return LoptHyper{{h[0], h[1], h[2]}, h[3], h[4], h[5], h[6], h[7]};
 }
 
-at::ScalarType acc_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Checks the operands shared by forward and backward and fills the common part of LoptArgs.
 LoptArgs common_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state,
                      const at::Tensor& weights, const std::vector<int64_t>& seg_offsets, int64_t H, int64_t layers) {

@@ -21,8 +21,6 @@ using OptTensor = std::optional<at::Tensor>;
 using Launcher = void (*)(DType, const NormArgs&);
 using CudaLauncher = const char* (*)(DType, const NormArgs&, void*);
 
-at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Checks x [N, R, D] and w [N, D] and fills the shape part of NormArgs.
 NormArgs shape_args(const at::Tensor& x, const at::Tensor& w, bool centered) {
   dtype_code(x, "x");

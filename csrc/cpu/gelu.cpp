@@ -13,18 +13,17 @@
 #include "../dispatch.h"
 #include "../gelu_kernels.h"
 #include "clones.h"
+#include "parallel.h"
 #include "vector_math.h"
 
 namespace mk {
 namespace {
 
-constexpr int64_t kGrainElements = 32768;
-
 template <GeluPass pass, bool kTanh, typename scalar_t>
 MK_CPU_CLONES void gelu_row(int64_t C, const scalar_t* __restrict__ x, const scalar_t* __restrict__ b,
                             const scalar_t* __restrict__ g, const scalar_t* __restrict__ a,
                             scalar_t* __restrict__ out, scalar_t* __restrict__ out_g) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = acc_of<scalar_t>;
 #pragma omp simd
   for (int64_t i = 0; i < C; ++i) {
     const GeluValues<acc_t> v = gelu_values(static_cast<acc_t>(x[i]) + static_cast<acc_t>(b[i]), kTanh);
@@ -47,8 +46,7 @@ const T* offset_ptr(const void* base, int64_t offset) {
 
 template <GeluPass pass, bool kTanh, typename scalar_t>
 void gelu_impl(const GeluArgs& a) {
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(a.C, 1));
-  at::parallel_for(0, a.N * a.R, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.N * a.R, grain_for(a.C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t e = row * a.C, n = row / a.R;
       gelu_row<pass, kTanh, scalar_t>(a.C, offset_ptr<scalar_t>(a.x, e), offset_ptr<scalar_t>(a.b, n * a.C),

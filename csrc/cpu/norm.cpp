@@ -18,14 +18,10 @@
 #include "../dispatch.h"
 #include "../norm_kernels.h"
 #include "clones.h"
+#include "parallel.h"
 
 namespace mk {
 namespace {
-
-constexpr int64_t kGrainElements = 32768;
-
-template <typename scalar_t>
-using acc_of = typename AccType<scalar_t>::type;
 
 template <typename scalar_t>
 MK_CPU_CLONES void forward_row(int64_t D, bool centered, acc_of<scalar_t> eps, const scalar_t* __restrict__ x,
@@ -140,8 +136,7 @@ T* at_row(void* base, int64_t index, int64_t D) {
 template <typename scalar_t>
 void forward_impl(const NormArgs& a) {
   using acc_t = acc_of<scalar_t>;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(a.D, 1));
-  at::parallel_for(0, a.N * a.R, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.N * a.R, grain_for(a.D), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / a.R;
       forward_row<scalar_t>(a.D, a.centered, static_cast<acc_t>(a.eps), at_row<scalar_t>(a.x, row, a.D),
@@ -159,8 +154,7 @@ void chunked_rows(const NormArgs& a, int nsums, void* const* outs, RowFn row_fn)
   using acc_t = acc_of<scalar_t>;
   const int64_t nchunks = norm_chunks(a.R), D = a.D;
   std::vector<acc_t> partial(static_cast<size_t>(a.N * nchunks * nsums * D), acc_t(0));
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(kNormRowsPerChunk * D, 1));
-  at::parallel_for(0, a.N * nchunks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.N * nchunks, grain_for(kNormRowsPerChunk * D), [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t n = job / nchunks, r0 = (job % nchunks) * kNormRowsPerChunk;
       const int64_t r1 = std::min(a.R, r0 + kNormRowsPerChunk);
@@ -168,8 +162,7 @@ void chunked_rows(const NormArgs& a, int nsums, void* const* outs, RowFn row_fn)
       for (int64_t r = r0; r < r1; ++r) row_fn(n * a.R + r, n, p, p + D);
     }
   });
-  const int64_t grain_cols = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(nchunks, 1));
-  at::parallel_for(0, a.N * D, grain_cols, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.N * D, grain_for(nchunks), [&](int64_t begin, int64_t end) {
     for (int64_t nd = begin; nd < end; ++nd) {
       const int64_t n = nd / D, d = nd % D;
       for (int s = 0; s < nsums; ++s) {

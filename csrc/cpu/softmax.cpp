@@ -11,15 +11,11 @@
 #include "../dispatch.h"
 #include "../softmax_kernels.h"
 #include "clones.h"
+#include "parallel.h"
 #include "vector_math.h"
 
 namespace mk {
 namespace {
-
-constexpr int64_t kGrainElements = 32768;
-
-template <typename scalar_t>
-using acc_of = typename AccType<scalar_t>::type;
 
 template <typename scalar_t>
 MK_CPU_CLONES void forward_row(int64_t Sk, int64_t visible, acc_of<scalar_t> scale, const scalar_t* __restrict__ s,
@@ -72,10 +68,10 @@ template <typename scalar_t>
 void softmax_impl(SoftmaxPass pass, const SoftmaxArgs& a) {
   using acc_t = acc_of<scalar_t>;
   const acc_t scale = static_cast<acc_t>(a.scale);
-  const int64_t Sk = a.Sk, grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(Sk, 1));
+  const int64_t Sk = a.Sk;
   auto in = [&](const void* base, int64_t row) { return static_cast<const scalar_t*>(base) + row * Sk; };
   auto out = [&](void* base, int64_t row) { return static_cast<scalar_t*>(base) + row * Sk; };
-  at::parallel_for(0, a.N * a.Sq, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.N * a.Sq, grain_for(Sk), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       if (pass == SoftmaxPass::kForward) {
         forward_row<scalar_t>(Sk, softmax_visible(row, a.Sq, Sk), scale, in(a.s, row), out(a.out, row));

@@ -17,6 +17,7 @@
 #include "../dispatch.h"
 #include "../update_kernels.h"
 #include "clones.h"
+#include "parallel.h"
 
 namespace mk {
 namespace {
@@ -24,8 +25,6 @@ namespace {
 // NOTE: 1024 elements keep a backward job's scratch (4 cotangent rows + 5 accumulators, fp32) at
 // 36 KB, within L2, while giving ~1000 jobs at P = 1e6 for load balance.
 constexpr int64_t kChunk = 1024;
-// Elements per thread below which at::parallel_for stays on one thread (ATen's own GRAIN_SIZE).
-constexpr int64_t kGrainElements = 32768;
 
 template <typename scalar_t>
 const scalar_t* row(const void* base, int64_t row_stride, int64_t t, int64_t offset) {
@@ -68,9 +67,8 @@ MK_CPU_CLONES void forward_chunk(const UpdateConsts<typename AccType<scalar_t>::
 template <UpdateKind kind, bool kLrTensor, typename scalar_t>
 void forward_impl(const UpdateHyper& h, const UpdateForwardArgs& a) {
   const int64_t nchunks = (a.P + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / kChunk);
   const UpdateConsts<typename AccType<scalar_t>::type> c(h);
-  at::parallel_for(0, a.T * nchunks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.T * nchunks, grain_for(kChunk), [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t t = job / nchunks, c0 = (job % nchunks) * kChunk, n = std::min(kChunk, a.P - c0);
       forward_chunk<kind, kLrTensor, scalar_t>(
@@ -138,9 +136,8 @@ void backward_impl(const UpdateHyper& h, const UpdateBackwardArgs& a) {
   using acc_t = typename AccType<scalar_t>::type;
   constexpr int kStates = update_num_states(kind);
   const int64_t nchunks = (a.P + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / (kChunk * std::max<int64_t>(a.T, 1)));
   const UpdateConsts<acc_t> c(h);
-  at::parallel_for(0, nchunks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nchunks, grain_for(kChunk * a.T), [&](int64_t begin, int64_t end) {
     alignas(64) scalar_t zeros[kChunk];
     std::fill(zeros, zeros + kChunk, scalar_t(0));
     ChunkCotangents<acc_t> cot;
