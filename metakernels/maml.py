@@ -18,6 +18,7 @@ from torch import nn
 from .inner_loop import NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, run_inner_loop
 from .layout import AdaptSpec, ParamLayout
 from .nn import fuse_layers
+from .reverse_sweep import add_optional, chunk_meta_gradients
 from .tasks import select_tasks, task_count
 
 MEMORY_MODES = ("fast", "low")
@@ -80,8 +81,10 @@ class MAML(nn.Module):
             list of names (ANIL: the head; LoRA: the adapters).  The others are shared by all tasks
             and still receive meta-gradients.
         memory: "fast" keeps every task's inner graph; "low" runs ``task_chunk`` tasks at a time
-            (default 1) and differentiates each chunk in the forward, so peak memory is that of a
-            chunk, at the cost of speed.
+            (default 1) and differentiates each chunk in the forward; second order, it also keeps one
+            inner step's graph at a time (a reverse sweep that recomputes each step, see
+            :mod:`metakernels.reverse_sweep`), so peak memory is that of one step of a chunk, at the
+            cost of speed.
         nan_policy: "raise" reports a non-finite inner or query loss with its task and step;
             "ignore" lets it through.
         vectorize: True (torch.vmap over tasks), False (a Python loop over the forward only), or
@@ -136,10 +139,15 @@ class MAML(nn.Module):
         for start in range(0, T, self.task_chunk):
             chunk = slice(start, min(start + self.task_chunk, T))
             n = chunk.stop - chunk.start
-            loss = self._meta_loss(loss_fn, select_tasks(support, chunk), select_tasks(query, chunk), n) * (n / T)
-            chunk_grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
-            grads = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(grads, chunk_grads)]
-            total = loss.detach() if total is None else total + loss.detach()
+            chunk_support, chunk_query = select_tasks(support, chunk), select_tasks(query, chunk)
+            if self.first_order:
+                loss = self._meta_loss(loss_fn, chunk_support, chunk_query, n) * (n / T)
+                chunk_grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
+                loss = loss.detach()  # frees this chunk's graph before the next one is built
+            else:
+                loss, chunk_grads = chunk_meta_gradients(self, loss_fn, chunk_support, chunk_query, n, n / T, meta_params)
+            grads = [add_optional(acc, g) for acc, g in zip(grads, chunk_grads)]
+            total = loss if total is None else total + loss
         return _InjectGradients.apply(total, grads, *meta_params)
 
     def _meta_loss(self, loss_fn, support, query, T: int) -> torch.Tensor:

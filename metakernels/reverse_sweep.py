@@ -1,0 +1,105 @@
+"""memory="low", second order: the meta-gradient of a chunk of tasks by a reverse sweep over the inner
+steps, recomputing one step's graph at a time.
+
+Fast mode keeps the graph of all K inner steps (each step's activations and the graph of its inner
+gradient) until the meta-backward.  Here the forward sweep runs the K steps without a graph, keeping
+only what enters each step k: the fast weights theta_{k-1} [T, P] (the shared [P] at k = 1), the
+optimizer state s_{k-1}, and the random-number state the step drew from.  The query loss gives
+v_K = dL/dtheta_K; then, for k = K..1, step k is recomputed with its graph (the inner gradient with
+create_graph, the same dropout masks) and its vector-Jacobian product at the incoming cotangents
+
+    (v_{k-1}, w_{k-1}, d meta-parameters) += (v_k, w_k) . d(theta_k, s_k) / d(theta_{k-1}, s_{k-1}, meta-parameters)
+
+takes the cotangents one step back (w: the optimizer state's cotangent; the meta-parameters are the
+shared, non-adapted parameters the support loss uses and Meta-SGD's rates).  v_0 is the cotangent of
+the initialisation.  The peak holds one step's graph instead of K, plus K + 1 copies of the fast
+weights; each step's forward and backward run twice (once without create_graph)."""
+from __future__ import annotations
+
+import torch
+
+from .inner_loop import check_finite
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None, torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    device_state, cpu_state = state
+    torch.set_rng_state(cpu_state)
+    if device_state is not None:
+        torch.cuda.set_rng_state(device_state, device)
+
+
+def _task_rows(params: torch.Tensor, T: int) -> torch.Tensor:
+    return params.expand(T, -1) if params.dim() == 1 else params
+
+
+def _detached(rate):
+    return rate.detach() if isinstance(rate, torch.Tensor) else rate
+
+
+def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, meta_params: list[torch.Tensor]):
+    """(scale * mean query loss, its gradient for each of ``meta_params``, None where unused) for T tasks
+    of ``maml`` (an :class:`metakernels.MAML`), without keeping more than one inner step's graph."""
+    evaluator, optimizer = maml._evaluator, maml.optimizer
+    theta0 = maml.layout.flatten().detach()
+    device = theta0.device
+    rate = _detached(maml.inner_rate())
+    entering = []  # (theta_{k-1}, s_{k-1}, rng state) of step k
+    params, state = theta0, optimizer.initial_state(theta0.shape[0], theta0)
+    for k in range(1, maml.inner_steps + 1):
+        entering.append((params, state, _rng_state(device)))
+        with torch.enable_grad():
+            fast = _task_rows(params, T).detach().requires_grad_()
+            losses = evaluator.losses(loss_fn, fast, support, T)
+            if maml.nan_policy == "raise":
+                check_finite(losses, "inner (support)", k)
+            (grads,) = torch.autograd.grad(losses.sum(), fast)
+        with torch.no_grad():
+            params, state = optimizer.step(params, grads, state, rate, k)
+
+    with torch.enable_grad():
+        fast = _task_rows(params, T).detach().requires_grad_()
+        losses = evaluator.losses(loss_fn, fast, query, T)
+        if maml.nan_policy == "raise":
+            check_finite(losses, "query", maml.inner_steps)
+        loss = losses.mean() * scale
+        v, *meta_grads = torch.autograd.grad(loss, [fast, *meta_params], allow_unused=True)
+    after_query = _rng_state(device)
+
+    w = (None,) * len(state)
+    for k in range(maml.inner_steps, 0, -1):
+        theta, s, rng = entering[k - 1]
+        if v is None and all(c is None for c in w):
+            break  # nothing flows back from the query through this step
+        _set_rng_state(device, rng)
+        with torch.enable_grad():
+            theta = theta.detach().requires_grad_()
+            s = tuple(x.detach().requires_grad_(k > 1) for x in s)  # the initial state is a constant
+            fast = _task_rows(theta, T)
+            (grads,) = torch.autograd.grad(evaluator.losses(loss_fn, fast, support, T).sum(), fast, create_graph=True)
+            new_theta, new_s = optimizer.step(theta, grads, s, maml.inner_rate(), k)
+            if not maml._second_order_checked:
+                maml._check_twice_differentiable(new_theta)
+            pairs = [(out, cot) for out, cot in zip((new_theta, *new_s), (v, *w)) if cot is not None]
+            inputs = [theta, *(x for x in s if x.requires_grad), *meta_params]
+            back = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
+        v = back[0]
+        n_states = len(inputs) - 1 - len(meta_params)
+        w = tuple(back[1:1 + n_states]) if k > 1 else w
+        meta_grads = [add_optional(a, b) for a, b in zip(meta_grads, back[1 + n_states:])]
+    _set_rng_state(device, after_query)
+
+    if v is not None:  # v = v_0, the cotangent of the initialisation: onto the adapted parameters
+        index = {id(p): i for i, p in enumerate(meta_params)}
+        for p, g in zip(maml.layout.parameters(), maml.layout.unflatten(v).values()):
+            if id(p) in index:
+                meta_grads[index[id(p)]] = add_optional(meta_grads[index[id(p)]], g)
+    return loss.detach(), meta_grads
+
+
+def add_optional(a, b):
+    """a + b where None stands for zero."""
+    return b if a is None else (a if b is None else a + b)
