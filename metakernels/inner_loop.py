@@ -61,16 +61,16 @@ class TaskBatchedModel:
         self.layout = layout
         self.vectorize = vectorize  # None: try vmap, fall back to the loop once with a warning
 
-    def bind(self, flat_row: torch.Tensor):
-        params = self.layout.unflatten(flat_row)
+    def bind(self, params: dict[str, torch.Tensor]):
+        """The model called with ``params`` (one task's adapted parameters, by name) in place of its own."""
 
         def f(*args, **kwargs):
             return functional_call(self.model, params, args, kwargs)
 
         return f
 
-    def _one_task(self, loss_fn, flat_row, task_batch):
-        loss = loss_fn(self.bind(flat_row), task_batch)
+    def _one_task(self, loss_fn, params, task_batch):
+        loss = loss_fn(self.bind(params), task_batch)
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss_fn must return a scalar tensor, it returned a {type(loss).__name__}")
         if loss.dim() != 0:
@@ -81,12 +81,14 @@ class TaskBatchedModel:
         return loss
 
     def losses(self, loss_fn, fast: torch.Tensor, batch, T: int) -> torch.Tensor:
-        """[T] losses for fast weights [T, P]."""
+        """[T] losses for fast weights [T, P] (unflattened before vmap, so that the backward packs the
+        per-parameter cotangents of all tasks at once)."""
+        params = self.layout.unflatten(fast)
         if T == 1:  # NOTE: vmap's per-op overhead made memory='low' (one task per chunk) 1.5x slower
-            return self._one_task(loss_fn, fast[0], select_tasks(batch, 0)).unsqueeze(0)
+            return self._one_task(loss_fn, _task(params, 0), select_tasks(batch, 0)).unsqueeze(0)
         if self.vectorize is not False:
             try:
-                return torch.vmap(lambda w, b: self._one_task(loss_fn, w, b), randomness="different")(fast, batch)
+                return torch.vmap(lambda w, b: self._one_task(loss_fn, w, b), randomness="different")(params, batch)
             except (TypeError, ValueError):  # the user's loss_fn broke its contract: report, do not retry
                 raise
             except Exception as exc:  # a model vmap cannot trace (data-dependent control flow, .item())
@@ -98,7 +100,11 @@ class TaskBatchedModel:
                     "silence this.", RuntimeWarning, stacklevel=3,
                 )
                 self.vectorize = False
-        return torch.stack([self._one_task(loss_fn, fast[t], select_tasks(batch, t)) for t in range(T)])
+        return torch.stack([self._one_task(loss_fn, _task(params, t), select_tasks(batch, t)) for t in range(T)])
+
+
+def _task(params: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+    return {name: p[t] for name, p in params.items()}
 
 
 def check_finite(losses: torch.Tensor, what: str, step: int) -> None:

@@ -41,6 +41,7 @@ class ParamLayout:
         self.numels = [p.numel() for _, p in chosen]
         self.numel = sum(self.numels)
         self._module = model
+        self._spec = (tuple(self.numels), tuple(self.shapes))
 
     def parameters(self) -> list[nn.Parameter]:
         params = dict(self._module.named_parameters())
@@ -53,6 +54,51 @@ class ParamLayout:
         return torch.cat([t.reshape(-1) for t in tensors])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[..., P] -> {name: [..., *shape]} views."""
-        lead = flat.shape[:-1]
-        return {n: chunk.reshape(*lead, *s) for n, s, chunk in zip(self.names, self.shapes, flat.split(self.numels, dim=-1))}
+        """[..., P] -> {name: [..., *shape]} views.  Differentiable to any order; the backward writes each
+        parameter's cotangent, whatever its strides, straight into one [..., P] tensor (a reshape to
+        [..., numel] and a cat would copy the transposed cotangents of linear layers twice)."""
+        return dict(zip(self.names, _Unflatten.apply(flat, self._spec)))
+
+
+def _views(flat: torch.Tensor, spec) -> tuple[torch.Tensor, ...]:
+    numels, shapes = spec
+    lead = flat.shape[:-1]
+    return tuple(chunk.view(*lead, *s) for s, chunk in zip(shapes, flat.split(numels, dim=-1)))
+
+
+class _Unflatten(torch.autograd.Function):
+    """flat [..., P] -> views [..., *shape_i]; backward: _Pack."""
+
+    @staticmethod
+    def forward(ctx, flat, spec):
+        ctx.set_materialize_grads(False)
+        ctx.spec, ctx.lead = spec, flat.shape[:-1]
+        return _views(flat, spec)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):
+            return None, None
+        return _Pack.apply(ctx.lead, ctx.spec, *grads), None
+
+
+class _Pack(torch.autograd.Function):
+    """Per-parameter tensors [..., *shape_i] (None: zeros) -> one [..., P] tensor, one strided copy each;
+    backward: _Unflatten."""
+
+    @staticmethod
+    def forward(ctx, lead, spec, *parts):
+        ctx.spec, ctx.present = spec, [p is not None for p in parts]
+        like = next(p for p in parts if p is not None)
+        flat = like.new_empty(*lead, sum(spec[0]))
+        for view, part in zip(_views(flat, spec), parts):
+            if part is None:
+                view.zero_()
+            else:
+                view.copy_(part)
+        return flat
+
+    @staticmethod
+    def backward(ctx, grad_flat):
+        views = _Unflatten.apply(grad_flat, ctx.spec)
+        return None, None, *(v if present else None for v, present in zip(views, ctx.present))

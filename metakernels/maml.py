@@ -56,7 +56,7 @@ class AdaptedModel:
         """The model bound to task ``task``'s weights: call it like the model."""
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task {task} is out of range for {self.num_tasks} adapted tasks")
-        return self._evaluator.bind(self.fast[task])
+        return self._evaluator.bind(self.params(task))
 
     def losses(self, loss_fn, batch) -> torch.Tensor:
         """[T] losses of every task on its own batch (leading task dimension T), without a graph."""
@@ -225,7 +225,7 @@ class MetaSGD(MAML):
 
     def inner_rate(self) -> torch.Tensor:
         if self.learn_lr == "parameter":
-            return torch.cat([r.reshape(-1) for r in self.inner_lrs])
+            return self.layout.flatten(dict(zip(self.layout.names, self.inner_lrs)))
         if self.learn_lr == "tensor":
             return torch.cat([r.expand(n) for r, n in zip(self.inner_lrs, self.layout.numels)])
         return self.inner_lrs[0]

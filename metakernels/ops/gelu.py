@@ -78,7 +78,7 @@ class _BiasGelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, b = ctx.saved_tensors
-        dx = _BiasGeluBackward.apply(gy, x, b, ctx.tanh_form)
+        dx = _BiasGeluBackward.apply(gy.contiguous(), x, b, ctx.tanh_form)
         return dx, dx.sum(1), None
 
     @staticmethod

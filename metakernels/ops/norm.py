@@ -110,7 +110,7 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _gmean, _grstd):
         x, w, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _NormBackward.apply(gy, x, w, mean, rstd, ctx.centered)
+        dx, dw, db = _NormBackward.apply(gy.contiguous(), x, w, mean, rstd, ctx.centered)
         return dx, dw, db if ctx.has_bias else None, None, None
 
     @staticmethod

@@ -68,7 +68,7 @@ class _CausalSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (p,) = ctx.saved_tensors
-        return _CausalSoftmaxBackward.apply(g, p, ctx.scale), None
+        return _CausalSoftmaxBackward.apply(g.contiguous(), p, ctx.scale), None
 
     @staticmethod
     def vmap(info, in_dims, s, scale):
