@@ -149,12 +149,16 @@ inline void store_grads(const LoptArgs& a, const Job& j, int64_t i, int64_t m, c
 }
 
 // Pass A of the backward for one job; returns c_k = sum_i dx_ik f_ik in c_out and accumulates the
-// weight gradient into dw (double).
+// weight gradient into dw (double, nw weights) through dw_lanes (scratch: nw vector-wide partial sums,
+// reduced once at the end of the job).
 template <typename acc_t, typename scalar_t>
 MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
                                 const acc_t* __restrict__ norm, const Rows<scalar_t> r, const OutCotangents<scalar_t> cot,
-                                const LoptArgs& a, const Job& j, double* __restrict__ dw, double* __restrict__ c_out,
-                                acc_t* __restrict__ act, acc_t* __restrict__ dz_a, acc_t* __restrict__ dz_b) {
+                                const LoptArgs& a, const Job& j, int64_t nw, double* __restrict__ dw,
+                                acc_t* __restrict__ dw_lanes, double* __restrict__ c_out, acc_t* __restrict__ act,
+                                acc_t* __restrict__ dz_a, acc_t* __restrict__ dz_b) {
+  constexpr int VL = kLoptVecLanes<acc_t>;
+  std::fill(dw_lanes, dw_lanes + nw * VL, acc_t(0));
   Block<acc_t, scalar_t> b;
   BlockGrads<acc_t> d;
   alignas(64) acc_t dout[2 * kLanes], dx[F * kLanes], df[F * kLanes];
@@ -173,7 +177,7 @@ MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __re
       dout[l] = dstep;
       dout[kLanes + l] = dstep * out[l] * c.exp_mult;
     }
-    lopt_mlp_backward<kLanes>(w, H, layers, b.x, act, dout, dx, dw, dz_a, dz_b);
+    lopt_mlp_backward<kLanes>(w, H, layers, b.x, act, dout, dx, dw_lanes, dz_a, dz_b);
     for (int k = 0; k < F; ++k)
       for (int l = 0; l < kLanes; ++l) {
         csum[k * kLanes + l] += dx[k * kLanes + l] * b.f[k * kLanes + l];
@@ -188,6 +192,11 @@ MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __re
     double sum = 0;
     for (int l = 0; l < kLanes; ++l) sum += static_cast<double>(csum[k * kLanes + l]);
     c_out[k] = sum;
+  }
+  for (int64_t q = 0; q < nw; ++q) {
+    double sum = 0;
+    for (int i = 0; i < VL; ++i) sum += static_cast<double>(dw_lanes[q * VL + i]);
+    dw[q] += sum;
   }
 }
 
@@ -265,6 +274,7 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
   std::vector<double> dw_groups(groups * nw, 0.0), c_partial(njobs * F);
   at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
     std::vector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes), dz_a(a.H * kLanes), dz_b(a.H * kLanes);
+    std::vector<acc_t> dw_lanes(nw * kLoptVecLanes<acc_t>);
     for (int64_t g = gbegin; g < gend; ++g) {
       for (int64_t k = g * njobs / groups; k < (g + 1) * njobs / groups; ++k) {
         const Job& j = jobs[k];
@@ -273,7 +283,8 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
             a.grad_param_out ? static_cast<const scalar_t*>(a.grad_param_out) + off : nullptr,
             a.grad_state_out ? static_cast<const scalar_t*>(a.grad_state_out) + off : nullptr};
         backward_job<acc_t>(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j), cot, a, j,
-                            &dw_groups[g * nw], &c_partial[k * F], act.data(), dz_a.data(), dz_b.data());
+                            nw, &dw_groups[g * nw], dw_lanes.data(), &c_partial[k * F], act.data(), dz_a.data(),
+                            dz_b.data());
       }
     }
   });
