@@ -20,6 +20,7 @@ import math
 import torch
 
 from . import _checks
+from ._common import acc_dtype, to_acc
 from ._task_batch import fold_task_vmap, run_kernel
 
 APPROXIMATIONS = ("none", "tanh")
@@ -41,8 +42,7 @@ def _gelu_values(u: torch.Tensor, tanh_form: bool):
 
 
 def _u(x, b):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.to(acc) + b.to(acc).unsqueeze(1)
+    return to_acc(x) + b.to(acc_dtype(x.dtype)).unsqueeze(1)
 
 
 def reference_forward(x, b, tanh_form: bool):
@@ -50,7 +50,7 @@ def reference_forward(x, b, tanh_form: bool):
 
 
 def reference_backward(g, x, b, tanh_form: bool):
-    return (g.to(torch.float64 if x.dtype == torch.float64 else torch.float32) * _gelu_values(_u(x, b), tanh_form)[1]).to(x.dtype)
+    return (g.to(acc_dtype(x.dtype)) * _gelu_values(_u(x, b), tanh_form)[1]).to(x.dtype)
 
 
 def reference_double_backward(a, g, x, b, tanh_form: bool):

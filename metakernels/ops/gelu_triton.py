@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from ._common import acc_dtype, new_output, tl_acc
 
 _BLOCK = 1024
 # sqrt(2/pi), the tanh form's cubic coefficient, 1/sqrt(2 pi), 1/sqrt(2): loaded in the accumulation dtype
@@ -58,37 +58,29 @@ def _gelu_kernel(x_ptr, b_ptr, g_ptr, a_ptr, out_ptr, outg_ptr, const_ptr, R, C,
         tl.store(out_ptr + e, (a * g * d2).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _out(like):
-    out = torch.empty_like(like)
-    if _backend.POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
-
-
 def _launch(pass_, x, b, g, a, out, out_g, tanh_form):
     N, R, C = x.shape
     total = x.numel()
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    consts = torch.tensor(_CONSTANTS, dtype=acc, device=x.device)
+    consts = torch.tensor(_CONSTANTS, dtype=acc_dtype(x.dtype), device=x.device)
     _gelu_kernel[(triton.cdiv(total, _BLOCK),)](
         x, b, g if g is not None else x, a if a is not None else x, out, out_g if out_g is not None else out,
-        consts, R, C, total, PASS=pass_, TANH=tanh_form, ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        consts, R, C, total, PASS=pass_, TANH=tanh_form, ACC=tl_acc(x.dtype),
         BLOCK=_BLOCK)
 
 
 def gelu_forward(x, b, tanh_form):
-    y = _out(x)
+    y = new_output(x)
     _launch(0, x, b, None, None, y, None, tanh_form)
     return y
 
 
 def gelu_backward(g, x, b, tanh_form):
-    dx = _out(x)
+    dx = new_output(x)
     _launch(1, x, b, g, None, dx, None, tanh_form)
     return dx
 
 
 def gelu_double_backward(a, g, x, b, tanh_form):
-    dg, du = _out(x), _out(x)
+    dg, du = new_output(x), new_output(x)
     _launch(2, x, b, g, a, du, dg, tanh_form)
     return dg, du

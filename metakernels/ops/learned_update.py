@@ -35,6 +35,7 @@ import torch
 
 from .. import _backend
 from . import _checks
+from ._common import acc_dtype
 
 NUM_FEATURES = 9
 NUM_STATES = 4
@@ -205,7 +206,7 @@ def learned_update(params: torch.Tensor, grads: torch.Tensor, state: torch.Tenso
         params, grads, state = params.unsqueeze(0), grads.unsqueeze(0), state.unsqueeze(1)
     P = params.shape[1]
     sizes = _check_segments(segments, P)
-    weights = weights.to(torch.float64 if params.dtype == torch.float64 else torch.float32)
+    weights = weights.to(acc_dtype(params.dtype))
     backend = _backend.select(params.device, _OP)
     if backend == "reference" or params.numel() == 0:
         p_new, s_new = reference_learned_update(params, grads, state, weights, sizes, hidden, layers, hyper)

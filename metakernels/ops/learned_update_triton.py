@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from ._common import acc_dtype, new_output, tl_acc
 
 _BLOCK = 64
 _FP = 16  # features padded to the smallest tl.dot size
@@ -299,17 +299,6 @@ def _normaliser_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, coef_ptr, hp_ptr, 
 
 # ------------------------------------------------------------------------------------------ host side
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _new(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    if _backend.POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
-
-
 class _Jobs:
     """The job table (t, seg, begin) and each (task, segment)'s first job, on the operands' device."""
 
@@ -339,8 +328,8 @@ class _Jobs:
 
 
 def _common(param, hyper):
-    acc = _acc(param.dtype)
-    return acc, tl.float64 if acc == torch.float64 else tl.float32, torch.tensor(hyper, dtype=acc, device=param.device)
+    acc = acc_dtype(param.dtype)
+    return acc, tl_acc(param.dtype), torch.tensor(hyper, dtype=acc, device=param.device)
 
 
 def _hp(H: int) -> int:
@@ -350,18 +339,18 @@ def _hp(H: int) -> int:
 def lopt_forward(param, grad, state, weights, offsets, hidden, layers, hyper):
     """Same contract as metakernels._C.lopt_forward: returns (params', state', norms)."""
     T, P = param.shape
-    acc, tl_acc, hp = _common(param, hyper)
+    acc, acc_tl, hp = _common(param, hyper)
     jobs = _Jobs(T, offsets, param.device)
     nseg = len(offsets) - 1
-    p_new, s_new = _new(param, param.shape), _new(state, state.shape)
+    p_new, s_new = new_output(param, param.shape), new_output(state, state.shape)
     partial = torch.empty(jobs.count, NUM_FEATURES, dtype=acc, device=param.device)
     _moments_kernel[(jobs.count,)](jobs.table, jobs.offsets, param, grad, state, hp, partial, P, T * P,
-                                   ACC=tl_acc, BLOCK=_BLOCK, FP=_FP)
+                                   ACC=acc_tl, BLOCK=_BLOCK, FP=_FP)
     sums = jobs.segment_sums(partial)
     norms = torch.rsqrt(sums / jobs.sizes[:, None] + hyper[5]).to(acc).reshape(T, nseg, NUM_FEATURES).contiguous()
     _step_kernel[(jobs.count,)](jobs.table, jobs.offsets, param, grad, state, weights, norms, hp, p_new, s_new,
                                 P, T * P, nseg, H=hidden, HP=_hp(hidden), LAYERS=layers, IEEE=acc == torch.float32,
-                                ACC=tl_acc, BLOCK=_BLOCK, FP=_FP, OUT_PAD=_OUT_PAD)
+                                ACC=acc_tl, BLOCK=_BLOCK, FP=_FP, OUT_PAD=_OUT_PAD)
     return p_new, s_new, norms
 
 
@@ -369,10 +358,10 @@ def lopt_backward(param, grad, state, weights, norms, offsets, hidden, layers, h
                   grad_state_out, needs_grad):
     """Same contract as metakernels._C.lopt_backward: returns [d_params, d_grads, d_state, d_weights]."""
     T, P = param.shape
-    acc, tl_acc, hp = _common(param, hyper)
+    acc, acc_tl, hp = _common(param, hyper)
     jobs = _Jobs(T, offsets, param.device)
     nseg = len(offsets) - 1
-    outs = [_new(like, like.shape) if need else None for like, need in zip((param, grad, state), needs_grad)]
+    outs = [new_output(like, like.shape) if need else None for like, need in zip((param, grad, state), needs_grad)]
     dp, dg, ds = outs
     programs = max(1, min(jobs.count, _BWD_PROGRAMS))
     dw_partial = torch.zeros(programs, weights.numel(), dtype=acc, device=param.device)
@@ -383,7 +372,7 @@ def lopt_backward(param, grad, state, weights, norms, offsets, hidden, layers, h
         H=hidden, HP=_hp(hidden), LAYERS=layers, IEEE=acc == torch.float32,
         HAS_GP=grad_param_out is not None, HAS_GS=grad_state_out is not None,
         HAS_DP=dp is not None, HAS_DG=dg is not None, HAS_DS=ds is not None,
-        ACC=tl_acc, BLOCK=_BLOCK, FP=_FP, OUT_PAD=_OUT_PAD, NW=weights.numel())
+        ACC=acc_tl, BLOCK=_BLOCK, FP=_FP, OUT_PAD=_OUT_PAD, NW=weights.numel())
     d_weights = dw_partial.double().sum(dim=0).to(acc)
     if any(o is not None for o in outs):
         n = norms.reshape(T * nseg, NUM_FEATURES).double()
@@ -391,5 +380,5 @@ def lopt_backward(param, grad, state, weights, norms, offsets, hidden, layers, h
         _normaliser_kernel[(jobs.count,)](
             jobs.table, jobs.offsets, param, grad, state, coef, hp, dp, dg, ds, P, T * P, nseg,
             HAS_DP=dp is not None, HAS_DG=dg is not None, HAS_DS=ds is not None,
-            ACC=tl_acc, BLOCK=_BLOCK, FP=_FP)
+            ACC=acc_tl, BLOCK=_BLOCK, FP=_FP)
     return [dp, dg, ds, d_weights]

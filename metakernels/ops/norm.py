@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from ._common import to_acc
 from ._task_batch import fold_task_vmap, run_kernel
 
 
@@ -37,26 +38,22 @@ from ._task_batch import fold_task_vmap, run_kernel
 # The plain-PyTorch implementations of the three kernels over canonical shapes x [N, R, D], w [N, D],
 # per-row statistics [N, R]: the oracle of the compiled backends.
 
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.float()
-
-
 def reference_forward(x, w, b, eps: float, centered: bool):
-    xa, wa = _acc(x), _acc(w).unsqueeze(1)
+    xa, wa = to_acc(x), to_acc(w).unsqueeze(1)
     mean = xa.mean(-1) if centered else torch.zeros(xa.shape[:-1], dtype=xa.dtype, device=x.device)
     xc = xa - mean.unsqueeze(-1)
     rstd = torch.rsqrt((xc * xc).mean(-1) + eps)
     y = xc * rstd.unsqueeze(-1) * wa
     if b is not None:
-        y = y + _acc(b).unsqueeze(1)
+        y = y + to_acc(b).unsqueeze(1)
     return y.to(x.dtype), mean, rstd
 
 
 def _row_terms(g, x, w, mean, rstd):
     r = rstd.unsqueeze(-1)
-    xh = (_acc(x) - mean.unsqueeze(-1)) * r
-    ga = _acc(g)
-    return ga, xh, r, ga * _acc(w).unsqueeze(1)
+    xh = (to_acc(x) - mean.unsqueeze(-1)) * r
+    ga = to_acc(g)
+    return ga, xh, r, ga * to_acc(w).unsqueeze(1)
 
 
 def reference_backward(g, x, w, mean, rstd, centered: bool):
@@ -70,7 +67,7 @@ def reference_backward(g, x, w, mean, rstd, centered: bool):
 
 def reference_double_backward(a, aw, ab, g, x, w, mean, rstd, centered: bool):
     ga, xh, r, gh = _row_terms(g, x, w, mean, rstd)
-    aa, awa = _acc(a), _acc(aw).unsqueeze(1)
+    aa, awa = to_acc(a), to_acc(aw).unsqueeze(1)
     m2 = (gh * xh).mean(-1, keepdim=True)
     A2 = (aa * xh).mean(-1, keepdim=True)
     if centered:
@@ -78,9 +75,9 @@ def reference_double_backward(a, aw, ab, g, x, w, mean, rstd, centered: bool):
     else:
         m1 = A1 = torch.zeros_like(m2)
     inner = r * (aa - A1 - xh * A2)
-    dg = _acc(w).unsqueeze(1) * inner + awa * xh
+    dg = to_acc(w).unsqueeze(1) * inner + awa * xh
     if ab is not None:
-        dg = dg + _acc(ab).unsqueeze(1)
+        dg = dg + to_acc(ab).unsqueeze(1)
     dw = (ga * inner).sum(1)
     G = -r * (aa * m2 + A2 * gh) + awa * ga
     GmeanC = G.mean(-1, keepdim=True) if centered else 0.0

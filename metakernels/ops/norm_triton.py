@@ -13,17 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from ._common import acc_dtype, new_output, tl_acc
 
 _ROWS_PER_CHUNK = 32
-
-
-def _acc(x: torch.Tensor):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(x: torch.Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
 @triton.jit
@@ -141,13 +133,6 @@ def _norm_col_kernel(g_ptr, x_ptr, a_ptr, mean_ptr, rstd_ptr, stats_ptr, pw_ptr,
     tl.store(pb_ptr + out, sb, mask=mask)
 
 
-def _out(like, shape=None, dtype=None):
-    out = torch.empty(like.shape if shape is None else shape, dtype=dtype or like.dtype, device=like.device)
-    if _backend.POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
-
-
 def _block(D: int) -> int:
     return max(triton.next_power_of_2(D), 16)
 
@@ -155,30 +140,30 @@ def _block(D: int) -> int:
 def _column_sums(g, x, a, mean, rstd, stats, w, double: bool):
     N, R, D = x.shape
     nchunks = triton.cdiv(R, _ROWS_PER_CHUNK)
-    pw = torch.empty((N, nchunks, D), dtype=_acc(x), device=x.device)
+    pw = torch.empty((N, nchunks, D), dtype=acc_dtype(x.dtype), device=x.device)
     pb = torch.empty_like(pw)
     block = min(_block(D), 128)
     _norm_col_kernel[(triton.cdiv(D, block), nchunks, N)](
         g, x, a if a is not None else g, mean, rstd, stats if stats is not None else rstd, pw, pb, R, D, nchunks,
-        DOUBLE=double, ACC=_tl_acc(x), ROWS=_ROWS_PER_CHUNK, BLOCK=block)
+        DOUBLE=double, ACC=tl_acc(x.dtype), ROWS=_ROWS_PER_CHUNK, BLOCK=block)
     return pw.sum(1).to(w.dtype), pb.sum(1).to(w.dtype)
 
 
 def norm_forward(x, w, b, eps, centered):
     N, R, D = x.shape
-    y = _out(x)
-    mean = _out(x, (N, R), _acc(x))
-    rstd = _out(x, (N, R), _acc(x))
-    eps_t = torch.tensor([eps], dtype=_acc(x), device=x.device)
+    y = new_output(x)
+    mean = new_output(x, (N, R), acc_dtype(x.dtype))
+    rstd = new_output(x, (N, R), acc_dtype(x.dtype))
+    eps_t = torch.tensor([eps], dtype=acc_dtype(x.dtype), device=x.device)
     _norm_fwd_kernel[(N * R,)](x, w, b if b is not None else w, y, mean, rstd, eps_t, R, D, CENTERED=centered,
-                               HAS_BIAS=b is not None, ACC=_tl_acc(x), BLOCK=_block(D))
+                               HAS_BIAS=b is not None, ACC=tl_acc(x.dtype), BLOCK=_block(D))
     return y, mean, rstd
 
 
 def norm_backward(g, x, w, mean, rstd, centered):
     N, R, D = x.shape
-    dx = _out(x)
-    _norm_bwd_row_kernel[(N * R,)](g, x, w, mean, rstd, dx, R, D, CENTERED=centered, ACC=_tl_acc(x),
+    dx = new_output(x)
+    _norm_bwd_row_kernel[(N * R,)](g, x, w, mean, rstd, dx, R, D, CENTERED=centered, ACC=tl_acc(x.dtype),
                                    BLOCK=_block(D))
     dw, db = _column_sums(g, x, None, mean, rstd, None, w, double=False)
     return dx, dw, db
@@ -186,9 +171,9 @@ def norm_backward(g, x, w, mean, rstd, centered):
 
 def norm_double_backward(a, aw, ab, g, x, w, mean, rstd, centered):
     N, R, D = x.shape
-    dg, dx = _out(x), _out(x)
-    stats = torch.empty((N, R, 2), dtype=_acc(x), device=x.device)
+    dg, dx = new_output(x), new_output(x)
+    stats = torch.empty((N, R, 2), dtype=acc_dtype(x.dtype), device=x.device)
     _norm_dbl_row_kernel[(N * R,)](a, aw, ab if ab is not None else torch.zeros_like(w), g, x, w, mean, rstd, dg, dx,
-                                   stats, R, D, CENTERED=centered, ACC=_tl_acc(x), BLOCK=_block(D))
+                                   stats, R, D, CENTERED=centered, ACC=tl_acc(x.dtype), BLOCK=_block(D))
     dw, _ = _column_sums(g, x, a, mean, rstd, stats, w, double=True)
     return dg, dx, dw

@@ -21,15 +21,12 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from ._common import to_acc
 from ._task_batch import fold_task_vmap, run_kernel
 
 
 # ----------------------------------------------------------------------------------------- reference
 # Over canonical shapes [N, S_q, S_k].
-
-def _acc(t):
-    return t if t.dtype == torch.float64 else t.float()
-
 
 def _mask(S_q: int, S_k: int, device) -> torch.Tensor:
     """True where a key is hidden from a query."""
@@ -37,17 +34,17 @@ def _mask(S_q: int, S_k: int, device) -> torch.Tensor:
 
 
 def reference_forward(s, scale: float):
-    z = (_acc(s) * scale).masked_fill(_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    z = (to_acc(s) * scale).masked_fill(_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
     return torch.softmax(z, -1).to(s.dtype)
 
 
 def reference_backward(g, p, scale: float):
-    pa, ga = _acc(p), _acc(g)
+    pa, ga = to_acc(p), to_acc(g)
     return (scale * pa * (ga - (pa * ga).sum(-1, keepdim=True))).to(p.dtype)
 
 
 def reference_double_backward(a, g, p, scale: float):
-    pa, ga, aa = _acc(p), _acc(g), _acc(a)
+    pa, ga, aa = to_acc(p), to_acc(g), to_acc(a)
     c = (pa * ga).sum(-1, keepdim=True)
     A = (pa * aa).sum(-1, keepdim=True)
     return (scale * pa * (aa - A)).to(p.dtype), (scale * (aa * (ga - c) - A * ga)).to(p.dtype)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from ._common import acc_dtype, new_output, tl_acc
 
 
 @triton.jit
@@ -38,36 +38,28 @@ def _softmax_kernel(s_ptr, p_ptr, g_ptr, a_ptr, out_ptr, out2_ptr, scale_ptr, Sq
             tl.store(out2_ptr + base + offs, (scale * (a * (g - c) - A * g)).to(out2_ptr.dtype.element_ty), mask=mask)
 
 
-def _out(like):
-    out = torch.empty_like(like)
-    if _backend.POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
-
-
 def _launch(pass_, ref, s, p, g, a, out, out2, scale):
     N, Sq, Sk = ref.shape
-    acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
-    scale_t = torch.tensor([scale], dtype=acc, device=ref.device)
+    scale_t = torch.tensor([scale], dtype=acc_dtype(ref.dtype), device=ref.device)
     _softmax_kernel[(N * Sq,)](s if s is not None else ref, p if p is not None else ref, g if g is not None else ref,
                                a if a is not None else ref, out, out2 if out2 is not None else out, scale_t, Sq, Sk,
-                               PASS=pass_, ACC=tl.float64 if ref.dtype == torch.float64 else tl.float32,
+                               PASS=pass_, ACC=tl_acc(ref.dtype),
                                BLOCK=max(triton.next_power_of_2(Sk), 16))
 
 
 def softmax_forward(s, scale):
-    p = _out(s)
+    p = new_output(s)
     _launch(0, s, s, None, None, None, p, None, scale)
     return p
 
 
 def softmax_backward(g, p, scale):
-    ds = _out(p)
+    ds = new_output(p)
     _launch(1, p, None, p, g, None, ds, None, scale)
     return ds
 
 
 def softmax_double_backward(a, g, p, scale):
-    dg, dp = _out(p), _out(p)
+    dg, dp = new_output(p), new_output(p)
     _launch(2, p, None, p, g, a, dg, dp, scale)
     return dg, dp

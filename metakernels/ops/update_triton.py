@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from ._common import acc_dtype, new_output, tl_acc
 
 _FWD_BLOCK = 1024
 _BWD_BLOCK = 512
@@ -154,23 +154,8 @@ def _update_bwd_kernel(g_ptr, s0_ptr, s1_ptr, lr_ptr, gp_ptr, gs0_ptr, gs1_ptr,
     _store_sum(dlr_ptr, offs, sum_lr, mask, DLR_MODE)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _hyper_tensor(hyper, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(hyper, dtype=_acc_dtype(like.dtype), device=like.device)
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _new(like: torch.Tensor, shape) -> torch.Tensor:
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    if _backend.POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
+    return torch.tensor(hyper, dtype=acc_dtype(like.dtype), device=like.device)
 
 
 def _row_stride(t: torch.Tensor | None, P: int) -> int:
@@ -183,7 +168,7 @@ def update_forward(kind: int, param, grad, states, lr, hyper):
     batched = [t for t in (param, grad, *states, lr) if t is not None and t.dim() == 2]
     T = batched[0].shape[0] if batched else None
     shape = (T, P) if T is not None else (P,)
-    outs = [_new(param, shape) for _ in range(1 + len(states))]
+    outs = [new_output(param, shape) for _ in range(1 + len(states))]
     s = list(states) + [None] * (2 - len(states))
     so = outs[1:] + [None] * (3 - len(outs))
     grid = (triton.cdiv(P, _FWD_BLOCK), T or 1)
@@ -191,7 +176,7 @@ def update_forward(kind: int, param, grad, states, lr, hyper):
         param, grad, s[0], s[1], lr, outs[0], so[0], so[1], _hyper_tensor(hyper, param),
         P, _row_stride(param, P), _row_stride(grad, P), _row_stride(s[0], P), _row_stride(s[1], P),
         _row_stride(lr, P),
-        KIND=kind, LR_TENSOR=lr is not None, ACC=_tl_acc(param.dtype), BLOCK=_FWD_BLOCK,
+        KIND=kind, LR_TENSOR=lr is not None, ACC=tl_acc(param.dtype), BLOCK=_FWD_BLOCK,
     )
     return outs
 
@@ -208,11 +193,11 @@ def update_backward(kind: int, T: int, param_batched: bool, grad, states, lr, gr
         if not needed or source is None:
             return None, _MODE_NONE
         if source.dim() == 2:
-            return _new(grad, (T, P)), _MODE_PER_TASK
-        return _new(grad, (P,)), _MODE_SUM
+            return new_output(grad, (T, P)), _MODE_PER_TASK
+        return new_output(grad, (P,)), _MODE_SUM
 
     shared_param = needs_grad[0] and not param_batched
-    dp, dp_mode = (_new(grad, (P,)), _MODE_SUM) if shared_param else (None, _MODE_NONE)
+    dp, dp_mode = (new_output(grad, (P,)), _MODE_SUM) if shared_param else (None, _MODE_NONE)
     dg, dg_mode = cotangent(needs_grad[1], grad)
     ds0, ds0_mode = cotangent(needs_grad[2], s[0])
     ds1, ds1_mode = cotangent(needs_grad[3], s[1])
@@ -223,6 +208,6 @@ def update_backward(kind: int, T: int, param_batched: bool, grad, states, lr, gr
         KIND=kind, LR_TENSOR=lr is not None, HAS_GP=grad_param_out is not None,
         HAS_GS0=gs[0] is not None, HAS_GS1=gs[1] is not None,
         DP_MODE=dp_mode, DG_MODE=dg_mode, DS0_MODE=ds0_mode, DS1_MODE=ds1_mode, DLR_MODE=dlr_mode,
-        ACC=_tl_acc(grad.dtype), BLOCK=_BWD_BLOCK,
+        ACC=tl_acc(grad.dtype), BLOCK=_BWD_BLOCK,
     )
     return [dp, dg, ds0, ds1, dlr]
