@@ -107,22 +107,24 @@ def _task(params: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
     return {name: p[t] for name, p in params.items()}
 
 
-def check_finite(losses: torch.Tensor, what: str, step: int) -> None:
+def check_finite(losses: torch.Tensor, what: str, step: int, first_task: int = 0) -> None:
+    """Raises on a non-finite loss, naming its task (``first_task`` + its index in ``losses``) and step."""
     if not torch.isfinite(losses).all():
         bad = int((~torch.isfinite(losses)).nonzero()[0, 0])
         raise FloatingPointError(
-            f"{what} loss is {losses[bad].item()} for task {bad} at inner step {step}; lower inner_lr, "
+            f"{what} loss is {losses[bad].item()} for task {first_task + bad} at inner step {step}; lower inner_lr, "
             "check that task's data, or pass nan_policy='ignore'"
         )
 
 
 def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_fn, support, T: int, steps: int,
                    optimizer: InnerOptimizer, create_graph: bool, keep_graph: bool = True,
-                   nan_policy: str = "raise") -> torch.Tensor:
+                   nan_policy: str = "raise", first_task: int = 0) -> torch.Tensor:
     """Fast weights [T, P] after ``steps`` updates from the shared initialisation ``theta0`` [P].
 
     create_graph: record the inner gradients' graph (second order).  keep_graph=False detaches the
-    weights after every step (adaptation for evaluation, no meta-gradient)."""
+    weights after every step (adaptation for evaluation, no meta-gradient).  first_task: the index of
+    this batch's first task in the caller's, for error messages."""
     if not keep_graph:
         theta0 = theta0.detach()
     params = theta0  # [P] at step 1: the fused update sums its cotangent over tasks in-kernel
@@ -134,7 +136,7 @@ def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_f
             params = fast
         losses = evaluator.losses(loss_fn, fast, support, T)
         if nan_policy == "raise":
-            check_finite(losses, "inner (support)", k)
+            check_finite(losses, "inner (support)", k, first_task)
         (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph)
         params, state = optimizer.step(params, grads, state, lr, k)
         if not keep_graph:

@@ -141,26 +141,27 @@ class MAML(nn.Module):
             n = chunk.stop - chunk.start
             chunk_support, chunk_query = select_tasks(support, chunk), select_tasks(query, chunk)
             if self.first_order:
-                loss = self._meta_loss(loss_fn, chunk_support, chunk_query, n) * (n / T)
+                loss = self._meta_loss(loss_fn, chunk_support, chunk_query, n, first_task=start) * (n / T)
                 chunk_grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
                 loss = loss.detach()  # frees this chunk's graph before the next one is built
             else:
-                loss, chunk_grads = chunk_meta_gradients(self, loss_fn, chunk_support, chunk_query, n, n / T, meta_params)
+                loss, chunk_grads = chunk_meta_gradients(self, loss_fn, chunk_support, chunk_query, n, n / T, meta_params,
+                                                         first_task=start)
             grads = [add_optional(acc, g) for acc, g in zip(grads, chunk_grads)]
             total = loss if total is None else total + loss
         return _InjectGradients.apply(total, grads, *meta_params)
 
-    def _meta_loss(self, loss_fn, support, query, T: int) -> torch.Tensor:
+    def _meta_loss(self, loss_fn, support, query, T: int, first_task: int = 0) -> torch.Tensor:
         second_order = not self.first_order and torch.is_grad_enabled()
         fast = run_inner_loop(
             self._evaluator, self.layout.flatten(), self.inner_rate(), loss_fn, support, T, self.inner_steps,
-            self.optimizer, create_graph=second_order, nan_policy=self.nan_policy,
+            self.optimizer, create_graph=second_order, nan_policy=self.nan_policy, first_task=first_task,
         )
         if second_order and not self._second_order_checked:
             self._check_twice_differentiable(fast)
         losses = self._evaluator.losses(loss_fn, fast, query, T)
         if self.nan_policy == "raise":
-            check_finite(losses, "query", self.inner_steps)
+            check_finite(losses, "query", self.inner_steps, first_task)
         return losses.mean()
 
     def _check_twice_differentiable(self, fast: torch.Tensor) -> None:

@@ -40,9 +40,11 @@ def _detached(rate):
     return rate.detach() if isinstance(rate, torch.Tensor) else rate
 
 
-def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, meta_params: list[torch.Tensor]):
+def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, meta_params: list[torch.Tensor],
+                         first_task: int = 0):
     """(scale * mean query loss, its gradient for each of ``meta_params``, None where unused) for T tasks
-    of ``maml`` (an :class:`metakernels.MAML`), without keeping more than one inner step's graph."""
+    of ``maml`` (an :class:`metakernels.MAML`), without keeping more than one inner step's graph.
+    first_task: the index of this chunk's first task in the whole batch, for error messages."""
     evaluator, optimizer = maml._evaluator, maml.optimizer
     theta0 = maml.layout.flatten().detach()
     device = theta0.device
@@ -55,7 +57,7 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
             fast = _task_rows(params, T).detach().requires_grad_()
             losses = evaluator.losses(loss_fn, fast, support, T)
             if maml.nan_policy == "raise":
-                check_finite(losses, "inner (support)", k)
+                check_finite(losses, "inner (support)", k, first_task)
             (grads,) = torch.autograd.grad(losses.sum(), fast)
         with torch.no_grad():
             params, state = optimizer.step(params, grads, state, rate, k)
@@ -64,7 +66,7 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         fast = _task_rows(params, T).detach().requires_grad_()
         losses = evaluator.losses(loss_fn, fast, query, T)
         if maml.nan_policy == "raise":
-            check_finite(losses, "query", maml.inner_steps)
+            check_finite(losses, "query", maml.inner_steps, first_task)
         loss = losses.mean() * scale
         v, *meta_grads = torch.autograd.grad(loss, [fast, *meta_params], allow_unused=True)
     after_query = _rng_state(device)

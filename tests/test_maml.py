@@ -211,20 +211,22 @@ def test_bad_input_is_explained(bad, exc, words):
         assert w in str(info.value)
 
 
+def weighted_lm_loss(f, batch):
+    """lm_loss times a per-task weight: batches (tokens, weight), so that a test can make one task's loss
+    non-finite."""
+    tokens, weight = batch
+    return lm_loss(f, tokens) * weight
+
+
 def test_non_finite_inner_loss_names_task_and_step():
     model = _model()
     tokens_s, tokens_q = _tasks(3)
     scale = torch.ones(3, dtype=torch.float64)
     scale[1] = float("nan")
-
-    def loss_fn(f, batch):
-        tokens, weight = batch
-        return lm_loss(f, tokens) * weight
-
     support, query = (tokens_s, scale), (tokens_q, torch.ones(3, dtype=torch.float64))
     with pytest.raises(FloatingPointError, match="task 1 at inner step 1"):
-        mk.MAML(model, inner_lr=0.1)(loss_fn, support, query)
-    ignored = mk.MAML(model, inner_lr=0.1, nan_policy="ignore")(loss_fn, support, query)
+        mk.MAML(model, inner_lr=0.1)(weighted_lm_loss, support, query)
+    ignored = mk.MAML(model, inner_lr=0.1, nan_policy="ignore")(weighted_lm_loss, support, query)
     assert torch.isnan(ignored)
 
 

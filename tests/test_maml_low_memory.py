@@ -9,7 +9,7 @@ import torch
 import metakernels as mk
 from maml_reference import sequential_meta_loss
 from metakernels.models import TransformerLM, lm_loss
-from test_maml import _assert_grads_close, _grads, _model, _tasks
+from test_maml import _assert_grads_close, _grads, _model, _tasks, weighted_lm_loss
 
 
 def _names(model):
@@ -67,21 +67,19 @@ def test_dropout_recomputed_steps_draw_the_forward_masks():
     assert torch.equal(after["low"], after["fast"])
 
 
-def test_non_finite_support_and_query_losses_are_reported():
+@pytest.mark.parametrize("first_order", [False, True])
+def test_non_finite_losses_name_the_task_of_the_whole_batch(first_order):
+    """Chunks of one task: the task named is its index in the batch, not in its chunk."""
     model = _model()
     tokens_s, tokens_q = _tasks(3)
     bad = torch.ones(3, dtype=torch.float64)
     bad[2] = float("inf")
-
-    def loss_fn(f, batch):
-        tokens, weight = batch
-        return lm_loss(f, tokens) * weight
-
     ones = torch.ones(3, dtype=torch.float64)
-    with pytest.raises(FloatingPointError, match="inner \\(support\\) loss is inf for task 0 at inner step 1"):
-        mk.MAML(model, memory="low")(loss_fn, (tokens_s, bad), (tokens_q, ones))  # chunk of 1: task 2 is task 0
-    with pytest.raises(FloatingPointError, match="query loss is inf"):
-        mk.MAML(model, memory="low", task_chunk=3)(loss_fn, (tokens_s, ones), (tokens_q, bad))
+    maml = mk.MAML(model, memory="low", first_order=first_order)
+    with pytest.raises(FloatingPointError, match="inner \\(support\\) loss is inf for task 2 at inner step 1"):
+        maml(weighted_lm_loss, (tokens_s, bad), (tokens_q, ones))
+    with pytest.raises(FloatingPointError, match="query loss is inf for task 2"):
+        maml(weighted_lm_loss, (tokens_s, ones), (tokens_q, bad))
 
 
 def _peak_saved_bytes(fn):
