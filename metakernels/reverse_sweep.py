@@ -63,12 +63,12 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
             params, state = optimizer.step(params, grads, state, rate, k)
 
     with torch.enable_grad():
-        fast = _task_rows(params, T).detach().requires_grad_()
-        losses = evaluator.losses(loss_fn, fast, query, T)
+        theta = params.detach().requires_grad_()  # [P] when K = 0: v is then summed over the tasks
+        losses = evaluator.losses(loss_fn, _task_rows(theta, T), query, T)
         if maml.nan_policy == "raise":
             check_finite(losses, "query", maml.inner_steps, first_task)
         loss = losses.mean() * scale
-        v, *meta_grads = torch.autograd.grad(loss, [fast, *meta_params], allow_unused=True)
+        v, *meta_grads = torch.autograd.grad(loss, [theta, *meta_params], allow_unused=True)
     after_query = _rng_state(device)
 
     w = (None,) * len(state)

@@ -109,3 +109,17 @@ def test_sweep_keeps_one_inner_step_graph_at_a_time():
         peaks[memory] = _peak_saved_bytes(lambda: maml(lm_loss, support, query).backward())
     # fast holds 6 steps' graphs (each also holding that step's fast weights); low one step's
     assert peaks["low"] < 0.3 * peaks["fast"], peaks
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+def test_zero_inner_steps_is_the_query_loss_of_the_initialisation(memory):
+    """K = 0: the query cotangent of the shared initialisation is summed over the chunk's tasks (the
+    low mode once returned it per task; found by tests/test_maml_properties.py)."""
+    model = _model()
+    support, query = _tasks(3)
+    maml = mk.MAML(model, inner_lr=0.3, inner_steps=0, memory=memory, task_chunk=2)
+    params = list(model.parameters())
+    got = _grads(maml(lm_loss, support, query), params)
+    want = _grads(sequential_meta_loss(model, lm_loss, support, query, names=_names(model),
+                                       lrs=dict.fromkeys(_names(model), 0.3), steps=0), params)
+    _assert_grads_close(got, want)
