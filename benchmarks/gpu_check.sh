@@ -2,7 +2,7 @@
 # The prepared GPU check, for the lent GPU machine (see ../shared/TOOLCHAIN.md: torch 2.11, triton 3.6,
 # nvcc 13, pytest and pytest-benchmark preinstalled, no package registry, minutes of time).
 # Builds the extension for sm_90, runs the CUDA and Triton tests (the same grid as on CPU), the
-# update-op, learned-optimizer and fused-layer benchmarks at GPU sizes, and prints a short table last.  The full log goes to $OUT.
+# update-op, learned-optimizer, MAML and fused-layer benchmarks at GPU sizes, and prints a short table last.  The full log goes to $OUT.
 #
 #   bash benchmarks/gpu_check.sh        # typically as the device tool's command, timeout ~480 s
 set -uo pipefail
@@ -26,6 +26,9 @@ fail() { echo "$1" >> "$OUT/failed"; }
   echo "== learned-optimizer step benchmark"
   timeout 120 python3 benchmarks/lopt_table.py --device cuda --sizes 1x1000000 16x1000000 --no-compile --markdown \
     | tee "$OUT/lopt_table.md" || fail lopt_benchmark
+  echo "== second-order MAML benchmark (the benchmark LM, T=16, K=5)"
+  timeout 120 python3 benchmarks/maml_table.py --device cuda --variants metakernels metakernels-fused metakernels-low \
+    stacked-recipe --markdown | tee "$OUT/maml_table.md" || fail maml_benchmark
   echo "== fused layers benchmark"
   timeout 90 python3 benchmarks/layers_table.py --device cuda --rows 2048 --width 1024 --no-compile --markdown \
     | tee "$OUT/layers_table.md" || fail layers_benchmark
@@ -38,4 +41,5 @@ grep -E "passed|failed|error" "$OUT/gpu_check.log" | tail -3
 grep -E "^\| (sgd|adam) \| 16x16000000" "$OUT/update_table.md" 2>/dev/null
 grep -E "^\| 32 \| 16x1000000 \| (cuda|eager) " "$OUT/lopt_table.md" 2>/dev/null
 grep -E "double backward" "$OUT/layers_table.md" 2>/dev/null
+grep -E "^\| (metakernels|stacked)" "$OUT/maml_table.md" 2>/dev/null
 exit $status

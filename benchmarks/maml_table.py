@@ -13,6 +13,10 @@ at the model's own shapes.
 
     python benchmarks/maml_table.py            # full configuration (glibc tunables as in harness.py)
     python benchmarks/maml_table.py --quick    # T=4, K=2, a smoke run
+    python benchmarks/maml_table.py --device cuda --variants metakernels metakernels-fused stacked-recipe
+
+On CUDA the peak is torch.cuda.max_memory_allocated over the same warm-up baseline, and times are taken
+after a synchronize.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ VARIANTS = ("metakernels", "metakernels-fused", "metakernels-fused-head", "metak
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--tasks", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
@@ -49,16 +54,16 @@ def parse_args():
     return args
 
 
-def setup(T, vocab=256):
+def setup(T, vocab=256, device="cpu"):
     import torch
 
     from metakernels.models import TransformerLM
 
     torch.manual_seed(0)
-    model = TransformerLM(vocab=vocab, d_model=128, n_heads=4, n_layers=2, max_len=32)
+    model = TransformerLM(vocab=vocab, d_model=128, n_heads=4, n_layers=2, max_len=32).to(device)
     gen = torch.Generator().manual_seed(1)
-    support = torch.randint(0, vocab, (T, 4, 33), generator=gen)
-    query = torch.randint(0, vocab, (T, 4, 33), generator=gen)
+    support = torch.randint(0, vocab, (T, 4, 33), generator=gen).to(device)
+    query = torch.randint(0, vocab, (T, 4, 33), generator=gen).to(device)
     return model, support, query
 
 
@@ -129,10 +134,19 @@ def meta_step_fn(variant, model, support, query, K, lr=0.1):
     return step
 
 
+def _peak_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args):
     import torch
 
-    model, support, query = setup(args.tasks, args.vocab)
+    device = torch.device(args.device)
+    model, support, query = setup(args.tasks, args.vocab, device)
     try:
         step = meta_step_fn(args.child, model, support, query, args.steps)
     except ImportError as exc:
@@ -141,41 +155,43 @@ def child(args):
     # One tiny meta-step first (1 task, 1 inner step) loads every module the variant uses, so that the
     # peak below is the meta-step's memory, not imported code.
     meta_step_fn(args.child, model, support[:1], query[:1], 1)()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    harness.synchronize(device)
+    base = _peak_bytes(device)
     times = []
     for i in range(args.repeats + 1):
         model.zero_grad(set_to_none=True)
         start = time.perf_counter()
         step()
+        harness.synchronize(device)
         if i:  # the first step warms up allocators and caches
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_bytes(device)
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)).item()
-    print(json.dumps({"variant": args.child, "seconds": statistics.median(times), "peak_mb": (peak - base) / 1024,
+    print(json.dumps({"variant": args.child, "seconds": statistics.median(times), "peak_mb": (peak - base) / 2**20,
                       "grad_norm": grad_norm}))
 
 
 def count_flops(args):
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, support, query = setup(args.tasks, args.vocab)
+    model, support, query = setup(args.tasks, args.vocab, args.device)
     step = meta_step_fn("stacked-recipe", model, support, query, args.steps)
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
 
 
-def matmul_rate():
+def matmul_rate(device):
     """fp32 GFLOP/s of the model's own batched matmuls (MLP of 16x4x32 tokens, attention bmm)."""
     import torch
 
-    x = torch.randn(16 * 4 * 32, 128)
-    w = torch.randn(128, 512)
-    mlp = harness.median_ms(lambda: x @ w, torch.device("cpu"), 20)
-    q = torch.randn(16 * 4 * 4, 32, 32)
-    k = torch.randn(16 * 4 * 4, 32, 32)
-    att = harness.median_ms(lambda: q @ k, torch.device("cpu"), 20)
-    return 2 * x.shape[0] * 128 * 512 / mlp / 1e6, 2 * q.shape[0] * 32**3 / att / 1e6, harness.matmul_gflops(torch.device("cpu"))
+    x = torch.randn(16 * 4 * 32, 128, device=device)
+    w = torch.randn(128, 512, device=device)
+    mlp = harness.median_ms(lambda: x @ w, device, 20)
+    q = torch.randn(16 * 4 * 4, 32, 32, device=device)
+    k = torch.randn(16 * 4 * 4, 32, 32, device=device)
+    att = harness.median_ms(lambda: q @ k, device, 20)
+    return 2 * x.shape[0] * 128 * 512 / mlp / 1e6, 2 * q.shape[0] * 32**3 / att / 1e6, harness.matmul_gflops(device)
 
 
 def main():
@@ -188,14 +204,14 @@ def main():
     results = []
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--child", variant, "--tasks", str(args.tasks), "--steps", str(args.steps),
-               "--repeats", str(args.repeats), "--vocab", str(args.vocab)]
+               "--repeats", str(args.repeats), "--vocab", str(args.vocab), "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
             {"variant": variant, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:100]})
         results.append(json.loads(line))
     flops = count_flops(args)
-    mlp_rate, att_rate, big_rate = matmul_rate()
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, vocab={args.vocab}, "
+    mlp_rate, att_rate, big_rate = matmul_rate(torch.device(args.device))
+    print(f"torch {torch.__version__}, device={args.device}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, vocab={args.vocab}, "
           f"second order, median of {args.repeats} meta-steps; allocator: {allocator}")
     print(f"FLOPs per meta-step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); fp32 matmul rate this run: "
           f"{big_rate:.0f} GFLOP/s at 1024^2, {mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's")
