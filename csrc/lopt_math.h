@@ -22,13 +22,10 @@
 
 #if defined(__CUDACC__)
 #define MK_SIMD
-#define MK_SIMD_SUM
 #else
 // Every loop over lanes is vectorised over the lanes by OpenMP SIMD.  NOTE: without the pragma GCC
-// vectorised lopt_dense along k instead (gathers with stride L): 5.5 GFLOP/s at hidden=32.  The lane
-// reductions' order is fixed at compile time, so results are deterministic for one build on one machine.
+// vectorised lopt_dense along k instead (gathers with stride L): 5.5 GFLOP/s at hidden=32.
 #define MK_SIMD _Pragma("omp simd")
-#define MK_SIMD_SUM _Pragma("omp simd reduction(+ : sum)")
 #endif
 
 // Always inlined, so that the CPU's AVX2/FMA clone of each job function compiles them for its target
