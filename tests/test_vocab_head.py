@@ -101,3 +101,11 @@ def test_bad_input_names_the_argument(call, exc, words):
         call(h.detach(), w.detach(), targets.clamp_min(0))
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_task_with_every_target_ignored_has_a_nan_loss_as_in_pytorch():
+    h, w, b, targets = _inputs(seed=4)
+    targets[1] = -100
+    loss = mk.ops.linear_cross_entropy(h, w, b, targets)
+    assert torch.isnan(loss[1]) and torch.isnan(_torch_head(h, w, b, targets)[1])
+    torch.testing.assert_close(loss[[0, 2]], _torch_head(h, w, b, targets)[[0, 2]], rtol=1e-13, atol=1e-13)

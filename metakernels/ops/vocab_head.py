@@ -5,7 +5,8 @@ tensors of a second-order meta-step).
     linear_cross_entropy(h, weight, bias, targets)   # h: [*task, ..., D]; weight: [V, D] or [*task, V, D]
                                                      # targets: [*task, ...] int64 -> loss [*task]
 
-The loss of each task is the mean over its rows (rows whose target is ``ignore_index`` excluded) of
+The loss of each task is the mean over its rows (rows whose target is ``ignore_index`` excluded; NaN
+when all are, as in PyTorch) of
 ``lse(z) - z[y]`` with ``z = W h + b``.  Per row r, with p = softmax(z_r), c_r = g m_r / M (g: the loss's
 cotangent, m_r: 1 for a counted row, M: the count) and delta_r = c_r (p - e_y):
 
@@ -48,9 +49,10 @@ def _logits(h, w, b, lo, hi):
 
 
 def _row_weights(targets, ignore_index):
-    """m_r / M per row ([N, R]): 1 / (the task's count of counted rows), 0 for ignored rows."""
+    """m_r / M per row ([N, R]): 1 / (the task's count of counted rows), 0 for ignored rows; NaN for every
+    row of a task whose rows are all ignored (0 / 0: its loss is NaN, as PyTorch's cross_entropy says)."""
     counted = (targets != ignore_index).to(torch.float64)
-    return (counted / counted.sum(1, keepdim=True).clamp_min(1.0))
+    return counted / counted.sum(1, keepdim=True)
 
 
 def _probs_(z, lse, lo, hi):
