@@ -8,6 +8,11 @@
 
 #include "../csrc/update_math.h"
 
+#ifdef WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
 namespace mk {
 
 // When set (tests do), every output buffer is filled with NaN before a kernel writes it, so an
@@ -26,5 +31,30 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& ref,
 // t is on ref's device, has `dtype` and `shape`, and is contiguous; the message names the argument.
 void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
                   at::ScalarType dtype);
+
+// Runs a kernel family's launcher on ref's device: cpu() for a CPU tensor; for a CUDA tensor, under a
+// guard of its device, cuda(stream) with the current cudaStream_t, which returns an error string or
+// nullptr.  Any other device (or CUDA in a build without CUDA kernels) raises, naming `family`.
+template <typename CpuFn, typename CudaFn>
+void launch_kernel(const at::Tensor& ref, const char* family, CpuFn&& cpu, CudaFn&& cuda) {
+  if (ref.device().is_cpu()) {
+    cpu();
+    return;
+  }
+#ifdef WITH_CUDA
+  if (ref.device().is_cuda()) {
+    const c10::cuda::CUDAGuard guard(ref.device());
+    const char* err = cuda(static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()));
+    TORCH_CHECK(err == nullptr, "metakernels: CUDA ", family, " kernel failed: ", err);
+    return;
+  }
+  constexpr const char* kCudaBuilt = "yes";
+#else
+  (void)cuda;
+  constexpr const char* kCudaBuilt = "no";
+#endif
+  TORCH_CHECK(false, "metakernels: no compiled ", family, " kernel for device ", ref.device(),
+              " (this build has CUDA kernels: ", kCudaBuilt, ")");
+}
 
 }  // namespace mk

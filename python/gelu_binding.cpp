@@ -7,11 +7,6 @@
 #include "../csrc/gelu_kernels.h"
 #include "common.h"
 
-#ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 namespace mk {
 namespace {
 
@@ -32,19 +27,8 @@ GeluArgs base_args(const at::Tensor& x, const at::Tensor& b, bool tanh_form) {
 
 void launch(GeluPass pass, const at::Tensor& x, const GeluArgs& a) {
   const DType dtype = dtype_code(x, "x");
-  if (x.device().is_cpu()) {
-    gelu_cpu(pass, dtype, a);
-    return;
-  }
-#ifdef WITH_CUDA
-  if (x.device().is_cuda()) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    const char* err = gelu_cuda(pass, dtype, a, at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, "metakernels: CUDA gelu kernel failed: ", err);
-    return;
-  }
-#endif
-  TORCH_CHECK(false, "metakernels: no compiled gelu kernel for device ", x.device());
+  launch_kernel(x, "gelu", [&] { gelu_cpu(pass, dtype, a); },
+                [&](void* stream) { return gelu_cuda(pass, dtype, a, stream); });
 }
 
 at::Tensor gelu_forward(const at::Tensor& x, const at::Tensor& b, bool tanh_form) {

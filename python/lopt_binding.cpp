@@ -9,11 +9,6 @@
 #include "../csrc/lopt_kernels.h"
 #include "common.h"
 
-#ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 namespace mk {
 namespace {
 
@@ -61,17 +56,12 @@ LoptArgs common_args(const at::Tensor& param, const at::Tensor& grad, const at::
   return a;
 }
 
-template <typename CpuFn, typename CudaFn>
-void launch(const at::Tensor& ref, const std::vector<int64_t>& seg_offsets, LoptArgs& a, const LoptHyper& hyper,
-            CpuFn cpu, CudaFn cuda) {
+// The CPU and CUDA entry points are template arguments, so that a build without CUDA kernels never
+// references the CUDA ones (the lambda that calls them is not emitted there).
+template <auto cpu, auto cuda>
+void launch(const at::Tensor& ref, const std::vector<int64_t>& seg_offsets, LoptArgs& a, const LoptHyper& hyper) {
   const DType dtype = dtype_code(ref, "params");
-  if (ref.device().is_cpu()) {
-    cpu(dtype, hyper, a);
-    return;
-  }
-#ifdef WITH_CUDA
-  if (ref.device().is_cuda()) {
-    const c10::cuda::CUDAGuard guard(ref.device());
+  launch_kernel(ref, "learned-optimizer", [&] { cpu(dtype, hyper, a); }, [&](void* stream) {
     // The CUDA kernels' index tables (see csrc/lopt_kernels.h), built here and copied to the device.
     const int64_t job = lopt_cuda_job_size();
     std::vector<int32_t> ids(a.P);
@@ -95,15 +85,8 @@ void launch(const at::Tensor& ref, const std::vector<int64_t>& seg_offsets, Lopt
     a.first_job = dev_first.data_ptr<int64_t>();
     a.njobs = static_cast<int64_t>(jobs.size() / 3);
     const at::Tensor workspace = at::empty({lopt_cuda_workspace_bytes(dtype, a)}, ref.options().dtype(at::kByte));
-    const char* err = cuda(dtype, hyper, a, workspace.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, "metakernels: CUDA learned-optimizer kernel failed: ", err);
-    return;
-  }
-#else
-  (void)seg_offsets;
-  (void)cuda;
-#endif
-  TORCH_CHECK(false, "metakernels: no compiled learned-optimizer kernel for device ", ref.device());
+    return cuda(dtype, hyper, a, workspace.data_ptr(), stream);
+  });
 }
 
 // Returns (params', state', norms).
@@ -116,7 +99,7 @@ std::vector<at::Tensor> lopt_forward(const at::Tensor& param, const at::Tensor& 
   a.param_out = outs[0].data_ptr();
   a.state_out = outs[1].data_ptr();
   a.norms = outs[2].data_ptr();
-  launch(param, seg_offsets, a, make_hyper(hyper), &lopt_forward_cpu, &lopt_forward_cuda);
+  launch<lopt_forward_cpu, lopt_forward_cuda>(param, seg_offsets, a, make_hyper(hyper));
   return outs;
 }
 
@@ -152,7 +135,7 @@ std::vector<OptTensor> lopt_backward(const at::Tensor& param, const at::Tensor& 
   }
   result[3] = new_output(weights, weights.sizes());
   a.d_weights = result[3]->data_ptr();
-  launch(param, seg_offsets, a, make_hyper(hyper), &lopt_backward_cpu, &lopt_backward_cuda);
+  launch<lopt_backward_cpu, lopt_backward_cuda>(param, seg_offsets, a, make_hyper(hyper));
   return result;
 }
 

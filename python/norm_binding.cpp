@@ -9,17 +9,10 @@
 #include "../csrc/norm_kernels.h"
 #include "common.h"
 
-#ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 namespace mk {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
-using Launcher = void (*)(DType, const NormArgs&);
-using CudaLauncher = const char* (*)(DType, const NormArgs&, void*);
 
 // Checks x [N, R, D] and w [N, D] and fills the shape part of NormArgs.
 NormArgs shape_args(const at::Tensor& x, const at::Tensor& w, bool centered) {
@@ -42,25 +35,16 @@ void check_stats(const at::Tensor& mean, const at::Tensor& rstd, const at::Tenso
   check_tensor(rstd, "rstd", x, {x.size(0), x.size(1)}, acc_type(x));
 }
 
-void launch(const at::Tensor& x, NormArgs& a, Launcher cpu, CudaLauncher cuda) {
+// The CPU and CUDA entry points are template arguments, so that a build without CUDA kernels never
+// references the CUDA ones (the lambda that calls them is not emitted there).
+template <auto cpu, auto cuda>
+void launch(const at::Tensor& x, NormArgs& a) {
   const DType dtype = dtype_code(x, "x");
-  if (x.device().is_cpu()) {
-    cpu(dtype, a);
-    return;
-  }
-#ifdef WITH_CUDA
-  if (x.device().is_cuda()) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    at::Tensor scratch = at::empty({norm_scratch_elems(a.N, a.R, a.D)}, x.options().dtype(acc_type(x)));
+  launch_kernel(x, "norm", [&] { cpu(dtype, a); }, [&](void* stream) {
+    const at::Tensor scratch = at::empty({norm_scratch_elems(a.N, a.R, a.D)}, x.options().dtype(acc_type(x)));
     a.scratch = scratch.data_ptr();
-    const char* err = cuda(dtype, a, at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, "metakernels: CUDA norm kernel failed: ", err);
-    return;
-  }
-#else
-  (void)cuda;
-#endif
-  TORCH_CHECK(false, "metakernels: no compiled norm kernel for device ", x.device());
+    return cuda(dtype, a, stream);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& x, const at::Tensor& w,
@@ -76,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward(const at::Tensor& x,
   a.out = y.data_ptr();
   a.mean = mean.data_ptr();
   a.rstd = rstd.data_ptr();
-  launch(x, a, norm_forward_cpu, norm_forward_cuda);
+  launch<norm_forward_cpu, norm_forward_cuda>(x, a);
   return {y, mean, rstd};
 }
 
@@ -93,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(const at::Tensor& g
   a.out = dx.data_ptr();
   a.dw = dw.data_ptr();
   a.db = db.data_ptr();
-  launch(x, a, norm_backward_cpu, norm_backward_cuda);
+  launch<norm_backward_cpu, norm_backward_cuda>(x, a);
   return {dx, dw, db};
 }
 
@@ -117,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_double_backward(
   a.out = dx.data_ptr();
   a.out_g = dg.data_ptr();
   a.dw = dw.data_ptr();
-  launch(x, a, norm_double_backward_cpu, norm_double_backward_cuda);
+  launch<norm_double_backward_cpu, norm_double_backward_cuda>(x, a);
   return {dg, dx, dw};
 }
 

@@ -8,11 +8,6 @@
 #include "../csrc/softmax_kernels.h"
 #include "common.h"
 
-#ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 namespace mk {
 namespace {
 
@@ -31,19 +26,8 @@ SoftmaxArgs base_args(const at::Tensor& ref, const char* name, double scale) {
 
 void launch(SoftmaxPass pass, const at::Tensor& ref, const SoftmaxArgs& a) {
   const DType dtype = dtype_code(ref, "scores");
-  if (ref.device().is_cpu()) {
-    softmax_cpu(pass, dtype, a);
-    return;
-  }
-#ifdef WITH_CUDA
-  if (ref.device().is_cuda()) {
-    const c10::cuda::CUDAGuard guard(ref.device());
-    const char* err = softmax_cuda(pass, dtype, a, at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, "metakernels: CUDA softmax kernel failed: ", err);
-    return;
-  }
-#endif
-  TORCH_CHECK(false, "metakernels: no compiled softmax kernel for device ", ref.device());
+  launch_kernel(ref, "softmax", [&] { softmax_cpu(pass, dtype, a); },
+                [&](void* stream) { return softmax_cuda(pass, dtype, a, stream); });
 }
 
 at::Tensor softmax_forward(const at::Tensor& s, double scale) {

@@ -10,11 +10,6 @@
 #include "../csrc/update_kernels.h"
 #include "common.h"
 
-#ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
 namespace mk {
 namespace {
 
@@ -39,33 +34,13 @@ int64_t task_count(std::initializer_list<const at::Tensor*> operands) {
   return T;
 }
 
-template <typename Args>
-void launch(const at::Tensor& ref, UpdateKind kind, const UpdateHyper& hyper, const Args& args,
-            void (*cpu)(UpdateKind, DType, const UpdateHyper&, const Args&),
-            const char* (*cuda)(UpdateKind, DType, const UpdateHyper&, const Args&, void*)) {
+// The CPU and CUDA entry points are template arguments, so that a build without CUDA kernels never
+// references the CUDA ones (the lambda that calls them is not emitted there).
+template <auto cpu, auto cuda, typename Args>
+void launch(const at::Tensor& ref, UpdateKind kind, const UpdateHyper& hyper, const Args& args) {
   const DType dtype = dtype_code(ref, "params");
-  if (ref.device().is_cpu()) {
-    cpu(kind, dtype, hyper, args);
-    return;
-  }
-#ifdef WITH_CUDA
-  if (ref.device().is_cuda()) {
-    const c10::cuda::CUDAGuard guard(ref.device());
-    const char* err = cuda(kind, dtype, hyper, args, at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, "metakernels: CUDA update kernel failed: ", err);
-    return;
-  }
-#else
-  (void)cuda;
-#endif
-  TORCH_CHECK(false, "metakernels: no compiled kernel for device ", ref.device(),
-              " (this build has CUDA kernels: ",
-#ifdef WITH_CUDA
-              "yes"
-#else
-              "no"
-#endif
-              ")");
+  launch_kernel(ref, "update", [&] { cpu(kind, dtype, hyper, args); },
+                [&](void* stream) { return cuda(kind, dtype, hyper, args, stream); });
 }
 
 const char* state_name(int k) { return k == 0 ? "state0" : "state1"; }
@@ -107,7 +82,7 @@ std::vector<at::Tensor> update_forward(int64_t kind_code, const at::Tensor& para
     a.lr = lr->data_ptr();
     a.lr_rs = row_stride(*lr, P);
   }
-  launch(param, kind, make_hyper(hyper_values), a, &update_forward_cpu, &update_forward_cuda);
+  launch<update_forward_cpu, update_forward_cuda>(param, kind, make_hyper(hyper_values), a);
   return outs;
 }
 
@@ -175,7 +150,7 @@ std::vector<OptTensor> update_backward(int64_t kind_code, int64_t T, bool param_
   for (int k = 0; k < nstates; ++k)
     result[2 + k] = cotangent(needs_grad[2 + k], states[k].dim() == 2, grad, T, P, a.d_state[k], a.d_state_mode[k]);
   if (lr) result[4] = cotangent(needs_grad[4], lr->dim() == 2, grad, T, P, a.d_lr, a.d_lr_mode);
-  launch(grad, kind, make_hyper(hyper_values), a, &update_backward_cpu, &update_backward_cuda);
+  launch<update_backward_cpu, update_backward_cuda>(grad, kind, make_hyper(hyper_values), a);
   return result;
 }
 
