@@ -13,6 +13,7 @@ at the model's own shapes.
 
     python benchmarks/maml_table.py            # full configuration (glibc tunables as in harness.py)
     python benchmarks/maml_table.py --quick    # T=4, K=2, a smoke run
+    python benchmarks/maml_table.py --rounds 3 # every variant 3 times, interleaved: medians, ratio ranges
     python benchmarks/maml_table.py --device cuda --variants metakernels metakernels-fused stacked-recipe
 
 On CUDA the peak is torch.cuda.max_memory_allocated over the same warm-up baseline, and times are taken
@@ -42,6 +43,8 @@ def parse_args():
     ap.add_argument("--tasks", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every variant this many times, interleaved (the machine's load drifts between runs)")
     ap.add_argument("--vocab", type=int, default=256, help="vocabulary size (32768 shows the chunked head's memory)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -171,6 +174,26 @@ def child(args):
                       "grad_norm": grad_norm}))
 
 
+def _summary(variant, rounds):
+    """One variant's rounds -> its medians over rounds (times, peaks), the per-round times, the first error."""
+    done = [r for r in rounds if "seconds" in r]
+    if not done:
+        return rounds[0]
+    return {"variant": variant, "seconds": statistics.median(r["seconds"] for r in done),
+            "peak_mb": statistics.median(r["peak_mb"] for r in done), "grad_norm": done[0]["grad_norm"],
+            "per_round": [r["seconds"] for r in done]}
+
+
+def _round_ratios(base, r) -> str:
+    """base's time over r's, the median over rounds and, with several rounds, the range of the
+    round-by-round ratios (both ran in the same round, under the same load)."""
+    if base is None or len(base["per_round"]) != len(r["per_round"]):
+        return ""
+    ratios = [b / x for b, x in zip(base["per_round"], r["per_round"])]
+    text = f"{statistics.median(ratios):.2f}x"
+    return text + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
+
+
 def count_flops(args):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -201,30 +224,34 @@ def main():
     allocator = harness.reexec_with_malloc_tunables(enabled=not args.system_malloc)  # children inherit it
     import torch
 
-    results = []
-    for variant in args.variants:
-        cmd = [sys.executable, __file__, "--child", variant, "--tasks", str(args.tasks), "--steps", str(args.steps),
-               "--repeats", str(args.repeats), "--vocab", str(args.vocab), "--device", args.device]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
-            {"variant": variant, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:100]})
-        results.append(json.loads(line))
+    runs = {variant: [] for variant in args.variants}
+    for _ in range(args.rounds):
+        for variant in args.variants:
+            cmd = [sys.executable, __file__, "--child", variant, "--tasks", str(args.tasks), "--steps", str(args.steps),
+                   "--repeats", str(args.repeats), "--vocab", str(args.vocab), "--device", args.device]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
+                {"variant": variant, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:100]})
+            runs[variant].append(json.loads(line))
+    results = [_summary(variant, rounds) for variant, rounds in runs.items()]
     flops = count_flops(args)
     mlp_rate, att_rate, big_rate = matmul_rate(torch.device(args.device))
     print(f"torch {torch.__version__}, device={args.device}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, vocab={args.vocab}, "
-          f"second order, median of {args.repeats} meta-steps; allocator: {allocator}")
+          f"second order, median of {args.repeats} meta-steps in each of {args.rounds} round(s); allocator: {allocator}")
     print(f"FLOPs per meta-step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); fp32 matmul rate this run: "
           f"{big_rate:.0f} GFLOP/s at 1024^2, {mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's")
     ref = next((r for r in results if r["variant"] == "metakernels" and "seconds" in r), None)
-    header = ["variant", "s / meta-step", "peak MB", "GFLOP/s", "% of matmul rate", "speed vs metakernels", "|grad|"]
+    l2l = next((r for r in results if r["variant"] == "learn2learn" and "seconds" in r), None)
+    header = ["variant", "s / meta-step", "peak MB", "GFLOP/s", "% of matmul rate", "speed vs metakernels",
+              "speed vs learn2learn (rounds: min-max)", "|grad|"]
     rows = []
     for r in results:
         if "seconds" not in r:
-            rows.append([r["variant"], r["error"], "", "", "", "", ""])
+            rows.append([r["variant"], r["error"], "", "", "", "", "", ""])
             continue
         rate = flops / r["seconds"] / 1e9
         rows.append([r["variant"], f"{r['seconds']:.3f}", f"{r['peak_mb']:.0f}", f"{rate:.0f}", f"{100 * rate / big_rate:.0f}%",
-                     f"{ref['seconds'] / r['seconds']:.2f}x" if ref else "", f"{r['grad_norm']:.6g}"])
+                     f"{ref['seconds'] / r['seconds']:.2f}x" if ref else "", _round_ratios(l2l, r), f"{r['grad_norm']:.6g}"])
     harness.print_table(header, rows, args.markdown,
                         title=f"second-order MAML meta-step, T={args.tasks}, K={args.steps}, vocabulary {args.vocab}")
 

@@ -1,5 +1,5 @@
-"""gradcheck and gradgradcheck (float64) of the fused update ops on every backend, and Adam's finite
-backward where v = 0."""
+"""gradcheck and gradgradcheck (float64) of the fused update ops on every backend, Adam's finite
+backward where v = 0, and what the ops keep for their backward."""
 import pytest
 import torch
 
@@ -71,3 +71,17 @@ def test_second_order_path_matches_reference(backend):
             results.append(torch.autograd.grad(sum(f.pow(3).sum() for f in first), inputs))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: l.name)
+def test_linear_updates_keep_nothing_for_backward(backend, op, layout):
+    """SGD and momentum with a number as the rate are linear: their backward needs no input, so an
+    unrolled inner loop does not keep its inner gradients alive through them.  The others keep theirs."""
+    _, device = backend
+    tensors, lr = make_inputs(op, layout, 3, 5, torch.float64, device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        call(op, tensors, lr)
+    linear = op != "adam" and not isinstance(lr, torch.Tensor)
+    assert (len(saved) == 0) == linear, [tuple(t.shape) for t in saved]

@@ -26,6 +26,8 @@ LAYOUTS = [
     Layout("shared_init_meta_sgd", frozenset({"grads", "buf", "m", "v"}), "shared"),
     Layout("per_task_rates", frozenset({"params", "grads"}), "per_task"),
     Layout("all_shared", frozenset(), "scalar_tensor"),
+    Layout("shared_init", frozenset({"grads", "buf", "m", "v"}), "float"),  # MAML's first inner step
+    Layout("shared_grads_and_state", frozenset({"params"}), "float"),
 ]
 
 

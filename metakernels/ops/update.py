@@ -8,7 +8,10 @@ per-parameter rates shared by the tasks) or a ``[T, P]`` tensor (per task).
 Gradients flow to every tensor operand.  The cotangent of a ``[P]`` operand used by T tasks is the sum
 over tasks, computed in task order inside the backward kernel (deterministic, no atomics).  The first
 backward is a fused kernel; when the backward itself is recorded (``create_graph=True``) it is computed
-by differentiating the reference formulas instead, so gradients of any order are exact.
+by differentiating the reference formulas instead, so gradients of any order are exact.  SGD and
+momentum with a number as their rate are linear and keep nothing for their backward, which is then a
+few tensor ops (deterministic sums over tasks): an unrolled inner loop does not hold its K inner
+gradients.
 
 Math (per element; c1 = 1 - beta1**step, c2 = 1 - beta2**step):
     sgd:       p' = p - lr * g
@@ -96,11 +99,17 @@ class _FusedUpdate(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.spec = spec
         ctx.param_dim = params.dim()
-        ctx.save_for_backward(params, grads, state0, state1, lr)
+        ctx.linear = kind != UpdateKind.ADAM and lr is None
+        if ctx.linear:  # nothing saved: an unrolled inner loop then does not hold its K inner gradients
+            ctx.operand_dims = (params.dim(), grads.dim(), None if state0 is None else state0.dim())
+        else:
+            ctx.save_for_backward(params, grads, state0, state1, lr)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs):
+        if ctx.linear:
+            return (None,) + _linear_backward(ctx, grad_outs[0], grad_outs[1] if len(grad_outs) > 1 else None)
         if torch.is_grad_enabled():
             return (None,) + _differentiable_backward(ctx, grad_outs)
         kind, backend, hyper, out_shape = ctx.spec
