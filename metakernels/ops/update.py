@@ -137,6 +137,26 @@ class _FusedUpdate(torch.autograd.Function):
         return (None, *result)
 
 
+def _linear_backward(ctx, gp, g_buf):
+    """SGD and momentum with a number as their rate are linear (b' = m b + g, p' = p - lr b'; SGD: b' = g
+    and no b), so their cotangents need none of the inputs: d p = gp, d g = d b' = g_buf - lr gp and
+    d b = m d b', each summed over the tasks where that operand was [P].  Tensor ops, so differentiable
+    again as they stand."""
+    _, need_params, need_grads, need_buf = ctx.needs_input_grad[:4]
+    hyper = ctx.spec[2]
+    d_new_buf = gp * -hyper[0] if gp is not None else None
+    if g_buf is not None:
+        d_new_buf = g_buf if d_new_buf is None else d_new_buf + g_buf
+
+    def onto(t, operand_dim):
+        return None if t is None else (t.sum(0) if operand_dim < t.dim() else t)
+
+    d_params = onto(gp, ctx.operand_dims[0]) if need_params else None
+    d_grads = onto(d_new_buf, ctx.operand_dims[1]) if need_grads else None
+    d_buf = onto(d_new_buf, ctx.operand_dims[2]) * hyper[1] if need_buf and d_new_buf is not None else None
+    return d_params, d_grads, d_buf, None, None
+
+
 def _differentiable_backward(ctx, grad_outs):
     """Vector-Jacobian product of the reference formulas, recorded so that it can be differentiated
     again (used when the backward runs under create_graph=True)."""
