@@ -175,21 +175,24 @@ def child(args):
 
 
 def _summary(variant, rounds):
-    """One variant's rounds -> its medians over rounds (times, peaks), the per-round times, the first error."""
+    """One variant's rounds -> its medians over the rounds that ran (times, peaks) and each round's time
+    (None where that round failed); the first error when none ran."""
     done = [r for r in rounds if "seconds" in r]
     if not done:
         return rounds[0]
     return {"variant": variant, "seconds": statistics.median(r["seconds"] for r in done),
             "peak_mb": statistics.median(r["peak_mb"] for r in done), "grad_norm": done[0]["grad_norm"],
-            "per_round": [r["seconds"] for r in done]}
+            "per_round": [r.get("seconds") for r in rounds]}
 
 
 def _round_ratios(base, r) -> str:
     """base's time over r's, the median over rounds and, with several rounds, the range of the
     round-by-round ratios (both ran in the same round, under the same load)."""
-    if base is None or len(base["per_round"]) != len(r["per_round"]):
+    if base is None:
         return ""
-    ratios = [b / x for b, x in zip(base["per_round"], r["per_round"])]
+    ratios = [b / x for b, x in zip(base["per_round"], r["per_round"]) if b is not None and x is not None]
+    if not ratios:
+        return ""
     text = f"{statistics.median(ratios):.2f}x"
     return text + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
 
