@@ -84,10 +84,13 @@ struct NonDeduced {
 };
 
 #if !defined(__CUDACC__)
-// A 256-bit vector of acc_t (GCC vector extension) that may alias acc_t arrays at any alignment.
-template <typename acc_t>
+// A VB-byte vector of acc_t (GCC vector extension) that may alias acc_t arrays at any alignment.  The CPU
+// lanes code runs with 256-bit vectors (VB = 32) in its AVX2 and baseline clones and with 512-bit ones
+// (VB = 64) in its AVX-512 instance (csrc/cpu/lopt.cpp).  NOTE: 512-bit types compiled for AVX2 ran 40x
+// slower (GCC splits them through memory), hence a width per instruction set, not one for all.
+template <typename acc_t, int VB>
 struct LaneVec {
-  typedef acc_t type __attribute__((vector_size(32), aligned(alignof(acc_t)), may_alias));
+  typedef acc_t type __attribute__((vector_size(VB), aligned(alignof(acc_t)), may_alias));
 };
 #endif
 
@@ -144,35 +147,42 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_features_backward(const LoptConsts<acc_
 
 // out[r][l] = bias[r] (0 when bias is nullptr) + sum_c A[r * rs + c * cs] in[c][l], for r < rows,
 // c < cols: a dense layer on L lanes (rs = n_in, cs = 1) or its transpose (rs = 1, cs = n_in).
-template <int L, typename acc_t>
+template <int L, int VB = 32, typename acc_t>
 MK_HOST_DEVICE MK_LANES_INLINE void lopt_lanes_matvec(const acc_t* A, int64_t rs, int64_t cs, int rows, int cols,
                                                       const acc_t* bias, const acc_t* in, acc_t* out) {
 #if !defined(__CUDACC__)
-  if constexpr (L * sizeof(acc_t) % 32 == 0) {
+  if constexpr (L * sizeof(acc_t) % VB == 0) {
     // NOTE: GCC keeps a local acc[L] array in memory (a load and a store per FMA, 37 GFLOP/s at
-    // hidden=32); vector-typed accumulators for two rows at a time stay in registers and share the
-    // loads of `in`.
-    using V = typename LaneVec<acc_t>::type;
-    constexpr int R = static_cast<int>(L * sizeof(acc_t) / 32);
+    // hidden=32); vector-typed accumulators for a block of rows stay in registers and share the loads
+    // of `in`.  kRows * R = 8 independent accumulators cover the FMA latency (with 512-bit vectors two
+    // rows gave 4, and the forward ran at 0.6x).
+    using V = typename LaneVec<acc_t, VB>::type;
+    constexpr int R = static_cast<int>(L * sizeof(acc_t) / VB);
+    constexpr int kRows = R >= 8 ? 1 : 8 / R;
     const V* vin = reinterpret_cast<const V*>(in);
     V* vout = reinterpret_cast<V*>(out);
     int r = 0;
-    for (; r + 1 < rows; r += 2) {
-      V a0[R], a1[R];
-      const acc_t b0 = bias ? bias[r] : acc_t(0), b1 = bias ? bias[r + 1] : acc_t(0);
+    for (; r + kRows <= rows; r += kRows) {
+      V a[kRows][R];
 #pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) a0[j] = V{} + b0, a1[j] = V{} + b1;
+      for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) a[i][j] = V{} + (bias ? bias[r + i] : acc_t(0));
       for (int c = 0; c < cols; ++c) {
-        const acc_t w0 = A[r * rs + c * cs], w1 = A[(r + 1) * rs + c * cs];
+        acc_t w[kRows];
+#pragma GCC unroll 16
+        for (int i = 0; i < kRows; ++i) w[i] = A[(r + i) * rs + c * cs];
 #pragma GCC unroll 16
         for (int j = 0; j < R; ++j) {
           const V x = vin[c * R + j];
-          a0[j] += w0 * x;
-          a1[j] += w1 * x;
+#pragma GCC unroll 16
+          for (int i = 0; i < kRows; ++i) a[i][j] += w[i] * x;
         }
       }
 #pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) vout[r * R + j] = a0[j], vout[(r + 1) * R + j] = a1[j];
+      for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) vout[(r + i) * R + j] = a[i][j];
     }
     for (; r < rows; ++r) {
       V a0[R];
@@ -209,34 +219,41 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_relu(acc_t* x, const acc_t* mask, int64
 }
 
 #if !defined(__CUDACC__)
-// Lanes of one 256-bit vector of acc_t: the width of the CPU weight gradient's partial sums.
-template <typename acc_t>
-constexpr int kLoptVecLanes = static_cast<int>(32 / sizeof(acc_t));
+// Lanes of one VB-byte vector of acc_t: the width of the CPU weight gradient's partial sums.
+template <typename acc_t, int VB>
+constexpr int kLoptVecLanes = static_cast<int>(VB / sizeof(acc_t));
 
 // The weight gradient of one dense layer over L lanes, kept as vector-wide partial sums that the caller
 // reduces once per job: dW[r * cols + c] += sum_l dz[r][l] in[c][l], then db[r] += sum_l dz[r][l] (db
 // after dW), where every weight q holds kLoptVecLanes partials at dW_lanes[q * kLoptVecLanes + i].
 // NOTE: the first version reduced each weight's lanes to one double per block of L lanes: that
 // horizontal sum cost ~7x the block's 4 FMAs per weight (backward 6x the forward at hidden=32).
-template <int L, typename acc_t>
+template <int L, int VB, typename acc_t>
 inline __attribute__((always_inline)) void lopt_lanes_outer(const acc_t* dz, const acc_t* in, int rows, int cols,
                                                             acc_t* dW_lanes) {
-  static_assert(L * sizeof(acc_t) % 32 == 0, "lanes must fill whole 256-bit vectors");
-  using V = typename LaneVec<acc_t>::type;
-  constexpr int R = static_cast<int>(L * sizeof(acc_t) / 32);
+  static_assert(L * sizeof(acc_t) % VB == 0, "lanes must fill whole vectors");
+  using V = typename LaneVec<acc_t, VB>::type;
+  constexpr int R = static_cast<int>(L * sizeof(acc_t) / VB);
   const V* vdz = reinterpret_cast<const V*>(dz);
   const V* vin = reinterpret_cast<const V*>(in);
   V* acc = reinterpret_cast<V*>(dW_lanes);
+  constexpr int kCols = 8;  // independent accumulators, to cover the FMA latency
   for (int r = 0; r < rows; ++r) {
     const V* d = vdz + r * R;
     V* row = acc + static_cast<int64_t>(r) * cols;
     int c = 0;
-    for (; c + 1 < cols; c += 2) {
-      V s0 = row[c], s1 = row[c + 1];
+    for (; c + kCols <= cols; c += kCols) {
+      V s[kCols];
 #pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) s0 += d[j] * vin[c * R + j], s1 += d[j] * vin[(c + 1) * R + j];
-      row[c] = s0;
-      row[c + 1] = s1;
+      for (int i = 0; i < kCols; ++i) s[i] = row[c + i];
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) {
+        const V dj = d[j];
+#pragma GCC unroll 16
+        for (int i = 0; i < kCols; ++i) s[i] += dj * vin[(c + i) * R + j];
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < kCols; ++i) row[c + i] = s[i];
     }
     for (; c < cols; ++c) {
       V s0 = row[c];
@@ -253,25 +270,25 @@ inline __attribute__((always_inline)) void lopt_lanes_outer(const acc_t* dz, con
 #endif
 
 // One dense layer on L lanes: out[h * L + l] = act(sum_k W[h, k] in[k * L + l] + b[h]).
-template <int L, bool kRelu, typename acc_t>
+template <int L, bool kRelu, int VB = 32, typename acc_t>
 MK_HOST_DEVICE MK_LANES_INLINE void lopt_dense(const acc_t* W, const acc_t* b, int n_in, int n_out, const acc_t* in, acc_t* out) {
-  lopt_lanes_matvec<L>(W, n_in, 1, n_out, n_in, b, in, out);
+  lopt_lanes_matvec<L, VB>(W, n_in, 1, n_out, n_in, b, in, out);
   if (kRelu) lopt_relu(out, static_cast<const acc_t*>(nullptr), static_cast<int64_t>(n_out) * L);
 }
 
 // MLP forward: x [F][L] -> activations act [layers][H][L] (kept for the backward), out [2][L].
-template <int L, typename acc_t>
+template <int L, int VB = 32, typename acc_t>
 MK_HOST_DEVICE MK_LANES_INLINE void lopt_mlp_forward(const acc_t* w, int H, int layers, const acc_t* x, acc_t* act, acc_t* out) {
   const acc_t* in = x;
   int n_in = kLoptFeatures;
   for (int layer = 0; layer < layers; ++layer) {
     const acc_t* W = w + lopt_layer_offset(H, layer);
-    lopt_dense<L, true>(W, W + static_cast<int64_t>(H) * n_in, n_in, H, in, act + static_cast<int64_t>(layer) * H * L);
+    lopt_dense<L, true, VB>(W, W + static_cast<int64_t>(H) * n_in, n_in, H, in, act + static_cast<int64_t>(layer) * H * L);
     in = act + static_cast<int64_t>(layer) * H * L;
     n_in = H;
   }
   const acc_t* Wo = w + lopt_layer_offset(H, layers);
-  lopt_dense<L, false>(Wo, Wo + 2 * H, H, 2, in, out);
+  lopt_dense<L, false, VB>(Wo, Wo + 2 * H, H, 2, in, out);
 }
 
 // The step: p' = p - step, step = step_mult * d * exp(exp_mult * q).
@@ -284,14 +301,14 @@ MK_HOST_DEVICE inline acc_t lopt_step(const LoptConsts<acc_t>& c, acc_t d, acc_t
 // db[h] += sum_l dz[h][l]) into dW_lanes (CPU only, the partial sums of lopt_lanes_outer; skipped when
 // nullptr) and, when din is not nullptr, writes din[k][l] = sum_h W[h, k] dz[h][l] (times the relu mask
 // of `in` when kReluIn).
-template <int L, bool kReluIn, typename acc_t>
+template <int L, bool kReluIn, int VB = 32, typename acc_t>
 MK_HOST_DEVICE MK_LANES_INLINE void lopt_dense_backward(const acc_t* W, int n_in, int n_out, const acc_t* in, const acc_t* dz,
                                                typename NonDeduced<acc_t>::type* dW_lanes, acc_t* din) {
 #if !defined(__CUDACC__)
-  if (dW_lanes != nullptr) lopt_lanes_outer<L>(dz, in, n_out, n_in, dW_lanes);
+  if (dW_lanes != nullptr) lopt_lanes_outer<L, VB>(dz, in, n_out, n_in, dW_lanes);
 #endif
   if (din == nullptr) return;
-  lopt_lanes_matvec<L>(W, 1, n_in, n_in, n_out, static_cast<const acc_t*>(nullptr), dz, din);
+  lopt_lanes_matvec<L, VB>(W, 1, n_in, n_in, n_out, static_cast<const acc_t*>(nullptr), dz, din);
   if (kReluIn) lopt_relu(din, in, static_cast<int64_t>(n_in) * L);
 }
 
@@ -299,19 +316,19 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_dense_backward(const acc_t* W, int n_in
 // MLP backward on the CPU: from dout [2][L] (cotangent of (d, q)) to dx [F][L], accumulating the weight
 // gradient (flat layout, as the partial sums of lopt_lanes_outer) into dw_lanes.  dz_a, dz_b: scratch of
 // H * L each.
-template <int L, typename acc_t>
+template <int L, int VB, typename acc_t>
 MK_LANES_INLINE void lopt_mlp_backward(const acc_t* w, int H, int layers, const acc_t* x, const acc_t* act,
                                        const acc_t* dout, acc_t* dx, acc_t* dw_lanes, acc_t* dz_a, acc_t* dz_b) {
   const int64_t o = lopt_layer_offset(H, layers);
   const acc_t* last = act + static_cast<int64_t>(layers - 1) * H * L;
-  const auto at = [dw_lanes](int64_t offset) { return dw_lanes + offset * kLoptVecLanes<acc_t>; };
-  lopt_dense_backward<L, true>(w + o, H, 2, last, dout, at(o), dz_a);
+  const auto at = [dw_lanes](int64_t offset) { return dw_lanes + offset * kLoptVecLanes<acc_t, VB>; };
+  lopt_dense_backward<L, true, VB>(w + o, H, 2, last, dout, at(o), dz_a);
   for (int layer = layers - 1; layer >= 0; --layer) {
     const int64_t off = lopt_layer_offset(H, layer);
     if (layer == 0) {
-      lopt_dense_backward<L, false>(w + off, kLoptFeatures, H, x, dz_a, at(off), dx);
+      lopt_dense_backward<L, false, VB>(w + off, kLoptFeatures, H, x, dz_a, at(off), dx);
     } else {
-      lopt_dense_backward<L, true>(w + off, H, H, act + static_cast<int64_t>(layer - 1) * H * L, dz_a, at(off), dz_b);
+      lopt_dense_backward<L, true, VB>(w + off, H, H, act + static_cast<int64_t>(layer - 1) * H * L, dz_a, at(off), dz_b);
       acc_t* tmp = dz_a;
       dz_a = dz_b;
       dz_b = tmp;

@@ -61,7 +61,25 @@ def close(actual, expected, dtype, what):
 @pytest.mark.parametrize("T,segments,hidden,layers", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_forward_and_backward_match_reference(backend, T, segments, hidden, layers, dtype):
-    name, device = backend
+    check_against_reference(backend[1], T, segments, hidden, layers, dtype)
+
+
+@pytest.mark.parametrize("T,segments,hidden,layers", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpu_avx2_instance_matches_reference(T, segments, hidden, layers, dtype):
+    """The CPU kernel's MLP has a 256-bit (AVX2 / baseline) and a 512-bit (AVX-512) instance; the
+    backend tests run the one this machine picks, this one the 256-bit one on any machine."""
+    ext = pytest.importorskip("metakernels._C")
+    ext.set_cpu_avx512(False)
+    try:
+        assert not ext.cpu_uses_avx512()
+        with mk.use_backend("cpu"):
+            check_against_reference(torch.device("cpu"), T, segments, hidden, layers, dtype)
+    finally:
+        ext.set_cpu_avx512(True)
+
+
+def check_against_reference(device, T, segments, hidden, layers, dtype):
     inputs = make(T, segments, hidden, layers, dtype, device, requires_grad=True)
     before = [x.detach().clone() for x in inputs]
     outs = step(*inputs, segments, hidden, layers)

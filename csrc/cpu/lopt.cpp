@@ -61,7 +61,7 @@ struct Rows {
 
 // Loads up to kLanes elements into lane slots, zero-padding the tail.
 template <typename acc_t, typename scalar_t>
-inline void load_lanes(const scalar_t* src, int64_t n, acc_t* dst) {
+MK_LANES_INLINE void load_lanes(const scalar_t* src, int64_t n, acc_t* dst) {
   for (int l = 0; l < kLanes; ++l) dst[l] = l < n ? static_cast<acc_t>(src[l]) : acc_t(0);
 }
 
@@ -71,20 +71,21 @@ struct Block {
   alignas(64) acc_t p[kLanes], g[kLanes], s[kLoptStates * kLanes], s_new[kLoptStates * kLanes], f[F * kLanes];
   alignas(64) acc_t x[F * kLanes], out[2 * kLanes];  // normalised features, MLP outputs (d, q)
 
-  void load(const LoptConsts<acc_t>& c, const Rows<scalar_t>& r, int64_t i, int64_t n) {
+  MK_LANES_INLINE void load(const LoptConsts<acc_t>& c, const Rows<scalar_t>& r, int64_t i, int64_t n) {
     load_lanes(r.p + i, n, p);
     load_lanes(r.g + i, n, g);
     for (int j = 0; j < kLoptStates; ++j) load_lanes(r.s + j * r.plane + i, n, s + j * kLanes);
     lopt_features<kLanes>(c, p, g, s, s_new, f);
   }
 
-  // Loads elements [i, i + n) and runs the MLP on their normalised features x = f * norm.
-  void load_and_forward(const LoptConsts<acc_t>& c, const Rows<scalar_t>& r, int64_t i, int64_t n,
+  // Loads elements [i, i + n) and runs the MLP (VB-byte vectors) on their normalised features x = f * norm.
+  template <int VB>
+  MK_LANES_INLINE void load_and_forward(const LoptConsts<acc_t>& c, const Rows<scalar_t>& r, int64_t i, int64_t n,
                         const acc_t* norm, const acc_t* w, int H, int layers, acc_t* act) {
     load(c, r, i, n);
     for (int k = 0; k < F; ++k)
       for (int l = 0; l < kLanes; ++l) x[k * kLanes + l] = f[k * kLanes + l] * norm[k];
-    lopt_mlp_forward<kLanes>(w, H, layers, x, act, out);
+    lopt_mlp_forward<kLanes, VB>(w, H, layers, x, act, out);
   }
 };
 
@@ -103,14 +104,14 @@ MK_CPU_CLONES_FMA void moments_job(const LoptConsts<acc_t> c, const Rows<scalar_
   }
 }
 
-template <typename acc_t, typename scalar_t>
-MK_CPU_CLONES_FMA void forward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
-                               const acc_t* __restrict__ norm, const Rows<scalar_t> r, int64_t n,
-                               scalar_t* __restrict__ po, scalar_t* __restrict__ so, acc_t* __restrict__ act) {
+template <int VB, typename acc_t, typename scalar_t>
+MK_LANES_INLINE void forward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
+                                 const acc_t* __restrict__ norm, const Rows<scalar_t> r, int64_t n,
+                                 scalar_t* __restrict__ po, scalar_t* __restrict__ so, acc_t* __restrict__ act) {
   Block<acc_t, scalar_t> b;
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, n - i);
-    b.load_and_forward(c, r, i, m, norm, w, H, layers, act);
+    b.template load_and_forward<VB>(c, r, i, m, norm, w, H, layers, act);
     for (int l = 0; l < m; ++l) {
       po[i + l] = static_cast<scalar_t>(b.p[l] - lopt_step(c, b.out[l], b.out[kLanes + l]));
       for (int j = 0; j < kLoptStates; ++j) so[j * r.plane + i + l] = static_cast<scalar_t>(b.s_new[j * kLanes + l]);
@@ -133,7 +134,7 @@ struct BlockGrads {
 
 // Stores (kAdd: adds to) the requested input cotangents of one block.
 template <bool kAdd, typename acc_t, typename scalar_t>
-inline void store_grads(const LoptArgs& a, const Job& j, int64_t i, int64_t m, const acc_t* gp,
+MK_LANES_INLINE void store_grads(const LoptArgs& a, const Job& j, int64_t i, int64_t m, const acc_t* gp,
                         const BlockGrads<acc_t>& d) {
   const int64_t base = j.t * a.P + j.begin + i, plane = a.T * a.P;
   const auto put = [&](void* dst_base, int64_t offset, acc_t value) {
@@ -151,13 +152,13 @@ inline void store_grads(const LoptArgs& a, const Job& j, int64_t i, int64_t m, c
 // Pass A of the backward for one job; returns c_k = sum_i dx_ik f_ik in c_out and accumulates the
 // weight gradient into dw (double, nw weights) through dw_lanes (scratch: nw vector-wide partial sums,
 // reduced once at the end of the job).
-template <typename acc_t, typename scalar_t>
-MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
+template <int VB, typename acc_t, typename scalar_t>
+MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
                                 const acc_t* __restrict__ norm, const Rows<scalar_t> r, const OutCotangents<scalar_t> cot,
                                 const LoptArgs& a, const Job& j, int64_t nw, double* __restrict__ dw,
                                 acc_t* __restrict__ dw_lanes, double* __restrict__ c_out, acc_t* __restrict__ act,
                                 acc_t* __restrict__ dz_a, acc_t* __restrict__ dz_b) {
-  constexpr int VL = kLoptVecLanes<acc_t>;
+  constexpr int VL = kLoptVecLanes<acc_t, VB>;
   std::fill(dw_lanes, dw_lanes + nw * VL, acc_t(0));
   Block<acc_t, scalar_t> b;
   BlockGrads<acc_t> d;
@@ -167,7 +168,7 @@ MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __re
   const int64_t n = j.end - j.begin;
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, n - i);
-    b.load_and_forward(c, r, i, m, norm, w, H, layers, act);
+    b.template load_and_forward<VB>(c, r, i, m, norm, w, H, layers, act);
     const acc_t* out = b.out;
     if (cot.gp) load_lanes(cot.gp + i, m, gp);
     else std::fill(gp, gp + kLanes, acc_t(0));
@@ -177,7 +178,7 @@ MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __re
       dout[l] = dstep;
       dout[kLanes + l] = dstep * out[l] * c.exp_mult;
     }
-    lopt_mlp_backward<kLanes>(w, H, layers, b.x, act, dout, dx, dw_lanes, dz_a, dz_b);
+    lopt_mlp_backward<kLanes, VB>(w, H, layers, b.x, act, dout, dx, dw_lanes, dz_a, dz_b);
     for (int k = 0; k < F; ++k)
       for (int l = 0; l < kLanes; ++l) {
         csum[k * kLanes + l] += dx[k * kLanes + l] * b.f[k * kLanes + l];
@@ -198,6 +199,43 @@ MK_CPU_CLONES_FMA void backward_job(const LoptConsts<acc_t> c, const acc_t* __re
     for (int i = 0; i < VL; ++i) sum += static_cast<double>(dw_lanes[q * VL + i]);
     dw[q] += sum;
   }
+}
+
+// The MLP jobs as compiled functions: 256-bit vectors in the AVX2 and baseline clones, 512-bit vectors
+// in the AVX-512 instance, which run_forward_job / run_backward_job call where the CPU has AVX-512.
+template <typename... Args>
+MK_CPU_CLONES_FMA void forward_job_256(Args... args) {
+  forward_job<32>(args...);
+}
+template <typename... Args>
+MK_CPU_CLONES_FMA void backward_job_256(Args... args) {
+  backward_job<32>(args...);
+}
+#if MK_CPU_AVX512_PATH
+template <typename... Args>
+MK_CPU_AVX512 void forward_job_512(Args... args) {
+  forward_job<64>(args...);
+}
+template <typename... Args>
+MK_CPU_AVX512 void backward_job_512(Args... args) {
+  backward_job<64>(args...);
+}
+#endif
+
+template <typename... Args>
+void run_forward_job(Args... args) {
+#if MK_CPU_AVX512_PATH
+  if (cpu_uses_avx512()) return forward_job_512(args...);
+#endif
+  forward_job_256(args...);
+}
+
+template <typename... Args>
+void run_backward_job(Args... args) {
+#if MK_CPU_AVX512_PATH
+  if (cpu_uses_avx512()) return backward_job_512(args...);
+#endif
+  backward_job_256(args...);
 }
 
 // Pass B for one job: adds the normaliser's term df_ik = coef_k f_ik.
@@ -254,9 +292,9 @@ void forward_impl(const LoptHyper& h, const LoptArgs& a) {
     for (int64_t k = begin; k < end; ++k) {
       const Job& j = jobs[k];
       const int64_t off = j.t * a.P + j.begin;
-      forward_job<acc_t>(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j),
-                         j.end - j.begin, static_cast<scalar_t*>(a.param_out) + off,
-                         static_cast<scalar_t*>(a.state_out) + off, act.data());
+      run_forward_job(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j),
+                      j.end - j.begin, static_cast<scalar_t*>(a.param_out) + off,
+                      static_cast<scalar_t*>(a.state_out) + off, act.data());
     }
   });
 }
@@ -274,7 +312,7 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
   std::vector<double> dw_groups(groups * nw, 0.0), c_partial(njobs * F);
   at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
     std::vector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes), dz_a(a.H * kLanes), dz_b(a.H * kLanes);
-    std::vector<acc_t> dw_lanes(nw * kLoptVecLanes<acc_t>);
+    std::vector<acc_t> dw_lanes(nw * kLoptVecLanes<acc_t, 64>);  // room for the widest vectors
     for (int64_t g = gbegin; g < gend; ++g) {
       for (int64_t k = g * njobs / groups; k < (g + 1) * njobs / groups; ++k) {
         const Job& j = jobs[k];
@@ -282,9 +320,9 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
         const OutCotangents<scalar_t> cot{
             a.grad_param_out ? static_cast<const scalar_t*>(a.grad_param_out) + off : nullptr,
             a.grad_state_out ? static_cast<const scalar_t*>(a.grad_state_out) + off : nullptr};
-        backward_job<acc_t>(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j), cot, a, j,
-                            nw, &dw_groups[g * nw], dw_lanes.data(), &c_partial[k * F], act.data(), dz_a.data(),
-                            dz_b.data());
+        run_backward_job(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j), cot, a, j,
+                         nw, &dw_groups[g * nw], dw_lanes.data(), &c_partial[k * F], act.data(), dz_a.data(),
+                         dz_b.data());
       }
     }
   });
