@@ -26,7 +26,7 @@
 namespace mk {
 namespace {
 
-// NOTE: 32 lanes = four AVX2 registers per accumulator row of the MLP.
+// NOTE: 32 lanes = four AVX2 (two AVX-512) registers per accumulator row of the MLP.
 constexpr int kLanes = 32;
 constexpr int64_t kChunk = 1024;
 constexpr int64_t kGroups = 64;
