@@ -21,26 +21,27 @@
 // The learned optimizer's MLP also has an instance with 512-bit vectors, compiled for x86-64-v4 and
 // called where the CPU has AVX-512 F, BW, CD, DQ and VL (chosen at run time, csrc/cpu/lopt.cpp) unless
 // switched off (metakernels._C.set_cpu_avx512, so that tests reach the AVX2 instance on any machine).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MK_CPU_AVX512_PATH 1
+#define MK_CPU_AVX512 __attribute__((noinline, target("arch=x86-64-v4")))
+#else
+#define MK_CPU_AVX512_PATH 0
+#endif
+
 namespace mk {
 inline bool& cpu_avx512_allowed() {
   static bool allowed = true;
   return allowed;
 }
-}  // namespace mk
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MK_CPU_AVX512_PATH 1
-#define MK_CPU_AVX512 __attribute__((noinline, target("arch=x86-64-v4")))
-namespace mk {
+
 inline bool cpu_uses_avx512() {
+#if MK_CPU_AVX512_PATH
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
                           __builtin_cpu_supports("avx512vl");
   return has && cpu_avx512_allowed();
+#else
+  return false;
+#endif
 }
 }  // namespace mk
-#else
-#define MK_CPU_AVX512_PATH 0
-namespace mk {
-inline bool cpu_uses_avx512() { return false; }
-}  // namespace mk
-#endif

@@ -28,6 +28,8 @@ namespace {
 
 // NOTE: 32 lanes = four AVX2 (two AVX-512) registers per accumulator row of the MLP.
 constexpr int kLanes = 32;
+constexpr int kAvx2VectorBytes = 32;    // the vector width of the AVX2 / baseline instance of the MLP
+constexpr int kAvx512VectorBytes = 64;  // ... and of its AVX-512 instance
 constexpr int64_t kChunk = 1024;
 constexpr int64_t kGroups = 64;
 constexpr int F = kLoptFeatures;
@@ -205,20 +207,20 @@ MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __rest
 // in the AVX-512 instance, which run_forward_job / run_backward_job call where the CPU has AVX-512.
 template <typename... Args>
 MK_CPU_CLONES_FMA void forward_job_256(Args... args) {
-  forward_job<32>(args...);
+  forward_job<kAvx2VectorBytes>(args...);
 }
 template <typename... Args>
 MK_CPU_CLONES_FMA void backward_job_256(Args... args) {
-  backward_job<32>(args...);
+  backward_job<kAvx2VectorBytes>(args...);
 }
 #if MK_CPU_AVX512_PATH
 template <typename... Args>
 MK_CPU_AVX512 void forward_job_512(Args... args) {
-  forward_job<64>(args...);
+  forward_job<kAvx512VectorBytes>(args...);
 }
 template <typename... Args>
 MK_CPU_AVX512 void backward_job_512(Args... args) {
-  backward_job<64>(args...);
+  backward_job<kAvx512VectorBytes>(args...);
 }
 #endif
 
@@ -312,7 +314,7 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
   std::vector<double> dw_groups(groups * nw, 0.0), c_partial(njobs * F);
   at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
     std::vector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes), dz_a(a.H * kLanes), dz_b(a.H * kLanes);
-    std::vector<acc_t> dw_lanes(nw * kLoptVecLanes<acc_t, 64>);  // room for the widest vectors
+    std::vector<acc_t> dw_lanes(nw * kLoptVecLanes<acc_t, kAvx512VectorBytes>);  // room for either instance
     for (int64_t g = gbegin; g < gend; ++g) {
       for (int64_t k = g * njobs / groups; k < (g + 1) * njobs / groups; ++k) {
         const Job& j = jobs[k];

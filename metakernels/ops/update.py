@@ -98,11 +98,9 @@ class _FusedUpdate(torch.autograd.Function):
         outs = _kernels(backend).update_forward(int(kind), params.contiguous(), grads.contiguous(), states, lr_c, hyper)
         ctx.set_materialize_grads(False)
         ctx.spec = spec
-        ctx.param_dim = params.dim()
+        ctx.operand_dims = (params.dim(), grads.dim(), None if state0 is None else state0.dim())
         ctx.linear = kind != UpdateKind.ADAM and lr is None
-        if ctx.linear:  # nothing saved: an unrolled inner loop then does not hold its K inner gradients
-            ctx.operand_dims = (params.dim(), grads.dim(), None if state0 is None else state0.dim())
-        else:
+        if not ctx.linear:  # (linear: nothing saved, so an unrolled inner loop does not hold its K inner gradients)
             ctx.save_for_backward(params, grads, state0, state1, lr)
         return tuple(outs)
 
@@ -126,7 +124,7 @@ class _FusedUpdate(torch.autograd.Function):
         gp, *g_states = (contiguous_rows(g) for g in grad_outs)
         states = [contiguous_rows(s) for s in (state0, state1) if s is not None]
         T = out_shape[0] if batched_out else 1
-        param_batched = ctx.param_dim == 2 or not batched_out
+        param_batched = ctx.operand_dims[0] == 2 or not batched_out
         d = _kernels(backend).update_backward(
             int(kind), T, param_batched, contiguous_rows(grads), states, contiguous_rows(lr), gp, g_states, needs, hyper
         )
