@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "update_math.h"
 
@@ -223,49 +224,78 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_relu(acc_t* x, const acc_t* mask, int64
 template <typename acc_t, int VB>
 constexpr int kLoptVecLanes = static_cast<int>(VB / sizeof(acc_t));
 
-// The weight gradient of one dense layer over L lanes, kept as vector-wide partial sums that the caller
-// reduces once per job: dW[r * cols + c] += sum_l dz[r][l] in[c][l], then db[r] += sum_l dz[r][l] (db
-// after dW), where every weight q holds kLoptVecLanes partials at dW_lanes[q * kLoptVecLanes + i].
+// The weight gradient of one dense layer over nb blocks of L lanes, kept as vector-wide partial sums that
+// the caller reduces once per job: dW[r * cols + c] += sum_b sum_l dz_b[r][l] in_b[c][l], then
+// db[r] += sum_b sum_l dz_b[r][l] (db after dW), where block b's arrays start at dz + b * dz_stride and
+// in + b * in_stride, and every weight q holds kLoptVecLanes partials at dW_lanes[q * kLoptVecLanes + i].
 // NOTE: the first version reduced each weight's lanes to one double per block of L lanes: that
-// horizontal sum cost ~7x the block's 4 FMAs per weight (backward 6x the forward at hidden=32).
-template <int L, int VB, typename acc_t>
-inline __attribute__((always_inline)) void lopt_lanes_outer(const acc_t* dz, const acc_t* in, int rows, int cols,
-                                                            acc_t* dW_lanes) {
-  static_assert(L * sizeof(acc_t) % VB == 0, "lanes must fill whole vectors");
+// horizontal sum cost ~7x the block's 4 FMAs per weight (backward 6x the forward at hidden=32).  With one
+// block per call (nb = 1), every partial (92 KB at hidden=32, in L2) was loaded and stored for only
+// L / kLoptVecLanes FMAs; the weight gradient took ~70 of the 195 ms of forward + backward at P = 1e6
+// (one thread).  nb = 4 and register tiles: ~10% less forward + backward; nb = 8 no better.
+// One tile of lopt_lanes_outer: the partials of rows [r0, r0 + TR) x columns [c0, c0 + TC) (kBias: of the
+// biases of rows [r0, r0 + TR), as a column of ones), TR * TC independent accumulators.
+template <int L, int VB, int TR, int TC, bool kBias, typename acc_t>
+inline __attribute__((always_inline)) void lopt_lanes_outer_tile(const acc_t* dz, int64_t dz_stride, const acc_t* in,
+                                                                 int64_t in_stride, int nb, int rows, int cols, int r0,
+                                                                 int c0, acc_t* dW_lanes) {
   using V = typename LaneVec<acc_t, VB>::type;
   constexpr int R = static_cast<int>(L * sizeof(acc_t) / VB);
-  const V* vdz = reinterpret_cast<const V*>(dz);
-  const V* vin = reinterpret_cast<const V*>(in);
   V* acc = reinterpret_cast<V*>(dW_lanes);
-  constexpr int kCols = 8;  // independent accumulators, to cover the FMA latency
-  for (int r = 0; r < rows; ++r) {
-    const V* d = vdz + r * R;
-    V* row = acc + static_cast<int64_t>(r) * cols;
-    int c = 0;
-    for (; c + kCols <= cols; c += kCols) {
-      V s[kCols];
+  const auto slot = [&](int i, int k) -> V& {
+    return kBias ? acc[static_cast<int64_t>(rows) * cols + r0 + i] : acc[static_cast<int64_t>(r0 + i) * cols + c0 + k];
+  };
+  V s[TR][TC];
 #pragma GCC unroll 16
-      for (int i = 0; i < kCols; ++i) s[i] = row[c + i];
+  for (int i = 0; i < TR; ++i)
 #pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) {
-        const V dj = d[j];
+    for (int k = 0; k < TC; ++k) s[i][k] = slot(i, k);
+  for (int b = 0; b < nb; ++b) {
+    const V* d = reinterpret_cast<const V*>(dz + b * dz_stride) + r0 * R;
+    const V* x = reinterpret_cast<const V*>(in + b * in_stride) + c0 * R;
 #pragma GCC unroll 16
-        for (int i = 0; i < kCols; ++i) s[i] += dj * vin[(c + i) * R + j];
+    for (int j = 0; j < R; ++j)
+#pragma GCC unroll 16
+      for (int i = 0; i < TR; ++i) {
+        const V di = d[i * R + j];
+#pragma GCC unroll 16
+        for (int k = 0; k < TC; ++k) s[i][k] += kBias ? di : di * x[k * R + j];
       }
-#pragma GCC unroll 16
-      for (int i = 0; i < kCols; ++i) row[c + i] = s[i];
-    }
-    for (; c < cols; ++c) {
-      V s0 = row[c];
-#pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) s0 += d[j] * vin[c * R + j];
-      row[c] = s0;
-    }
-    V bias = acc[static_cast<int64_t>(rows) * cols + r];
-#pragma GCC unroll 16
-    for (int j = 0; j < R; ++j) bias += d[j];
-    acc[static_cast<int64_t>(rows) * cols + r] = bias;
   }
+#pragma GCC unroll 16
+  for (int i = 0; i < TR; ++i)
+#pragma GCC unroll 16
+    for (int k = 0; k < TC; ++k) slot(i, k) = s[i][k];
+}
+
+template <int L, int VB, typename acc_t>
+inline __attribute__((always_inline)) void lopt_lanes_outer(const acc_t* dz, int64_t dz_stride, const acc_t* in,
+                                                            int64_t in_stride, int nb, int rows, int cols,
+                                                            acc_t* dW_lanes) {
+  static_assert(L * sizeof(acc_t) % VB == 0, "lanes must fill whole vectors");
+  // 2 x 8 tiles where the columns come in eights: 16 independent accumulators cover the FMA latency, and
+  // 10 loads feed 16 FMAs.  The other columns and the biases: 8 x 1 tiles down the rows.
+  constexpr int kTileRows = 2, kTileCols = 8, kThinRows = 8;
+  const int wide_cols = cols - cols % kTileCols;
+  const auto tile = [&](auto tr, auto tc, auto bias, int r0, int c0) {
+    lopt_lanes_outer_tile<L, VB, decltype(tr)::value, decltype(tc)::value, decltype(bias)::value>(
+        dz, dz_stride, in, in_stride, nb, rows, cols, r0, c0, dW_lanes);
+  };
+  using One = std::integral_constant<int, 1>;
+  using No = std::false_type;
+  int r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows)
+    for (int c = 0; c < wide_cols; c += kTileCols)
+      tile(std::integral_constant<int, kTileRows>{}, std::integral_constant<int, kTileCols>{}, No{}, r, c);
+  for (; r < rows; ++r)
+    for (int c = 0; c < wide_cols; c += kTileCols) tile(One{}, std::integral_constant<int, kTileCols>{}, No{}, r, c);
+  const auto thin = [&](auto bias, int c) {
+    int r = 0;
+    for (; r + kThinRows <= rows; r += kThinRows) tile(std::integral_constant<int, kThinRows>{}, One{}, bias, r, c);
+    for (; r < rows; ++r) tile(One{}, One{}, bias, r, c);
+  };
+  for (int c = wide_cols; c < cols; ++c) thin(No{}, c);
+  thin(std::true_type{}, 0);
 }
 #endif
 
@@ -297,43 +327,44 @@ MK_HOST_DEVICE inline acc_t lopt_step(const LoptConsts<acc_t>& c, acc_t d, acc_t
   return c.step_mult * d * std::exp(c.exp_mult * q);
 }
 
-// Accumulates the weight gradient of one dense layer (dW[h, k] += sum_l dz[h][l] in[k][l],
-// db[h] += sum_l dz[h][l]) into dW_lanes (CPU only, the partial sums of lopt_lanes_outer; skipped when
-// nullptr) and, when din is not nullptr, writes din[k][l] = sum_h W[h, k] dz[h][l] (times the relu mask
-// of `in` when kReluIn).
+// din[k][l] = sum_h W[h, k] dz[h][l] (times the relu mask of `in` when kReluIn): the input cotangent of
+// one dense layer on L lanes.
 template <int L, bool kReluIn, int VB = 32, typename acc_t>
 MK_HOST_DEVICE MK_LANES_INLINE void lopt_dense_backward(const acc_t* W, int n_in, int n_out, const acc_t* in, const acc_t* dz,
-                                               typename NonDeduced<acc_t>::type* dW_lanes, acc_t* din) {
-#if !defined(__CUDACC__)
-  if (dW_lanes != nullptr) lopt_lanes_outer<L, VB>(dz, in, n_out, n_in, dW_lanes);
-#endif
-  if (din == nullptr) return;
+                                               acc_t* din) {
   lopt_lanes_matvec<L, VB>(W, 1, n_in, n_in, n_out, static_cast<const acc_t*>(nullptr), dz, din);
   if (kReluIn) lopt_relu(din, in, static_cast<int64_t>(n_in) * L);
 }
 
+// MLP backward on L lanes: from dout [2][L] (cotangent of (d, q)) to dx [F][L], keeping every hidden
+// layer's pre-activation cotangent in dz [layers][H][L] for the weight gradient.
+template <int L, int VB = 32, typename acc_t>
+MK_HOST_DEVICE MK_LANES_INLINE void lopt_mlp_backward(const acc_t* w, int H, int layers, const acc_t* x, const acc_t* act,
+                                                      const acc_t* dout, acc_t* dz, acc_t* dx) {
+  const int64_t HL = static_cast<int64_t>(H) * L;
+  lopt_dense_backward<L, true, VB>(w + lopt_layer_offset(H, layers), H, 2, act + (layers - 1) * HL, dout,
+                                   dz + (layers - 1) * HL);
+  for (int layer = layers - 1; layer >= 1; --layer)
+    lopt_dense_backward<L, true, VB>(w + lopt_layer_offset(H, layer), H, H, act + (layer - 1) * HL, dz + layer * HL,
+                                     dz + (layer - 1) * HL);
+  lopt_dense_backward<L, false, VB>(w, kLoptFeatures, H, x, dz, dx);
+}
+
 #if !defined(__CUDACC__)
-// MLP backward on the CPU: from dout [2][L] (cotangent of (d, q)) to dx [F][L], accumulating the weight
-// gradient (flat layout, as the partial sums of lopt_lanes_outer) into dw_lanes.  dz_a, dz_b: scratch of
-// H * L each.
+// The MLP's weight gradient over nb blocks of L lanes (CPU), accumulated into dw_lanes (the partial sums
+// of lopt_lanes_outer, flat weight layout).  Block b has x at x + b * x_stride [F][L], act at
+// act + b * act_stride [layers][H][L], and dz at dz + b * dz_stride: [layers][H][L] then dout [2][L].
 template <int L, int VB, typename acc_t>
-MK_LANES_INLINE void lopt_mlp_backward(const acc_t* w, int H, int layers, const acc_t* x, const acc_t* act,
-                                       const acc_t* dout, acc_t* dx, acc_t* dw_lanes, acc_t* dz_a, acc_t* dz_b) {
-  const int64_t o = lopt_layer_offset(H, layers);
-  const acc_t* last = act + static_cast<int64_t>(layers - 1) * H * L;
+MK_LANES_INLINE void lopt_mlp_weight_grad(int H, int layers, int nb, const acc_t* x, int64_t x_stride, const acc_t* act,
+                                          int64_t act_stride, const acc_t* dz, int64_t dz_stride, acc_t* dw_lanes) {
+  const int64_t HL = static_cast<int64_t>(H) * L;
   const auto at = [dw_lanes](int64_t offset) { return dw_lanes + offset * kLoptVecLanes<acc_t, VB>; };
-  lopt_dense_backward<L, true, VB>(w + o, H, 2, last, dout, at(o), dz_a);
-  for (int layer = layers - 1; layer >= 0; --layer) {
-    const int64_t off = lopt_layer_offset(H, layer);
-    if (layer == 0) {
-      lopt_dense_backward<L, false, VB>(w + off, kLoptFeatures, H, x, dz_a, at(off), dx);
-    } else {
-      lopt_dense_backward<L, true, VB>(w + off, H, H, act + static_cast<int64_t>(layer - 1) * H * L, dz_a, at(off), dz_b);
-      acc_t* tmp = dz_a;
-      dz_a = dz_b;
-      dz_b = tmp;
-    }
-  }
+  lopt_lanes_outer<L, VB>(dz + layers * HL, dz_stride, act + (layers - 1) * HL, act_stride, nb, 2, H,
+                          at(lopt_layer_offset(H, layers)));
+  for (int layer = layers - 1; layer >= 1; --layer)
+    lopt_lanes_outer<L, VB>(dz + layer * HL, dz_stride, act + (layer - 1) * HL, act_stride, nb, H, H,
+                            at(lopt_layer_offset(H, layer)));
+  lopt_lanes_outer<L, VB>(dz, dz_stride, x, x_stride, nb, H, kLoptFeatures, at(0));
 }
 #endif
 

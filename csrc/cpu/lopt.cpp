@@ -31,6 +31,7 @@ constexpr int kLanes = 32;
 constexpr int kAvx2VectorBytes = 32;    // the vector width of the AVX2 / baseline instance of the MLP
 constexpr int kAvx512VectorBytes = 64;  // ... and of its AVX-512 instance
 constexpr int64_t kChunk = 1024;
+constexpr int kOuterBlocks = 4;  // blocks of kLanes per weight-gradient accumulation (lopt_lanes_outer)
 constexpr int64_t kGroups = 64;
 constexpr int F = kLoptFeatures;
 
@@ -151,36 +152,63 @@ MK_LANES_INLINE void store_grads(const LoptArgs& a, const Job& j, int64_t i, int
   }
 }
 
+// Scratch of one backward job: x, activations and dz (then dout) of kOuterBlocks blocks, whose weight
+// gradient is accumulated at once (see lopt_lanes_outer), and the weight gradient's partial sums.
+template <typename acc_t>
+struct BackwardScratch {
+  int64_t x_stride, act_stride, dz_stride;
+  std::vector<acc_t> x, act, dz, dw_lanes;
+  BackwardScratch(int H, int layers, int64_t nw)
+      : x_stride(F * kLanes),
+        act_stride(static_cast<int64_t>(layers) * H * kLanes),
+        dz_stride((static_cast<int64_t>(layers) * H + 2) * kLanes),
+        x(kOuterBlocks * x_stride),
+        act(kOuterBlocks * act_stride),
+        dz(kOuterBlocks * dz_stride),
+        dw_lanes(nw * kLoptVecLanes<acc_t, kAvx512VectorBytes>) {}  // room for either instance
+};
+
 // Pass A of the backward for one job; returns c_k = sum_i dx_ik f_ik in c_out and accumulates the
-// weight gradient into dw (double, nw weights) through dw_lanes (scratch: nw vector-wide partial sums,
-// reduced once at the end of the job).
+// weight gradient into dw (double, nw weights) through the partial sums of scratch.dw_lanes, reduced
+// once at the end of the job.
 template <int VB, typename acc_t, typename scalar_t>
 MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
                                 const acc_t* __restrict__ norm, const Rows<scalar_t> r, const OutCotangents<scalar_t> cot,
                                 const LoptArgs& a, const Job& j, int64_t nw, double* __restrict__ dw,
-                                acc_t* __restrict__ dw_lanes, double* __restrict__ c_out, acc_t* __restrict__ act,
-                                acc_t* __restrict__ dz_a, acc_t* __restrict__ dz_b) {
+                                double* __restrict__ c_out, BackwardScratch<acc_t>* scratch) {
   constexpr int VL = kLoptVecLanes<acc_t, VB>;
+  acc_t* __restrict__ dw_lanes = scratch->dw_lanes.data();
   std::fill(dw_lanes, dw_lanes + nw * VL, acc_t(0));
   Block<acc_t, scalar_t> b;
   BlockGrads<acc_t> d;
-  alignas(64) acc_t dout[2 * kLanes], dx[F * kLanes], df[F * kLanes];
+  alignas(64) acc_t dx[F * kLanes], df[F * kLanes];
   alignas(64) acc_t gp[kLanes], gs[kLoptStates * kLanes];
   acc_t csum[F * kLanes] = {};
-  const int64_t n = j.end - j.begin;
+  const int64_t n = j.end - j.begin, dout_offset = static_cast<int64_t>(layers) * H * kLanes;
+  int slot = 0;  // this block's place among the kOuterBlocks whose weight gradient is pending
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, n - i);
+    acc_t* x = scratch->x.data() + slot * scratch->x_stride;
+    acc_t* act = scratch->act.data() + slot * scratch->act_stride;
+    acc_t* dz = scratch->dz.data() + slot * scratch->dz_stride;
     b.template load_and_forward<VB>(c, r, i, m, norm, w, H, layers, act);
+    std::copy(b.x, b.x + F * kLanes, x);
     const acc_t* out = b.out;
     if (cot.gp) load_lanes(cot.gp + i, m, gp);
     else std::fill(gp, gp + kLanes, acc_t(0));
+    acc_t* dout = dz + dout_offset;
     for (int l = 0; l < kLanes; ++l) {
       // step = step_mult d e, e = exp(exp_mult q); p' = p - step
       const acc_t e = std::exp(c.exp_mult * out[kLanes + l]), dstep = -gp[l] * c.step_mult * e;
       dout[l] = dstep;
       dout[kLanes + l] = dstep * out[l] * c.exp_mult;
     }
-    lopt_mlp_backward<kLanes, VB>(w, H, layers, b.x, act, dout, dx, dw_lanes, dz_a, dz_b);
+    lopt_mlp_backward<kLanes, VB>(w, H, layers, x, act, dout, dz, dx);
+    if (++slot == kOuterBlocks || i + kLanes >= n) {
+      lopt_mlp_weight_grad<kLanes, VB>(H, layers, slot, scratch->x.data(), scratch->x_stride, scratch->act.data(),
+                                       scratch->act_stride, scratch->dz.data(), scratch->dz_stride, dw_lanes);
+      slot = 0;
+    }
     for (int k = 0; k < F; ++k)
       for (int l = 0; l < kLanes; ++l) {
         csum[k * kLanes + l] += dx[k * kLanes + l] * b.f[k * kLanes + l];
@@ -313,8 +341,7 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
   const acc_t* norms = static_cast<const acc_t*>(a.norms);
   std::vector<double> dw_groups(groups * nw, 0.0), c_partial(njobs * F);
   at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
-    std::vector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes), dz_a(a.H * kLanes), dz_b(a.H * kLanes);
-    std::vector<acc_t> dw_lanes(nw * kLoptVecLanes<acc_t, kAvx512VectorBytes>);  // room for either instance
+    BackwardScratch<acc_t> scratch(a.H, a.layers, nw);
     for (int64_t g = gbegin; g < gend; ++g) {
       for (int64_t k = g * njobs / groups; k < (g + 1) * njobs / groups; ++k) {
         const Job& j = jobs[k];
@@ -323,8 +350,7 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
             a.grad_param_out ? static_cast<const scalar_t*>(a.grad_param_out) + off : nullptr,
             a.grad_state_out ? static_cast<const scalar_t*>(a.grad_state_out) + off : nullptr};
         run_backward_job(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j), cot, a, j,
-                         nw, &dw_groups[g * nw], dw_lanes.data(), &c_partial[k * F], act.data(), dz_a.data(),
-                         dz_b.data());
+                         nw, &dw_groups[g * nw], &c_partial[k * F], &scratch);
       }
     }
   });

@@ -132,14 +132,8 @@ __global__ void backward_kernel(LoptHyper h, LoptArgs a, double* dw_partial, dou
     const acc_t ex = exp(c.exp_mult * out[1]), dstep = -gp * c.step_mult * ex;
     dout[0] = dstep;
     dout[1] = dstep * out[0] * c.exp_mult;
-    // Back through the output layer and the hidden layers, keeping every layer's dz.
-    const int64_t out_off = lopt_layer_offset(H, layers);
-    lopt_dense_backward<1, true>(w + out_off, H, 2, act + (layers - 1) * H, dout, nullptr, dz + (layers - 1) * H);
-    for (int layer = layers - 1; layer >= 1; --layer)
-      lopt_dense_backward<1, true>(w + lopt_layer_offset(H, layer), H, H, act + (layer - 1) * H, dz + layer * H,
-                                   nullptr, dz + (layer - 1) * H);
     acc_t dx[F], df[F];
-    lopt_dense_backward<1, false>(w, F, H, x, dz, nullptr, dx);
+    lopt_mlp_backward<1>(w, H, layers, x, act, dout, dz, dx);
     for (int k = 0; k < F; ++k) {
       cf[k] = dx[k] * e.f[k];
       df[k] = dx[k] * n[k];
