@@ -155,11 +155,13 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_lanes_matvec(const acc_t* A, int64_t rs
   if constexpr (L * sizeof(acc_t) % VB == 0) {
     // NOTE: GCC keeps a local acc[L] array in memory (a load and a store per FMA, 37 GFLOP/s at
     // hidden=32); vector-typed accumulators for a block of rows stay in registers and share the loads
-    // of `in`.  kRows * R = 8 independent accumulators cover the FMA latency (with 512-bit vectors two
-    // rows gave 4, and the forward ran at 0.6x).
+    // of `in`.  kRows * R = kAcc independent accumulators cover the FMA latency: 8 of the 16 AVX2
+    // registers, 16 of the 32 AVX-512 ones (with 512-bit vectors, 4 ran the forward at 0.6x the speed
+    // of 8; 16 gained another ~3% over 8).
     using V = typename LaneVec<acc_t, VB>::type;
     constexpr int R = static_cast<int>(L * sizeof(acc_t) / VB);
-    constexpr int kRows = R >= 8 ? 1 : 8 / R;
+    constexpr int kAcc = VB == 64 ? 16 : 8;
+    constexpr int kRows = R >= kAcc ? 1 : kAcc / R;
     const V* vin = reinterpret_cast<const V*>(in);
     V* vout = reinterpret_cast<V*>(out);
     int r = 0;
@@ -185,17 +187,34 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_lanes_matvec(const acc_t* A, int64_t rs
 #pragma GCC unroll 16
         for (int j = 0; j < R; ++j) vout[(r + i) * R + j] = a[i][j];
     }
+    // The rows left over (the output layer's two, the first layer's transpose's ninth): one row at a time
+    // with kRows partial sums over interleaved columns, as many independent accumulators again.  NOTE:
+    // with one sum per row, the output layer alone was a 4 * H-cycle dependency chain per block.
     for (; r < rows; ++r) {
-      V a0[R];
+      V a[kRows][R];
 #pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) a0[j] = V{} + (bias ? bias[r] : acc_t(0));
-      for (int c = 0; c < cols; ++c) {
-        const acc_t w0 = A[r * rs + c * cs];
+      for (int i = 0; i < kRows; ++i)
 #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j) a0[j] += w0 * vin[c * R + j];
+        for (int j = 0; j < R; ++j) a[i][j] = V{} + (i == 0 && bias ? bias[r] : acc_t(0));
+      int c = 0;
+      for (; c + kRows <= cols; c += kRows)
+#pragma GCC unroll 16
+        for (int i = 0; i < kRows; ++i) {
+          const acc_t w = A[r * rs + (c + i) * cs];
+#pragma GCC unroll 16
+          for (int j = 0; j < R; ++j) a[i][j] += w * vin[(c + i) * R + j];
+        }
+      for (; c < cols; ++c) {
+        const acc_t w = A[r * rs + c * cs];
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) a[0][j] += w * vin[c * R + j];
       }
 #pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) vout[r * R + j] = a0[j];
+      for (int i = 1; i < kRows; ++i)
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) a[0][j] += a[i][j];
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) vout[r * R + j] = a[0][j];
     }
     return;
   }
