@@ -10,7 +10,8 @@ Bytes (fp32, each distinct tensor once): forward 10 x 4 B per element (p, g, 4 s
 p', 4 planes), forward + backward 27 x 4 B (+ p, g, 4 planes, the cotangents of p' and the 4 planes ->
 cotangents of p, g and the 4 planes).
 
-    python benchmarks/lopt_table.py            # CPU, P = 1e5, 1e6, 1e7 with T = 1 and 16 (T*P <= 1.6e7)
+    python benchmarks/lopt_table.py            # CPU, P = 1e5, 1e6, 1e7 with T = 1 and 16 (T*P <= 1.6e7); eager
+                                               # is skipped where it would not fit in memory
     python benchmarks/lopt_table.py --quick    # small sizes, a smoke run
 """
 from __future__ import annotations
@@ -25,7 +26,20 @@ import harness  # noqa: E402
 
 DEFAULT_SIZES = ["1x100000", "16x100000", "1x1000000", "16x1000000", "1x10000000"]
 QUICK_SIZES = ["1x100000", "4x100000"]
-COMPILE_P = 1_000_000  # torch.compile is timed at the issue's reference size only (minutes to compile)
+COMPILE_P = 1_000_000  # torch.compile is timed at the issue's reference size only, T = 1 (minutes to compile)
+
+
+def eager_peak_bytes(elements: int, hidden: int) -> int:
+    """Estimated peak of the eager reference's forward + backward: ~(420 + 11 hidden) B per element
+    (ru_maxrss over one run at P = 1e6, 2026-11-30: 462 B at hidden=4, 774 B at hidden=32), twice over
+    for the steady-state allocator, which keeps every freed block (harness.MALLOC_TUNABLES).  At
+    16 x 1e6, hidden=32 that is ~25 GB: the default sizes in one process were OOM-killed on a 24.7 GB
+    machine before this check (alone, that size peaked at 24.5 GB and survived)."""
+    return 2 * elements * (420 + 11 * hidden)
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def parse_args():
@@ -94,9 +108,15 @@ def main():
 
             with mk.use_backend(fused):
                 timings(step, fused)
+            need, have = eager_peak_bytes(N, hidden), physical_memory_bytes()
+            if device.type == "cpu" and need > 0.75 * have:
+                print(f"hidden={hidden} {size}: eager and torch.compile skipped, their forward + backward would "
+                      f"need ~{need / 1e9:.0f} GB of the {have / 1e9:.0f} GB here")
+                rows.extend(optimizer_rows(mk, torch, device, hidden, args.layers, size, T, P, repeats, flops, copy))
+                continue
             with mk.use_backend("reference"):
                 timings(step, "eager")
-                if not args.no_compile and P == COMPILE_P:
+                if not args.no_compile and P == COMPILE_P and T == 1:
                     torch._dynamo.reset()
                     timings(torch.compile(step), "torch.compile")
             rows.extend(optimizer_rows(mk, torch, device, hidden, args.layers, size, T, P, repeats, flops, copy))
@@ -127,15 +147,15 @@ def print_results(rows, matmul, markdown):
     lines = []
     for r in rows:
         baseline = "optimizer.step eager" if r["impl"].startswith("optimizer") else "eager"
-        e = eager[(r["hidden"], r["size"], baseline)]
+        e = eager.get((r["hidden"], r["size"], baseline))
         fb = r["fb"]
         lines.append([
             str(r["hidden"]), r["size"], r["impl"], f"{r['fwd']:.2f}",
             f"{r['fwd_gflops']:.1f} ({100 * r['fwd_gflops'] / matmul:.0f}%)", f"{r['fwd'] / r['fwd_floor']:.1f}x",
-            f"{e['fwd'] / r['fwd']:.2f}x", "-" if fb is None else f"{fb:.2f}",
+            "-" if e is None else f"{e['fwd'] / r['fwd']:.2f}x", "-" if fb is None else f"{fb:.2f}",
             "-" if fb is None else f"{r['fb_gflops']:.1f} ({100 * r['fb_gflops'] / matmul:.0f}%)",
             "-" if fb is None else f"{fb / r['fb_floor']:.1f}x",
-            "-" if fb is None else f"{e['fb'] / fb:.2f}x",
+            "-" if fb is None or e is None else f"{e['fb'] / fb:.2f}x",
         ])
     harness.print_table(header, lines, markdown, title="fused learned-optimizer step")
 
