@@ -243,15 +243,6 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_relu(acc_t* x, const acc_t* mask, int64
 template <typename acc_t, int VB>
 constexpr int kLoptVecLanes = static_cast<int>(VB / sizeof(acc_t));
 
-// The weight gradient of one dense layer over nb blocks of L lanes, kept as vector-wide partial sums that
-// the caller reduces once per job: dW[r * cols + c] += sum_b sum_l dz_b[r][l] in_b[c][l], then
-// db[r] += sum_b sum_l dz_b[r][l] (db after dW), where block b's arrays start at dz + b * dz_stride and
-// in + b * in_stride, and every weight q holds kLoptVecLanes partials at dW_lanes[q * kLoptVecLanes + i].
-// NOTE: the first version reduced each weight's lanes to one double per block of L lanes: that
-// horizontal sum cost ~7x the block's 4 FMAs per weight (backward 6x the forward at hidden=32).  With one
-// block per call (nb = 1), every partial (92 KB at hidden=32, in L2) was loaded and stored for only
-// L / kLoptVecLanes FMAs; the weight gradient took ~70 of the 195 ms of forward + backward at P = 1e6
-// (one thread).  nb = 4 and register tiles: ~10% less forward + backward; nb = 8 no better.
 // One tile of lopt_lanes_outer: the partials of rows [r0, r0 + TR) x columns [c0, c0 + TC) (kBias: of the
 // biases of rows [r0, r0 + TR), as a column of ones), TR * TC independent accumulators.
 template <int L, int VB, int TR, int TC, bool kBias, typename acc_t>
@@ -287,6 +278,15 @@ inline __attribute__((always_inline)) void lopt_lanes_outer_tile(const acc_t* dz
     for (int k = 0; k < TC; ++k) slot(i, k) = s[i][k];
 }
 
+// The weight gradient of one dense layer over nb blocks of L lanes, kept as vector-wide partial sums that
+// the caller reduces once per job: dW[r * cols + c] += sum_b sum_l dz_b[r][l] in_b[c][l], then
+// db[r] += sum_b sum_l dz_b[r][l] (db after dW), where block b's arrays start at dz + b * dz_stride and
+// in + b * in_stride, and every weight q holds kLoptVecLanes partials at dW_lanes[q * kLoptVecLanes + i].
+// NOTE: the first version reduced each weight's lanes to one double per block of L lanes: that
+// horizontal sum cost ~7x the block's 4 FMAs per weight (backward 6x the forward at hidden=32).  With one
+// block per call (nb = 1), every partial (92 KB at hidden=32, in L2) was loaded and stored for only
+// L / kLoptVecLanes FMAs; the weight gradient took ~70 of the 195 ms of forward + backward at P = 1e6
+// (one thread).  nb = 4 and register tiles: ~10% less forward + backward; nb = 8 no better.
 template <int L, int VB, typename acc_t>
 inline __attribute__((always_inline)) void lopt_lanes_outer(const acc_t* dz, int64_t dz_stride, const acc_t* in,
                                                             int64_t in_stride, int nb, int rows, int cols,
