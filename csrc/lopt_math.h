@@ -292,9 +292,9 @@ inline __attribute__((always_inline)) void lopt_lanes_outer(const acc_t* dz, int
                                                             int64_t in_stride, int nb, int rows, int cols,
                                                             acc_t* dW_lanes) {
   static_assert(L * sizeof(acc_t) % VB == 0, "lanes must fill whole vectors");
-  // 2 x 8 tiles where the columns come in eights: 16 independent accumulators cover the FMA latency, and
-  // 10 loads feed 16 FMAs.  The other columns and the biases: 8 x 1 tiles down the rows.
-  constexpr int kTileRows = 2, kTileCols = 8, kThinRows = 8;
+  // 2 x 8 tiles where the columns come in eights (1 x 8 with the 16 AVX2 registers): 16 independent
+  // accumulators cover the FMA latency.  The other columns and the biases: 8 x 1 tiles down the rows.
+  constexpr int kTileRows = VB == 64 ? 2 : 1, kTileCols = 8, kThinRows = 8;
   const int wide_cols = cols - cols % kTileCols;
   const auto tile = [&](auto tr, auto tc, auto bias, int r0, int c0) {
     lopt_lanes_outer_tile<L, VB, decltype(tr)::value, decltype(tc)::value, decltype(bias)::value>(
