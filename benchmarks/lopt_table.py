@@ -112,13 +112,12 @@ def main():
             if device.type == "cpu" and need > 0.75 * have:
                 print(f"hidden={hidden} {size}: eager and torch.compile skipped, their forward + backward would "
                       f"need ~{need / 1e9:.0f} GB of the {have / 1e9:.0f} GB here")
-                rows.extend(optimizer_rows(mk, torch, device, hidden, args.layers, size, T, P, repeats, flops, copy))
-                continue
-            with mk.use_backend("reference"):
-                timings(step, "eager")
-                if not args.no_compile and P == COMPILE_P and T == 1:
-                    torch._dynamo.reset()
-                    timings(torch.compile(step), "torch.compile")
+            else:
+                with mk.use_backend("reference"):
+                    timings(step, "eager")
+                    if not args.no_compile and P == COMPILE_P and T == 1:
+                        torch._dynamo.reset()
+                        timings(torch.compile(step), "torch.compile")
             rows.extend(optimizer_rows(mk, torch, device, hidden, args.layers, size, T, P, repeats, flops, copy))
     print_results(rows, matmul, args.markdown)
 
