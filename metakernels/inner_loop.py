@@ -41,6 +41,22 @@ class InnerOptimizer:
         zeros = torch.zeros(P, dtype=like.dtype, device=like.device)
         return {"sgd": (), "momentum": (zeros,), "adam": (zeros, zeros)}[self.name]
 
+    def descend(self, params, fast, losses, state, lr, step: int, create_graph: bool = False):
+        """(params', state') after update number ``step`` (1-based) of ``params`` by the gradient of the
+        summed ``losses`` with respect to ``fast`` (``params`` as [T, P] rows).
+
+        Plain SGD with a number as its rate differentiates ``-lr * sum(losses)`` and adds the result: the
+        rate rides on the backward's seed, so the meta-backward does not multiply the step's [T, P]
+        cotangent by it (3-6% of a second-order meta-step of the benchmark LM on CPU).  Only for float32
+        and float64 weights outside autocast: a seed scaled by the rate could underflow in a float16
+        backward.  The result equals the plain step's up to rounding (the float32 parts of a float64
+        model, such as Hugging Face's loss, round the scaled gradients differently)."""
+        if self.name == "sgd" and isinstance(lr, (int, float)) and _seed_can_carry_rate(fast):
+            (delta,) = torch.autograd.grad(losses.sum() * -lr, fast, create_graph=create_graph)
+            return params + delta, ()
+        (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph)
+        return self.step(params, grads, state, lr, step)
+
     def step(self, fast, grads, state, lr, step: int):
         """(fast', state') after update number ``step`` (1-based)."""
         if self.name == "sgd":
@@ -50,6 +66,10 @@ class InnerOptimizer:
             return new, (buf,)
         new, m, v = ops.adam_update(fast, grads, state[0], state[1], step, lr, self.betas[0], self.betas[1], self.eps)
         return new, (m, v)
+
+
+def _seed_can_carry_rate(fast: torch.Tensor) -> bool:
+    return fast.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(fast.device.type)
 
 
 class TaskBatchedModel:
@@ -137,8 +157,7 @@ def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_f
         losses = evaluator.losses(loss_fn, fast, support, T)
         if nan_policy == "raise":
             check_finite(losses, "inner (support)", k, first_task)
-        (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph)
-        params, state = optimizer.step(params, grads, state, lr, k)
+        params, state = optimizer.descend(params, fast, losses, state, lr, k, create_graph)
         if not keep_graph:
             params = params.detach()
             state = tuple(s.detach() for s in state)

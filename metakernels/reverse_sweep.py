@@ -58,9 +58,7 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
             losses = evaluator.losses(loss_fn, fast, support, T)
             if maml.nan_policy == "raise":
                 check_finite(losses, "inner (support)", k, first_task)
-            (grads,) = torch.autograd.grad(losses.sum(), fast)
-        with torch.no_grad():
-            params, state = optimizer.step(params, grads, state, rate, k)
+            params, state = optimizer.descend(params, fast, losses, state, rate, k)
 
     with torch.enable_grad():
         theta = params.detach().requires_grad_()  # [P] when K = 0: v is then summed over the tasks
@@ -81,8 +79,8 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
             theta = theta.detach().requires_grad_()
             s = tuple(x.detach().requires_grad_(k > 1) for x in s)  # the initial state is a constant
             fast = _task_rows(theta, T)
-            (grads,) = torch.autograd.grad(evaluator.losses(loss_fn, fast, support, T).sum(), fast, create_graph=True)
-            new_theta, new_s = optimizer.step(theta, grads, s, maml.inner_rate(), k)
+            losses = evaluator.losses(loss_fn, fast, support, T)
+            new_theta, new_s = optimizer.descend(theta, fast, losses, s, maml.inner_rate(), k, create_graph=True)
             if not maml._second_order_checked:
                 maml._check_twice_differentiable(new_theta)
             pairs = [(out, cot) for out, cot in zip((new_theta, *new_s), (v, *w)) if cot is not None]

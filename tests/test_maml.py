@@ -267,21 +267,31 @@ def _tiny_gpt2(attn_implementation):
     return transformers.GPT2LMHeadModel(config).double()
 
 
-def test_hugging_face_gpt2_second_order_matches_reference():
-    """A real transformers GPT-2 (tied embeddings, Conv1D layers, HF loss) built from a tiny config."""
+def _hf_loss(f, batch):
+    return f(input_ids=batch, labels=batch).loss
+
+
+def _float64_logits_loss(f, batch):
+    logits = f(input_ids=batch).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("loss_fn,rtol", [(_hf_loss, 1e-6), (_float64_logits_loss, 1e-9)], ids=["hf-loss", "float64-loss"])
+def test_hugging_face_gpt2_second_order_matches_reference(loss_fn, rtol):
+    """A real transformers GPT-2 (tied embeddings, Conv1D layers) built from a tiny config, with its own
+    loss (``labels=``), which casts the logits to float32 (so the two sides agree to float32 rounding
+    only: they round the differently scaled gradients of plain SGD's seed differently), and with a
+    float64 loss on its logits."""
     model = _tiny_gpt2("eager")
     support, query = _tasks(2)
 
-    def hf_loss(f, batch):
-        return f(input_ids=batch, labels=batch).loss
-
     maml = mk.MAML(model, inner_lr=0.3, inner_steps=2)
     params = list(model.parameters())
-    got = _grads(maml(hf_loss, support, query), params)
+    got = _grads(maml(loss_fn, support, query), params)
     names = [n for n, _ in model.named_parameters()]
-    want = _grads(sequential_meta_loss(model, hf_loss, support, query, names=names, lrs={n: 0.3 for n in names},
+    want = _grads(sequential_meta_loss(model, loss_fn, support, query, names=names, lrs={n: 0.3 for n in names},
                                        steps=2), params)
-    _assert_grads_close(got, want)
+    _assert_grads_close(got, want, rtol)
 
 
 def test_hugging_face_sdpa_attention_is_refused_for_second_order_with_advice():
@@ -299,3 +309,24 @@ def test_meta_gradient_is_bit_identical_across_runs():
         torch.manual_seed(7)
         runs.append(_grads(mk.MAML(model, inner_lr=0.3, inner_steps=2)(lm_loss, support, query), list(model.parameters())))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("dtype,autocast,seed_carries_rate", [
+    (torch.float64, False, True), (torch.float32, False, True), (torch.float32, True, False), (torch.float16, False, False),
+])
+def test_plain_sgd_puts_the_rate_on_the_backward_seed_only_where_it_cannot_underflow(monkeypatch, dtype, autocast,
+                                                                                    seed_carries_rate):
+    from metakernels import ops
+    from metakernels.inner_loop import InnerOptimizer
+
+    calls = []
+    fused = ops.sgd_update
+    monkeypatch.setattr(ops, "sgd_update", lambda *a: calls.append(1) or fused(*a))
+    params = torch.tensor([1.0, -2.0, 0.5], dtype=dtype)
+    fast = params.expand(2, -1).detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = (fast * fast).sum(-1) * torch.tensor([1.0, 3.0], dtype=dtype)
+        new, state = InnerOptimizer("sgd").descend(params, fast, losses, (), 0.1, 1)
+    assert bool(calls) != seed_carries_rate and state == ()
+    exact = params.double() * (1 - 0.1 * 2 * torch.tensor([[1.0], [3.0]], dtype=torch.float64))
+    torch.testing.assert_close(new.double(), exact, rtol=2e-3 if dtype == torch.float16 else 1e-6, atol=0)

@@ -10,7 +10,7 @@ from torch import nn
 import metakernels as mk
 from maml_reference import sequential_meta_loss
 from metakernels.models import lm_loss
-from test_maml import CASES, _assert_grads_close, _grads, _model, _tasks, _tiny_gpt2
+from test_maml import CASES, _assert_grads_close, _float64_logits_loss, _grads, _model, _tasks, _tiny_gpt2
 
 
 def test_fuse_layers_lists_every_change_and_keeps_parameters_and_outputs():
@@ -92,14 +92,10 @@ def test_hugging_face_gpt2_with_fused_layernorms_matches_reference():
     reference_model = _tiny_gpt2("eager")
     model = copy.deepcopy(reference_model)
     support, query = _tasks(2)
-
-    def hf_loss(f, batch):
-        return f(input_ids=batch, labels=batch).loss
-
     maml = mk.MAML(model, inner_lr=0.3, inner_steps=2, fused_layers=True)
     assert sum("LayerNorm -> metakernels.nn.LayerNorm" in c for c in maml.fused_layers) == 5
-    got = _grads(maml(hf_loss, support, query), list(model.parameters()))
+    got = _grads(maml(_float64_logits_loss, support, query), list(model.parameters()))
     names = [n for n, _ in reference_model.named_parameters()]
-    want = _grads(sequential_meta_loss(reference_model, hf_loss, support, query, names=names,
+    want = _grads(sequential_meta_loss(reference_model, _float64_logits_loss, support, query, names=names,
                                        lrs={n: 0.3 for n in names}, steps=2), list(reference_model.parameters()))
     _assert_grads_close(got, want)
