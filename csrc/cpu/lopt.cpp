@@ -147,21 +147,29 @@ struct BlockGrads {
   alignas(64) acc_t dp[kLanes], dg[kLanes], ds[kLoptStates * kLanes];
 };
 
+// dst[l] = v[l] (kAdd: dst[l] += v[l]) for the m <= kLanes elements of one block.  NOTE: a full block is a
+// fixed-count loop that vectorises; one loop over all outputs with a branch per output per element stayed
+// scalar (~7% of the hidden=4 backward's samples).
+template <bool kAdd, typename acc_t, typename scalar_t>
+MK_LANES_INLINE void store_lanes(scalar_t* __restrict__ dst, const acc_t* __restrict__ v, int64_t m) {
+  const auto put = [&](int l) { dst[l] = static_cast<scalar_t>(kAdd ? static_cast<acc_t>(dst[l]) + v[l] : v[l]); };
+  if (m == kLanes) {
+    MK_SIMD
+    for (int l = 0; l < kLanes; ++l) put(l);
+  } else {
+    for (int l = 0; l < m; ++l) put(l);
+  }
+}
+
 // Stores (kAdd: adds to) the requested input cotangents of one block.
 template <bool kAdd, typename acc_t, typename scalar_t>
-MK_LANES_INLINE void store_grads(const LoptArgs& a, const Job& j, int64_t i, int64_t m, const acc_t* gp,
-                        const BlockGrads<acc_t>& d) {
+MK_LANES_INLINE void store_grads(const LoptArgs& a, const Job& j, int64_t i, int64_t m, const BlockGrads<acc_t>& d) {
   const int64_t base = j.t * a.P + j.begin + i, plane = a.T * a.P;
-  const auto put = [&](void* dst_base, int64_t offset, acc_t value) {
-    scalar_t* dst = static_cast<scalar_t*>(dst_base) + offset;
-    *dst = static_cast<scalar_t>(kAdd ? static_cast<acc_t>(*dst) + value : value);
-  };
-  for (int l = 0; l < m; ++l) {
-    if (a.d_param) put(a.d_param, base + l, d.dp[l] + (gp ? gp[l] : acc_t(0)));
-    if (a.d_grad) put(a.d_grad, base + l, d.dg[l]);
-    if (a.d_state)
-      for (int s = 0; s < kLoptStates; ++s) put(a.d_state, s * plane + base + l, d.ds[s * kLanes + l]);
-  }
+  if (a.d_param) store_lanes<kAdd>(static_cast<scalar_t*>(a.d_param) + base, d.dp, m);
+  if (a.d_grad) store_lanes<kAdd>(static_cast<scalar_t*>(a.d_grad) + base, d.dg, m);
+  if (a.d_state)
+    for (int s = 0; s < kLoptStates; ++s)
+      store_lanes<kAdd>(static_cast<scalar_t*>(a.d_state) + s * plane + base, d.ds + s * kLanes, m);
 }
 
 // Scratch of one backward job: x, activations and dz (then dout) of kOuterBlocks blocks, whose weight
@@ -231,7 +239,9 @@ MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __rest
     if (cot.gs)
       for (int s = 0; s < kLoptStates; ++s) load_lanes(cot.gs + s * r.plane + i, m, gs + s * kLanes);
     lopt_features_backward<kLanes>(c, b.g, b.s_new, df, cot.gs ? gs : nullptr, d.dp, d.dg, d.ds);
-    store_grads<false, acc_t, scalar_t>(a, j, i, m, gp, d);
+    MK_SIMD
+    for (int l = 0; l < kLanes; ++l) d.dp[l] += gp[l];  // p' = p - step: the direct term
+    store_grads<false, acc_t, scalar_t>(a, j, i, m, d);
   }
   for (int k = 0; k < F; ++k) {
     double sum = 0;
@@ -296,7 +306,7 @@ MK_CPU_CLONES_FMA void normaliser_job(const LoptConsts<acc_t> c, const acc_t* __
     for (int k = 0; k < F; ++k)
       for (int l = 0; l < kLanes; ++l) df[k * kLanes + l] = b.f[k * kLanes + l] * coef[k];
     lopt_features_backward<kLanes>(c, b.g, b.s_new, df, nullptr, d.dp, d.dg, d.ds);
-    store_grads<true, acc_t, scalar_t>(a, j, i, m, nullptr, d);
+    store_grads<true, acc_t, scalar_t>(a, j, i, m, d);
   }
 }
 
