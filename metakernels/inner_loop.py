@@ -4,7 +4,8 @@
 The recipe (exact, see DESIGN.md): the per-task weights are stacked as [T, P]; only the forward is
 vectorised over tasks (``torch.vmap``, or a Python loop for models vmap cannot trace); the inner
 gradients come from one ``torch.autograd.grad`` of the summed task losses with respect to the [T, P]
-weights (``create_graph=True`` for second order); the update is a fused op of metakernels.ops.
+weights (``create_graph=True`` for second order); the update is a fused op of metakernels.ops
+(plain SGD with a number as its rate: an add, the rate on the gradient's seed; see InnerOptimizer.descend).
 ``torch.func``'s vmap-of-grad recipe is not used: its LayerNorm batching rule gives second-order
 meta-gradients about 1% off."""
 from __future__ import annotations
