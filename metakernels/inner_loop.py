@@ -48,7 +48,7 @@ class InnerOptimizer:
 
         Plain SGD with a number as its rate differentiates ``-lr * sum(losses)`` and adds the result: the
         rate rides on the backward's seed, so the meta-backward does not multiply the step's [T, P]
-        cotangent by it (3-6% of a second-order meta-step of the benchmark LM on CPU).  Only for float32
+        cotangent by it (3-7% of a second-order meta-step of the benchmark LM on CPU).  Only for float32
         and float64 weights outside autocast: a seed scaled by the rate could underflow in a float16
         backward.  The result equals the plain step's up to rounding (the float32 parts of a float64
         model, such as Hugging Face's loss, round the scaled gradients differently)."""
