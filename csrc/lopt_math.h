@@ -146,11 +146,35 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_features_backward(const LoptConsts<acc_
   }
 }
 
+// Without mask: relu, x[i] = max(x[i], 0) with NaN kept NaN (as torch.relu).  With mask: the relu
+// derivative's mask, x[i] = 0 where mask[i] > 0 is false (as torch's threshold_backward).
+template <typename acc_t>
+MK_HOST_DEVICE MK_LANES_INLINE void lopt_relu(acc_t* x, const acc_t* mask, int64_t n) {
+  MK_SIMD
+  for (int64_t i = 0; i < n; ++i) x[i] = (mask ? mask[i] > acc_t(0) : !(x[i] <= acc_t(0))) ? x[i] : acc_t(0);
+}
+
+// What lopt_lanes_matvec applies to each output before storing it (see lopt_relu).
+enum LoptEpilogue { kLoptLinear, kLoptRelu, kLoptReluMask };
+
+#if !defined(__CUDACC__)
+// Stores one vector of lopt_lanes_matvec's output after its epilogue, applied in registers (NOTE: a separate pass over
+// the output was ~9% of the forward's samples at hidden=32).
+template <LoptEpilogue kEpilogue, typename V>
+MK_LANES_INLINE void lopt_store(V* out, V v, const V* mask, int64_t at) {
+  if constexpr (kEpilogue == kLoptRelu) v = v <= V{} ? V{} : v;  // NaN kept: NaN <= 0 is false
+  if constexpr (kEpilogue == kLoptReluMask) v = mask[at] > V{} ? v : V{};
+  out[at] = v;
+}
+#endif
+
 // out[r][l] = bias[r] (0 when bias is nullptr) + sum_c A[r * rs + c * cs] in[c][l], for r < rows,
-// c < cols: a dense layer on L lanes (rs = n_in, cs = 1) or its transpose (rs = 1, cs = n_in).
-template <int L, int VB = 32, typename acc_t>
+// c < cols: a dense layer on L lanes (rs = n_in, cs = 1) or its transpose (rs = 1, cs = n_in); then
+// kLoptRelu: relu(out), kLoptReluMask: out times the relu mask of mask[r][l] (lopt_relu's two forms).
+template <int L, int VB = 32, LoptEpilogue kEpilogue = kLoptLinear, typename acc_t>
 MK_HOST_DEVICE MK_LANES_INLINE void lopt_lanes_matvec(const acc_t* A, int64_t rs, int64_t cs, int rows, int cols,
-                                                      const acc_t* bias, const acc_t* in, acc_t* out) {
+                                                      const acc_t* bias, const acc_t* in, acc_t* out,
+                                                      const acc_t* mask = nullptr) {
 #if !defined(__CUDACC__)
   if constexpr (L * sizeof(acc_t) % VB == 0) {
     // NOTE: GCC keeps a local acc[L] array in memory (a load and a store per FMA, 37 GFLOP/s at
@@ -164,6 +188,7 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_lanes_matvec(const acc_t* A, int64_t rs
     constexpr int kRows = R >= kAcc ? 1 : kAcc / R;
     const V* vin = reinterpret_cast<const V*>(in);
     V* vout = reinterpret_cast<V*>(out);
+    const V* vmask = reinterpret_cast<const V*>(mask);
     int r = 0;
     for (; r + kRows <= rows; r += kRows) {
       V a[kRows][R];
@@ -185,7 +210,7 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_lanes_matvec(const acc_t* A, int64_t rs
 #pragma GCC unroll 16
       for (int i = 0; i < kRows; ++i)
 #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j) vout[(r + i) * R + j] = a[i][j];
+        for (int j = 0; j < R; ++j) lopt_store<kEpilogue>(vout, a[i][j], vmask, (r + i) * R + j);
     }
     // The rows left over (the output layer's two, the first layer's transpose's ninth): one row at a time
     // with kRows partial sums over interleaved columns, as many independent accumulators again.  NOTE:
@@ -214,7 +239,7 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_lanes_matvec(const acc_t* A, int64_t rs
 #pragma GCC unroll 16
         for (int j = 0; j < R; ++j) a[0][j] += a[i][j];
 #pragma GCC unroll 16
-      for (int j = 0; j < R; ++j) vout[r * R + j] = a[0][j];
+      for (int j = 0; j < R; ++j) lopt_store<kEpilogue>(vout, a[0][j], vmask, r * R + j);
     }
     return;
   }
@@ -228,14 +253,7 @@ MK_HOST_DEVICE MK_LANES_INLINE void lopt_lanes_matvec(const acc_t* A, int64_t rs
     }
     for (int l = 0; l < L; ++l) out[r * L + l] = acc[l];
   }
-}
-
-// Without mask: relu, x[i] = max(x[i], 0) with NaN kept NaN (as torch.relu).  With mask: the relu
-// derivative's mask, x[i] = 0 where mask[i] > 0 is false (as torch's threshold_backward).
-template <typename acc_t>
-MK_HOST_DEVICE MK_LANES_INLINE void lopt_relu(acc_t* x, const acc_t* mask, int64_t n) {
-  MK_SIMD
-  for (int64_t i = 0; i < n; ++i) x[i] = (mask ? mask[i] > acc_t(0) : !(x[i] <= acc_t(0))) ? x[i] : acc_t(0);
+  if (kEpilogue != kLoptLinear) lopt_relu(out, kEpilogue == kLoptReluMask ? mask : nullptr, static_cast<int64_t>(rows) * L);
 }
 
 #if !defined(__CUDACC__)
@@ -321,8 +339,7 @@ inline __attribute__((always_inline)) void lopt_lanes_outer(const acc_t* dz, int
 // One dense layer on L lanes: out[h * L + l] = act(sum_k W[h, k] in[k * L + l] + b[h]).
 template <int L, bool kRelu, int VB = 32, typename acc_t>
 MK_HOST_DEVICE MK_LANES_INLINE void lopt_dense(const acc_t* W, const acc_t* b, int n_in, int n_out, const acc_t* in, acc_t* out) {
-  lopt_lanes_matvec<L, VB>(W, n_in, 1, n_out, n_in, b, in, out);
-  if (kRelu) lopt_relu(out, static_cast<const acc_t*>(nullptr), static_cast<int64_t>(n_out) * L);
+  lopt_lanes_matvec<L, VB, kRelu ? kLoptRelu : kLoptLinear>(W, n_in, 1, n_out, n_in, b, in, out);
 }
 
 // MLP forward: x [F][L] -> activations act [layers][H][L] (kept for the backward), out [2][L].
@@ -351,8 +368,8 @@ MK_HOST_DEVICE inline acc_t lopt_step(const LoptConsts<acc_t>& c, acc_t d, acc_t
 template <int L, bool kReluIn, int VB = 32, typename acc_t>
 MK_HOST_DEVICE MK_LANES_INLINE void lopt_dense_backward(const acc_t* W, int n_in, int n_out, const acc_t* in, const acc_t* dz,
                                                acc_t* din) {
-  lopt_lanes_matvec<L, VB>(W, 1, n_in, n_in, n_out, static_cast<const acc_t*>(nullptr), dz, din);
-  if (kReluIn) lopt_relu(din, in, static_cast<int64_t>(n_in) * L);
+  lopt_lanes_matvec<L, VB, kReluIn ? kLoptReluMask : kLoptLinear>(W, 1, n_in, n_in, n_out, static_cast<const acc_t*>(nullptr),
+                                                                 dz, din, in);
 }
 
 // MLP backward on L lanes: from dout [2][L] (cotangent of (d, q)) to dx [F][L], keeping every hidden
