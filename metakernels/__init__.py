@@ -11,9 +11,10 @@ from . import data, nn, ops
 from ._backend import BackendUnavailableError, backend_info, use_backend
 from .checkpoint import CheckpointError
 from .learned_optimizer import LearnedOptimizer
+from .lopt_es import ESEstimator, ESResult
 from .lopt_training import LearnedOptimizerTrainer, UnrollResult, UnrollState
 from .maml import MAML, AdaptedModel, MetaSGD
 
 __version__ = "0.1.0"
 __all__ = ["ops", "nn", "data", "MAML", "MetaSGD", "AdaptedModel", "LearnedOptimizer", "LearnedOptimizerTrainer", "UnrollState",
-           "UnrollResult", "CheckpointError", "backend_info", "use_backend", "BackendUnavailableError", "__version__"]
+           "UnrollResult", "ESEstimator", "ESResult", "CheckpointError", "backend_info", "use_backend", "BackendUnavailableError", "__version__"]

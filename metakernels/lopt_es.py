@@ -1,0 +1,135 @@
+"""Evolution-strategies estimates of a learned optimizer's meta-gradient: no backpropagation through
+the unroll, so no graph is kept, and the meta-loss need not be differentiable.
+
+    es = ESEstimator(trainer, sigma=0.01, pairs=8)                 # antithetic ES
+    es = ESEstimator(trainer, sigma=0.01, pairs=8, persistent=True) # persistent ES, truncated unrolls
+    result = es.estimate(loss_fn, support, steps=K)                 # .grad of lopt's parameters += estimate
+    meta_opt.step()
+
+With phi the meta-parameters (all of ``lopt.parameters()`` as one vector of D numbers), L(phi) the
+meta-loss of :meth:`LearnedOptimizerTrainer.unroll` and eps_1 .. eps_N ~ N(0, sigma^2 I_D):
+
+    antithetic ES:  g = 1 / (2 N sigma^2) sum_i (L(phi + eps_i) - L(phi - eps_i)) eps_i
+                    (Salimans et al. 2017), the gradient of the Gaussian-smoothed meta-loss,
+                    E[g] = grad E_eps[L(phi + eps)] -> grad L(phi) as sigma -> 0.
+
+    persistent ES:  each of the 2N particles (phi +- eps_i) keeps its own inner state from one
+                    truncated unroll to the next, a new eps_i is drawn per truncation and accumulated,
+                    xi_i += eps_i, and g = 1 / (2 N sigma^2) sum_i (L_i^+ - L_i^-) xi_i (Vicol et al.
+                    2021, "Unbiased gradient estimation in unrolled computation graphs with persistent
+                    evolution strategies").  Summed over the truncations of one inner problem, it is an
+                    unbiased estimate of the smoothed gradient of the whole unroll's summed meta-loss,
+                    which truncated backpropagation (and truncated plain ES) is not.
+
+Each particle is one unroll of all T tasks at once (``track_meta_gradient=False``: inner gradients
+only).  The meta-parameters are set to phi +- eps for that unroll and restored bit for bit afterwards,
+also when an unroll raises.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .lopt_training import LearnedOptimizerTrainer, UnrollState
+from .tasks import task_count
+
+
+@dataclasses.dataclass
+class ESResult:
+    meta_loss: torch.Tensor       # 0-d: antithetic, the meta-loss at phi; persistent, the mean over the particles
+    gradient: list[torch.Tensor]  # the estimate, one tensor per meta-parameter (also added to .grad)
+    state: UnrollState | None     # antithetic: the end of the unroll at phi (to continue); persistent: None
+
+
+class ESEstimator:
+    """Antithetic or persistent evolution-strategies meta-gradients for ``trainer.lopt``.
+
+    Args:
+        trainer: the LearnedOptimizerTrainer whose unroll defines the meta-loss.
+        sigma: standard deviation of the perturbations (same units as the meta-parameters).
+        pairs: N, the number of antithetic pairs per estimate: 2N unrolls (antithetic ES adds one at
+            phi itself, for the meta-loss it reports and the state it returns).
+        persistent: keep each particle's inner state across calls (truncated unrolls of one inner
+            problem) and accumulate its perturbations; :meth:`reset` starts a new inner problem.
+        seed: seed of the perturbations (None: torch's global generator).
+    """
+
+    def __init__(self, trainer: LearnedOptimizerTrainer, sigma: float = 0.01, pairs: int = 8, *,
+                 persistent: bool = False, seed: int | None = None):
+        if not isinstance(trainer, LearnedOptimizerTrainer):
+            raise TypeError(f"trainer must be a LearnedOptimizerTrainer, got {type(trainer).__name__}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+            raise ValueError(f"pairs must be an int >= 1, got {pairs!r}")
+        self.trainer = trainer
+        self.sigma = float(sigma)
+        self.pairs = pairs
+        self.persistent = persistent
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.reset()
+
+    def reset(self) -> None:
+        """Persistent ES: the next estimate starts a new inner problem (particles from the start, xi = 0)."""
+        self._particles: list[UnrollState] | None = None
+        self._xi: torch.Tensor | None = None
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return list(self.trainer.lopt.parameters())
+
+    def estimate(self, loss_fn, support, steps: int, *, state: UnrollState | None = None, query=None,
+                 meta_loss: str = "inner", step_weights=None) -> ESResult:
+        """Unrolls every particle for ``steps`` steps (arguments as :meth:`LearnedOptimizerTrainer.unroll`;
+        ``state``: where antithetic ES starts, not allowed with persistent ES, whose particles continue
+        their own) and adds the estimate to each meta-parameter's ``.grad``."""
+        if self.persistent and state is not None:
+            raise ValueError("persistent ES continues its particles' own states; call reset() instead of passing state")
+        params = self._params()
+        phi = torch.nn.utils.parameters_to_vector(params).detach()
+        eps = torch.randn(self.pairs, phi.numel(), generator=self.generator, dtype=phi.dtype).to(phi.device) * self.sigma
+        unroll = dict(steps=steps, query=query, meta_loss=meta_loss, step_weights=step_weights, track_meta_gradient=False)
+        if self.persistent and self._particles is None:
+            T = task_count(support[0] if isinstance(support, list) else support, "support")
+            self._particles = [self.trainer.initial_state(T) for _ in range(2 * self.pairs)]
+            self._xi = torch.zeros_like(eps)
+        if self.persistent:
+            self._xi = self._xi + eps
+        starts = self._particles if self.persistent else [state] * (2 * self.pairs)
+        losses, ends = [], []
+        for i in range(2 * self.pairs):
+            sign = 1.0 if i % 2 == 0 else -1.0
+            result = self._unroll_at(phi + sign * eps[i // 2], loss_fn, support, starts[i], unroll)
+            losses.append(result.meta_loss)
+            ends.append(result.state)
+        losses = torch.stack(losses)
+        directions = self._xi if self.persistent else eps
+        flat_grad = (losses[0::2] - losses[1::2]) @ directions / (2 * self.pairs * self.sigma**2)
+        if self.persistent:
+            self._particles = ends
+            meta, end = losses.mean(), None
+        else:
+            center = self._unroll_at(phi, loss_fn, support, state, unroll)
+            meta, end = center.meta_loss, center.state
+        gradient = _split_like(flat_grad, params)
+        for p, g in zip(params, gradient):
+            p.grad = g.clone() if p.grad is None else p.grad + g
+        return ESResult(meta, gradient, end)
+
+    def _unroll_at(self, phi: torch.Tensor, loss_fn, support, state, unroll: dict):
+        params = self._params()
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, value in zip(params, _split_like(phi, params)):
+                    p.copy_(value)
+            return self.trainer.unroll(loss_fn, support, state=state, **unroll)
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
+
+
+def _split_like(flat: torch.Tensor, params) -> list[torch.Tensor]:
+    """``flat`` [D] cut into tensors shaped as ``params`` (model order)."""
+    return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
