@@ -115,12 +115,19 @@ class TaskBatchedModel:
             except Exception as exc:  # a model vmap cannot trace (data-dependent control flow, .item())
                 if self.vectorize is True:
                     raise
+                # NOTE: an error of the model or loss_fn itself raises again in the loop, and then is not
+                # reported as vmap's, nor does it switch vmap off for later calls.
+                losses = self._loop(loss_fn, params, batch, T)
                 warnings.warn(
                     f"metakernels: torch.vmap could not trace this model ({type(exc).__name__}: {str(exc)[:200]}); "
                     "evaluating tasks in a loop instead (same results, slower). Pass vectorize=False to "
                     "silence this.", RuntimeWarning, stacklevel=3,
                 )
                 self.vectorize = False
+                return losses
+        return self._loop(loss_fn, params, batch, T)
+
+    def _loop(self, loss_fn, params, batch, T: int) -> torch.Tensor:
         return torch.stack([self._one_task(loss_fn, _task(params, t), select_tasks(batch, t)) for t in range(T)])
 
 

@@ -1,6 +1,8 @@
 """MAML / FOMAML / Meta-SGD / subset adaptation against the sequential create_graph oracle, in float64,
 on a causal transformer LM with LayerNorm, multi-head attention, token and position embeddings, GELU
 and a vocabulary head."""
+import warnings
+
 import pytest
 import torch
 
@@ -209,6 +211,52 @@ def test_bad_input_is_explained(bad, exc, words):
         mk.MAML(model, vectorize=False)(loss_fn, support, query)
     for w in words:
         assert w in str(info.value)
+
+
+class _ScaleByDataSign(torch.nn.Module):
+    """A model vmap cannot trace: a Python branch on the value of its input."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, t):
+        logits = self.inner(t)
+        return logits * 2 if bool(t.sum() % 2) else logits
+
+
+def test_a_model_vmap_cannot_trace_falls_back_to_the_loop_once_with_a_warning():
+    support, query = _tasks(3)
+    reference = _ScaleByDataSign(_model())
+    want = _grads(mk.MAML(reference, inner_lr=0.3, inner_steps=2, vectorize=False)(lm_loss, support, query),
+                  list(reference.parameters()))
+    model = _ScaleByDataSign(_model())
+    maml = mk.MAML(model, inner_lr=0.3, inner_steps=2)
+    with pytest.warns(RuntimeWarning, match="torch.vmap could not trace this model .*in a loop instead"):
+        got = _grads(maml(lm_loss, support, query), list(model.parameters()))
+    _assert_grads_close(got, want)
+    assert maml._evaluator.vectorize is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        maml(lm_loss, support, query)  # no second warning: the loop is remembered
+    with pytest.raises(RuntimeError):
+        mk.MAML(_ScaleByDataSign(_model()), vectorize=True)(lm_loss, support, query)
+
+
+def test_an_error_of_the_loss_fn_is_raised_as_itself_not_as_vmap_s():
+    """The loss_fn's own error raises again in the loop: no warning that blames vmap, vmap stays on."""
+    support, query = _tasks(3)
+
+    def broken(f, batch):
+        raise RuntimeError("the tokenizer is missing")
+
+    maml = mk.MAML(_model(), inner_lr=0.3, inner_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="the tokenizer is missing"):
+            maml(broken, support, query)
+    assert maml._evaluator.vectorize is None
+    maml(lm_loss, support, query)
 
 
 def weighted_lm_loss(f, batch):
