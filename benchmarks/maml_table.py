@@ -1,6 +1,6 @@
 """Second-order MAML on the transformer LM, side by side in one run: metakernels (fast mode, fast mode
 with the fused LayerNorm / bias + GELU layers of metakernels.nn, the same plus the chunked vocabulary
-head, low-memory mode), the correct
+head, low-memory mode, low-memory mode with the fused layers and the chunked head), the correct
 plain-PyTorch batched recipe (stacked per-task weights, vmap over the forward,
 autograd.grad(create_graph=True)), higher, TorchOpt and learn2learn where installed.
 
@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-VARIANTS = ("metakernels", "metakernels-fused", "metakernels-fused-head", "metakernels-low", "stacked-recipe", "higher", "torchopt", "learn2learn")
+VARIANTS = ("metakernels", "metakernels-fused", "metakernels-fused-head", "metakernels-low", "metakernels-fused-head-low",
+            "stacked-recipe", "higher", "torchopt", "learn2learn")
 
 
 def parse_args():
@@ -82,7 +83,7 @@ def meta_step_fn(variant, model, support, query, K, lr=0.1):
     if variant.startswith("metakernels"):
         maml = mk.MAML(model, inner_lr=lr, inner_steps=K, memory="low" if variant.endswith("low") else "fast",
                        fused_layers="fused" in variant)
-        loss = lm_loss_chunked_head if variant.endswith("head") else lm_loss
+        loss = lm_loss_chunked_head if "head" in variant else lm_loss
         return lambda: maml(loss, support, query).backward()
     if variant == "stacked-recipe":
         names = [n for n, _ in model.named_parameters()]

@@ -89,13 +89,13 @@ class ESEstimator:
         phi = torch.nn.utils.parameters_to_vector(params).detach()
         eps = torch.randn(self.pairs, phi.numel(), generator=self.generator, dtype=phi.dtype).to(phi.device) * self.sigma
         unroll = dict(steps=steps, query=query, meta_loss=meta_loss, step_weights=step_weights, track_meta_gradient=False)
-        if self.persistent and self._particles is None:
+        if not self.persistent:
+            starts, directions = [state] * (2 * self.pairs), eps
+        elif self._particles is None:
             T = task_count(support[0] if isinstance(support, list) else support, "support")
-            self._particles = [self.trainer.initial_state(T) for _ in range(2 * self.pairs)]
-            self._xi = torch.zeros_like(eps)
-        if self.persistent:
-            self._xi = self._xi + eps
-        starts = self._particles if self.persistent else [state] * (2 * self.pairs)
+            starts, directions = [self.trainer.initial_state(T)] * (2 * self.pairs), eps
+        else:
+            starts, directions = self._particles, self._xi + eps
         losses, ends = [], []
         for i in range(2 * self.pairs):
             sign = 1.0 if i % 2 == 0 else -1.0
@@ -103,10 +103,9 @@ class ESEstimator:
             losses.append(result.meta_loss)
             ends.append(result.state)
         losses = torch.stack(losses)
-        directions = self._xi if self.persistent else eps
         flat_grad = (losses[0::2] - losses[1::2]) @ directions / (2 * self.pairs * self.sigma**2)
-        if self.persistent:
-            self._particles = ends
+        if self.persistent:  # only now: an unroll that raised leaves the particles as they were
+            self._particles, self._xi = ends, directions
             meta, end = losses.mean(), None
         else:
             center = self._unroll_at(phi, loss_fn, support, state, unroll)

@@ -141,6 +141,27 @@ def test_meta_parameters_are_restored_exactly_even_when_an_unroll_raises():
     assert all(p.grad is None for p in lopt.parameters())
 
 
+def test_persistent_particles_are_kept_when_an_unroll_raises():
+    lopt, trainer, batch = _setup()
+    es = mk.ESEstimator(trainer, sigma=1e-3, pairs=2, persistent=True, seed=0)
+    es.estimate(_mse, batch, steps=1)
+    particles, xi = es._particles, es._xi.clone()
+    unroll = trainer.unroll
+
+    def failing_unroll(*args, **kwargs):
+        if kwargs["state"] is particles[1]:
+            raise RuntimeError("data loader broke")
+        return unroll(*args, **kwargs)
+
+    trainer.unroll = failing_unroll
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        es.estimate(_mse, batch, steps=1)
+    assert es._particles is particles and torch.equal(es._xi, xi)
+    trainer.unroll = unroll
+    es.estimate(_mse, batch, steps=1)
+    assert all(particle.step == 2 for particle in es._particles)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sigma=0.0), "sigma must be a positive number"),
     (dict(sigma=-1.0), "sigma must be a positive number"),
