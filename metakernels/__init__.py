@@ -3,7 +3,8 @@
 See README.md.  ``metakernels.ops`` holds the fused task-batched kernels; :class:`MAML` and
 :class:`MetaSGD` run meta-gradient descent on them (``metakernels.nn`` swaps fused, twice-differentiable
 layers into a model); :class:`LearnedOptimizer` (meta-trained with
-:class:`LearnedOptimizerTrainer`) is the meta-neural network; :func:`backend_info` says which implementation
+:class:`LearnedOptimizerTrainer`, or with evolution-strategies estimates from :class:`ESEstimator`) is
+the meta-neural network; :func:`backend_info` says which implementation
 runs where, and why.  ``metakernels.data`` samples few-shot task batches; ``python -m metakernels train``
 is the main job (``metakernels.training``).
 """
