@@ -130,5 +130,7 @@ class ESEstimator:
 
 
 def _split_like(flat: torch.Tensor, params) -> list[torch.Tensor]:
-    """``flat`` [D] cut into tensors shaped as ``params`` (model order)."""
+    """``flat`` [D] cut into tensors shaped as ``params`` (model order).  NOTE: values are copied into the
+    parameters with these; torch.nn.utils.vector_to_parameters would instead rebind each parameter's
+    ``.data`` to a view of the vector, changing its storage under optimizers and tied weights."""
     return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
