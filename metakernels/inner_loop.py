@@ -106,7 +106,7 @@ class TaskBatchedModel:
         per-parameter cotangents of all tasks at once)."""
         params = self.layout.unflatten(fast)
         if T == 1:  # NOTE: vmap's per-op overhead made memory='low' (one task per chunk) 1.5x slower
-            return self._one_task(loss_fn, _task(params, 0), select_tasks(batch, 0)).unsqueeze(0)
+            return self._loop(loss_fn, params, batch, 1)
         if self.vectorize is not False:
             try:
                 return torch.vmap(lambda w, b: self._one_task(loss_fn, w, b), randomness="different")(params, batch)
@@ -128,11 +128,11 @@ class TaskBatchedModel:
         return self._loop(loss_fn, params, batch, T)
 
     def _loop(self, loss_fn, params, batch, T: int) -> torch.Tensor:
-        return torch.stack([self._one_task(loss_fn, _task(params, t), select_tasks(batch, t)) for t in range(T)])
-
-
-def _task(params: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
-    return {name: p[t] for name, p in params.items()}
+        # NOTE: unbind, whose backward stacks the T cotangents once; indexing p[t] per task made every task's
+        # backward write a zero-filled [T, ...] tensor per parameter and autograd sum T of them (O(T^2)).
+        per_task = {name: p.unbind(0) for name, p in params.items()}
+        return torch.stack([self._one_task(loss_fn, {name: views[t] for name, views in per_task.items()},
+                                           select_tasks(batch, t)) for t in range(T)])
 
 
 def check_finite(losses: torch.Tensor, what: str, step: int, first_task: int = 0) -> None:

@@ -259,6 +259,34 @@ def test_an_error_of_the_loss_fn_is_raised_as_itself_not_as_vmap_s():
     maml(lm_loss, support, query)
 
 
+def _elements_written_by_backward(T: int) -> int:
+    """Elements of all tensors the meta-backward of a first-order, one-step MAML in the task loop creates."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOutputs(TorchDispatchMode):
+        written = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            CountOutputs.written += sum(o.numel() for o in torch.utils._pytree.tree_leaves(out)
+                                        if isinstance(o, torch.Tensor))
+            return out
+
+    model = _model()
+    support, query = _tasks(T)
+    loss = mk.MAML(model, inner_lr=0.3, inner_steps=1, first_order=True, vectorize=False)(lm_loss, support, query)
+    with CountOutputs():
+        loss.backward()
+    return CountOutputs.written
+
+
+def test_the_task_loop_backward_grows_linearly_with_the_tasks():
+    """The loop hands each task views of the [T, ...] weights whose backward writes each cotangent once (not
+    a zero-filled [T, ...] tensor per task and parameter, summed T times: quadratic in T)."""
+    ratio = _elements_written_by_backward(16) / _elements_written_by_backward(4)
+    assert ratio < 4.5, f"16 tasks write {ratio:.1f}x what 4 tasks write: more than linear"
+
+
 def weighted_lm_loss(f, batch):
     """lm_loss times a per-task weight: batches (tokens, weight), so that a test can make one task's loss
     non-finite."""
