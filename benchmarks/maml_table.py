@@ -15,6 +15,7 @@ at the model's own shapes.
     python benchmarks/maml_table.py --quick    # T=4, K=2, a smoke run
     python benchmarks/maml_table.py --rounds 3 # every variant 3 times, interleaved: medians, ratio ranges
     python benchmarks/maml_table.py --device cuda --variants metakernels metakernels-fused stacked-recipe
+    python benchmarks/maml_table.py --task-chunk 4 --variants metakernels metakernels-low  # 4 tasks at a time
 
 On CUDA the peak is torch.cuda.max_memory_allocated over the same warm-up baseline, and times are taken
 after a synchronize.
@@ -47,6 +48,8 @@ def parse_args():
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every variant this many times, interleaved (the machine's load drifts between runs)")
     ap.add_argument("--vocab", type=int, default=256, help="vocabulary size (32768 shows the chunked head's memory)")
+    ap.add_argument("--task-chunk", type=int, default=None,
+                    help="task_chunk of the metakernels variants (default: theirs, all tasks at once in the fast mode)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -71,8 +74,9 @@ def setup(T, vocab=256, device="cpu"):
     return model, support, query
 
 
-def meta_step_fn(variant, model, support, query, K, lr=0.1):
-    """A function doing one meta-step (forward + backward, grads left on the model)."""
+def meta_step_fn(variant, model, support, query, K, lr=0.1, task_chunk=None):
+    """A function doing one meta-step (forward + backward, grads left on the model); task_chunk: that of
+    the metakernels variants."""
     import torch
     from torch.func import functional_call
 
@@ -82,7 +86,7 @@ def meta_step_fn(variant, model, support, query, K, lr=0.1):
     T = support.shape[0]
     if variant.startswith("metakernels"):
         maml = mk.MAML(model, inner_lr=lr, inner_steps=K, memory="low" if variant.endswith("low") else "fast",
-                       fused_layers="fused" in variant)
+                       fused_layers="fused" in variant, task_chunk=task_chunk)
         loss = lm_loss_chunked_head if "head" in variant else lm_loss
         return lambda: maml(loss, support, query).backward()
     if variant == "stacked-recipe":
@@ -152,13 +156,13 @@ def child(args):
     device = torch.device(args.device)
     model, support, query = setup(args.tasks, args.vocab, device)
     try:
-        step = meta_step_fn(args.child, model, support, query, args.steps)
+        step = meta_step_fn(args.child, model, support, query, args.steps, task_chunk=args.task_chunk)
     except ImportError as exc:
         print(json.dumps({"variant": args.child, "error": f"not installed: {exc}"}))
         return
     # One tiny meta-step first (1 task, 1 inner step) loads every module the variant uses, so that the
     # peak below is the meta-step's memory, not imported code.
-    meta_step_fn(args.child, model, support[:1], query[:1], 1)()
+    meta_step_fn(args.child, model, support[:1], query[:1], 1, task_chunk=args.task_chunk)()
     harness.synchronize(device)
     base = _peak_bytes(device)
     times = []
@@ -233,6 +237,8 @@ def main():
         for variant in args.variants:
             cmd = [sys.executable, __file__, "--child", variant, "--tasks", str(args.tasks), "--steps", str(args.steps),
                    "--repeats", str(args.repeats), "--vocab", str(args.vocab), "--device", args.device]
+            if args.task_chunk:
+                cmd += ["--task-chunk", str(args.task_chunk)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
                 {"variant": variant, "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:100]})
@@ -241,7 +247,8 @@ def main():
     flops = count_flops(args)
     mlp_rate, att_rate, big_rate = matmul_rate(torch.device(args.device))
     print(f"torch {torch.__version__}, device={args.device}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, vocab={args.vocab}, "
-          f"second order, median of {args.repeats} meta-steps in each of {args.rounds} round(s); allocator: {allocator}")
+          f"second order, median of {args.repeats} meta-steps in each of {args.rounds} round(s); allocator: {allocator}"
+          + (f"; task_chunk={args.task_chunk} for the metakernels variants" if args.task_chunk else ""))
     print(f"FLOPs per meta-step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); fp32 matmul rate this run: "
           f"{big_rate:.0f} GFLOP/s at 1024^2, {mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's")
     ref = next((r for r in results if r["variant"] == "metakernels" and "seconds" in r), None)

@@ -28,7 +28,7 @@ _NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImpl
 
 class _InjectGradients(torch.autograd.Function):
     """Returns ``value``; its backward hands each parameter a precomputed gradient (times the
-    incoming cotangent).  Used by memory='low', which differentiates chunk by chunk in the forward."""
+    incoming cotangent).  Used when tasks are differentiated chunk by chunk in the forward (task_chunk)."""
 
     @staticmethod
     def forward(ctx, value, grads, *params):
@@ -80,11 +80,14 @@ class MAML(nn.Module):
         adapt: which parameters adapt: None (all trainable), a predicate (name, param) -> bool, or a
             list of names (ANIL: the head; LoRA: the adapters).  The others are shared by all tasks
             and still receive meta-gradients.
-        memory: "fast" keeps every task's inner graph; "low" runs ``task_chunk`` tasks at a time
-            (default 1) and differentiates each chunk in the forward; second order, it also keeps one
-            inner step's graph at a time (a reverse sweep that recomputes each step, see
-            :mod:`metakernels.reverse_sweep`), so peak memory is that of one step of a chunk, at the
-            cost of speed.
+        memory: "fast" keeps the whole inner graph of the tasks it differentiates at once; "low" keeps
+            one inner step's graph at a time when second order (a reverse sweep that recomputes each
+            step, see :mod:`metakernels.reverse_sweep`), so peak memory is that of one step of a chunk,
+            at the cost of speed.
+        task_chunk: how many tasks are differentiated at once.  None: all T in one graph with
+            memory="fast", one at a time with memory="low".  A number: chunks of that many tasks, each
+            differentiated inside the forward and freed before the next is built (the peak is one
+            chunk's), whose meta-gradients ``.backward()`` then hands to the parameters.
         nan_policy: "raise" reports a non-finite inner or query loss with its task and step;
             "ignore" lets it through.
         vectorize: True (torch.vmap over tasks), False (a Python loop over the forward only), or
@@ -105,7 +108,7 @@ class MAML(nn.Module):
             raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-        if task_chunk is not None and (not isinstance(task_chunk, int) or task_chunk < 1):
+        if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1):
             raise ValueError(f"task_chunk must be a positive int or None, got {task_chunk!r}")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
@@ -116,7 +119,7 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.optimizer = InnerOptimizer(inner_optimizer, momentum, tuple(betas), eps)
         self.memory = memory
-        self.task_chunk = task_chunk or 1
+        self.task_chunk = task_chunk
         self.nan_policy = nan_policy
         self.layout = ParamLayout(model, adapt)
         self._evaluator = TaskBatchedModel(model, self.layout, vectorize)
@@ -132,15 +135,16 @@ class MAML(nn.Module):
         T_query = task_count(query, "query")
         if T_query != T:
             raise ValueError(f"support has T={T} tasks but query has T={T_query}; they must match")
-        if self.memory == "fast" or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or (self.memory == "fast" and self.task_chunk is None):
             return self._meta_loss(loss_fn, support, query, T)
         meta_params = [p for p in self.parameters() if p.requires_grad]
         total, grads = None, [None] * len(meta_params)
-        for start in range(0, T, self.task_chunk):
-            chunk = slice(start, min(start + self.task_chunk, T))
+        chunk_size = self.task_chunk or 1
+        for start in range(0, T, chunk_size):
+            chunk = slice(start, min(start + chunk_size, T))
             n = chunk.stop - chunk.start
             chunk_support, chunk_query = select_tasks(support, chunk), select_tasks(query, chunk)
-            if self.first_order:
+            if self.first_order or self.memory == "fast":
                 loss = self._meta_loss(loss_fn, chunk_support, chunk_query, n, first_task=start) * (n / T)
                 chunk_grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
                 loss = loss.detach()  # frees this chunk's graph before the next one is built

@@ -48,11 +48,11 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['inner_optimizer']}-{'fo' if c['first_order'] else 'so'}")
 @pytest.mark.parametrize("T,K", [(1, 1), (3, 2), (2, 3)])
-@pytest.mark.parametrize("memory", ["fast", "low"])
-def test_maml_matches_sequential_reference(case, T, K, memory):
+@pytest.mark.parametrize("memory,task_chunk", [("fast", None), ("fast", 2), ("low", 2)])
+def test_maml_matches_sequential_reference(case, T, K, memory, task_chunk):
     model = _model()
     support, query = _tasks(T)
-    maml = mk.MAML(model, inner_lr=0.3, inner_steps=K, memory=memory, task_chunk=2, **case)
+    maml = mk.MAML(model, inner_lr=0.3, inner_steps=K, memory=memory, task_chunk=task_chunk, **case)
     params = [p for p in model.parameters()]
     got_loss = maml(lm_loss, support, query)
     got = _grads(got_loss, params)

@@ -1,6 +1,7 @@
 """memory="low": the reverse sweep (metakernels.reverse_sweep) against the sequential create_graph oracle
 beyond the shared grid of test_maml.py (Meta-SGD rates, subset adaptation, tied weights, dropout masks,
-the RNG left behind, non-finite losses), and that it keeps one inner step's graph at a time."""
+the RNG left behind, non-finite losses), and that it keeps one inner step's graph at a time; task_chunk
+in the fast mode keeps one chunk's graph at a time."""
 import weakref
 
 import pytest
@@ -109,6 +110,22 @@ def test_sweep_keeps_one_inner_step_graph_at_a_time():
         peaks[memory] = _peak_saved_bytes(lambda: maml(lm_loss, support, query).backward())
     # fast holds 6 steps' graphs (each also holding that step's fast weights); low one step's
     assert peaks["low"] < 0.3 * peaks["fast"], peaks
+
+
+def test_task_chunks_in_the_fast_mode_keep_one_chunk_graph_at_a_time():
+    torch.manual_seed(0)
+    model = TransformerLM(vocab=32, d_model=32, n_heads=2, n_layers=2, max_len=16).double()
+    gen = torch.Generator().manual_seed(1)
+    support, query = (torch.randint(0, 32, (4, 4, 17), generator=gen) for _ in range(2))
+    peaks, grads = {}, {}
+    for task_chunk in (None, 1):
+        maml = mk.MAML(model, inner_lr=0.1, inner_steps=3, task_chunk=task_chunk)
+        model.zero_grad()
+        peaks[task_chunk] = _peak_saved_bytes(lambda: maml(lm_loss, support, query).backward())
+        grads[task_chunk] = [p.grad.clone() for p in model.parameters()]
+    _assert_grads_close(grads[1], grads[None], rtol=1e-12)
+    # all 4 tasks' graphs against one task's (and the shared initialisation's, which both hold)
+    assert peaks[1] < 0.4 * peaks[None], peaks
 
 
 @pytest.mark.parametrize("memory", ["fast", "low"])

@@ -59,12 +59,12 @@ def test_fuse_layers_refuses_a_non_module():
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['inner_optimizer']}-{'fo' if c['first_order'] else 'so'}")
 @pytest.mark.parametrize("T,K", [(1, 1), (3, 2), (2, 3)])
-@pytest.mark.parametrize("memory", ["fast", "low"])
-def test_maml_with_fused_layers_matches_sequential_reference(case, T, K, memory):
+@pytest.mark.parametrize("memory,task_chunk", [("fast", None), ("fast", 2), ("low", 2)])
+def test_maml_with_fused_layers_matches_sequential_reference(case, T, K, memory, task_chunk):
     reference_model = _model()
     model = copy.deepcopy(reference_model)
     support, query = _tasks(T)
-    maml = mk.MAML(model, inner_lr=0.3, inner_steps=K, memory=memory, task_chunk=2, fused_layers=True, **case)
+    maml = mk.MAML(model, inner_lr=0.3, inner_steps=K, memory=memory, task_chunk=task_chunk, fused_layers=True, **case)
     assert len(maml.fused_layers) == 9
     got_loss = maml(lm_loss, support, query)
     got = _grads(got_loss, list(model.parameters()))
