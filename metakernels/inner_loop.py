@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from . import ops
 from .layout import ParamLayout
+from .ops.linear import TaskLinearMode
 from .tasks import select_tasks
 
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -109,7 +110,8 @@ class TaskBatchedModel:
             return self._loop(loss_fn, params, batch, 1)
         if self.vectorize is not False:
             try:
-                return torch.vmap(lambda w, b: self._one_task(loss_fn, w, b), randomness="different")(params, batch)
+                with TaskLinearMode():
+                    return torch.vmap(lambda w, b: self._one_task(loss_fn, w, b), randomness="different")(params, batch)
             except (TypeError, ValueError):  # the user's loss_fn broke its contract: report, do not retry
                 raise
             except Exception as exc:  # a model vmap cannot trace (data-dependent control flow, .item())

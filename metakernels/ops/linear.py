@@ -1,0 +1,139 @@
+"""Task-batched linear layer whose every derivative lands in the weight's own [out, in] layout.
+
+    task_linear(x, weight, bias=None)   # x: [*task, ..., I]; weight: [O, I] or [*task, O, I];
+                                        # bias: None, [O] or [*task, O] (shaped like weight's rows)
+
+y = x W^T + b, as ``torch.nn.functional.linear``, with each task's own W when the weight has leading task
+dimensions (how ``torch.vmap`` over per-task fast weights reaches the op: its vmap rule stacks the tasks
+into one batched matmul).  Per task, with R rows of x:
+
+    forward:          y = x W^T + b
+    backward:         dx = g W,   dW = g^T x,   db = sum_rows g
+    double backward:  for cotangents (a, A, c) of (dx, dW, db):
+                      dg = a W^T + x A^T + c,   dx = g A,   dW = g^T a
+
+Every product is a ``torch.bmm`` (the vendor BLAS is the kernel); what the op fixes is the order of each
+product's operands.  PyTorch's own batched-matmul backward computes the weight's gradient as x^T g, an
+[I, O] matrix that reaches the weight as a transposed view: the inner loop then copies it transposed into
+the flat fast-weight rows, and adds it to the double backward's [O, I] terms with mismatched strides.
+Here every weight cotangent (dW above, in both derivatives) is computed as an [O, I] product directly.
+The double backward is itself made of differentiable products, so higher derivatives work too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch._C._functorch import is_batchedtensor
+from torch.overrides import TorchFunctionMode
+
+from . import _checks
+from ._task_batch import fold_task_vmap
+
+
+class _TaskLinear(torch.autograd.Function):
+    """y = x W^T + b on canonical shapes x [N, R, I], W [N, O, I], b [N, O] or None."""
+
+    @staticmethod
+    def forward(x, w, b):
+        if b is None:
+            return torch.bmm(x, w.transpose(1, 2))
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b = inputs
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        dx, dw, db = _TaskLinearBackward.apply(g, x, w, ctx.has_bias)
+        return dx, dw, db
+
+    @staticmethod
+    def vmap(info, in_dims, x, w, b):
+        (y,), (dim,) = fold_task_vmap(lambda *a: (_TaskLinear.apply(*a),), info, in_dims, x, w, b, contiguous=False)
+        return y, dim
+
+
+class _TaskLinearBackward(torch.autograd.Function):
+    """(dx, dW, db) = (g W, g^T x, sum_rows g), db None without a bias."""
+
+    @staticmethod
+    def forward(g, x, w, has_bias):
+        return torch.bmm(g, w), torch.bmm(g.transpose(1, 2), x), g.sum(1) if has_bias else None
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, x, w, _ = inputs
+        ctx.save_for_backward(g, x, w)
+
+    @staticmethod
+    def backward(ctx, a, big_a, c):
+        g, x, w = ctx.saved_tensors
+        dg = None
+        if a is not None:
+            dg = torch.bmm(a, w.transpose(1, 2))
+        if big_a is not None:
+            dg = torch.bmm(x, big_a.transpose(1, 2)) if dg is None else torch.baddbmm(dg, x, big_a.transpose(1, 2))
+        if c is not None:
+            dg = c.unsqueeze(1).expand_as(g) if dg is None else dg + c.unsqueeze(1)
+        dx = None if big_a is None else torch.bmm(g, big_a)
+        dw = None if a is None else torch.bmm(g.transpose(1, 2), a)
+        return dg, dx, dw, None
+
+    @staticmethod
+    def vmap(info, in_dims, g, x, w, has_bias):
+        return fold_task_vmap(_TaskLinearBackward.apply, info, in_dims, g, x, w, has_bias, contiguous=False)
+
+
+def _check(x, weight, bias) -> tuple[int, int, int]:
+    """(N, O, I): the number of weight matrices (tasks), the output and the input size."""
+    op = "task_linear"
+    _checks.require_tensor(op, "x", x)
+    _checks.require_tensor(op, "weight", weight)
+    _checks.require_like(op, "weight", weight, "x", x)
+    if weight.dim() < 2 or x.dim() < weight.dim() - 1 or x.shape[-1] != weight.shape[-1] \
+            or x.shape[:weight.dim() - 2] != weight.shape[:-2]:
+        raise ValueError(
+            f"task_linear: argument 'weight' must be [O, I] or [*task, O, I] with x [*task, ..., I] (I = x's last "
+            f"size, task sizes leading x's), got weight {_checks.shape_str(weight.shape)} for x "
+            f"{_checks.shape_str(x.shape)}"
+        )
+    if bias is not None:
+        _checks.require_tensor(op, "bias", bias)
+        _checks.require_like(op, "bias", bias, "x", x)
+        if bias.shape != weight.shape[:-1]:
+            raise ValueError(f"task_linear: argument 'bias' must have shape {_checks.shape_str(weight.shape[:-1])} "
+                             f"(weight's without its last size), got {_checks.shape_str(bias.shape)}")
+    O, I = weight.shape[-2:]
+    return math.prod(weight.shape[:-2]), O, I
+
+
+def task_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b with a per-task (or shared) weight and bias; see the module docstring."""
+    N, O, I = _check(x, weight, bias)
+    lead = x.shape[:-1]
+    rows = math.prod(lead) // N if N else 0
+    y = _TaskLinear.apply(x.reshape(N, rows, I), weight.reshape(N, O, I), None if bias is None else bias.reshape(N, O))
+    return y.reshape(*lead, O)
+
+
+class TaskLinearMode(TorchFunctionMode):
+    """Routes ``torch.nn.functional.linear`` calls whose weight is vmapped (each task's own weight, as in the
+    inner loop's vmap over fast weights) to ``task_linear``; every other call, and any call under autocast
+    or with mixed dtypes (which ``F.linear`` would cast), runs unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if is_batchedtensor(w) and x.dtype == w.dtype and (b is None or b.dtype == w.dtype) \
+                    and not torch.is_autocast_enabled(w.device.type):
+                return task_linear(x, w, b)
+        return func(*args, **kwargs)
