@@ -43,21 +43,28 @@ class InnerOptimizer:
         zeros = torch.zeros(P, dtype=like.dtype, device=like.device)
         return {"sgd": (), "momentum": (zeros,), "adam": (zeros, zeros)}[self.name]
 
-    def descend(self, params, fast, losses, state, lr, step: int, create_graph: bool = False):
-        """(params', state') after update number ``step`` (1-based) of ``params`` by the gradient of the
-        summed ``losses`` with respect to ``fast`` (``params`` as [T, P] rows).
+    def descend(self, params, views, losses, state, lr, step: int, layout: ParamLayout, create_graph: bool = False):
+        """(params', state') after update number ``step`` (1-based) of ``params`` ([T, P], or [P] shared by
+        the tasks) by the gradient of
+        the summed ``losses`` with respect to ``views`` (``params``' per-parameter views, from
+        ``layout.unflatten_keeping_flat``, through which the losses were computed).
 
-        Plain SGD with a number as its rate differentiates ``-lr * sum(losses)`` and adds the result: the
-        rate rides on the backward's seed, so the meta-backward does not multiply the step's [T, P]
-        cotangent by it (3-7% of a second-order meta-step of the benchmark LM on CPU).  Only for float32
-        and float64 weights outside autocast: a seed scaled by the rate could underflow in a float16
-        backward.  The result equals the plain step's up to rounding (the float32 parts of a float64
-        model, such as Hugging Face's loss, round the scaled gradients differently)."""
-        if self.name == "sgd" and isinstance(lr, (int, float)) and _seed_can_carry_rate(fast):
-            (delta,) = torch.autograd.grad(losses.sum() * -lr, fast, create_graph=create_graph)
-            return params + delta, ()
-        (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph)
-        return self.step(params, grads, state, lr, step)
+        Plain SGD with a number as its rate differentiates ``-lr * sum(losses)`` and adds the result onto
+        ``params`` while packing it into the flat layout (one pass): the rate rides on the backward's seed,
+        so the meta-backward does not multiply the step's [T, P] cotangent by it (3-7% of a second-order
+        meta-step of the benchmark LM on CPU).  Only for float32 and float64 weights outside autocast: a
+        seed scaled by the rate could underflow in a float16 backward.  The result equals the plain step's
+        up to rounding (the float32 parts of a float64 model, such as Hugging Face's loss, round the scaled
+        gradients differently)."""
+        plain_sgd = self.name == "sgd" and isinstance(lr, (int, float)) and _seed_can_carry_rate(params)
+        seed = losses.sum() * -lr if plain_sgd else losses.sum()
+        parts = torch.autograd.grad(seed, tuple(views.values()), create_graph=create_graph, allow_unused=True)
+        if all(g is None for g in parts):
+            raise ValueError(f"the inner loss does not depend on any adapted parameter (inner step {step}); "
+                             "check loss_fn, or what 'adapt' selects")
+        if plain_sgd:
+            return layout.pack(parts, onto=params), ()
+        return self.step(params, layout.pack(parts, onto=None), state, lr, step)
 
     def step(self, fast, grads, state, lr, step: int):
         """(fast', state') after update number ``step`` (1-based)."""
@@ -105,7 +112,10 @@ class TaskBatchedModel:
     def losses(self, loss_fn, fast: torch.Tensor, batch, T: int) -> torch.Tensor:
         """[T] losses for fast weights [T, P] (unflattened before vmap, so that the backward packs the
         per-parameter cotangents of all tasks at once)."""
-        params = self.layout.unflatten(fast)
+        return self.losses_of(loss_fn, self.layout.unflatten(fast), batch, T)
+
+    def losses_of(self, loss_fn, params: dict[str, torch.Tensor], batch, T: int) -> torch.Tensor:
+        """[T] losses for the per-parameter fast weights ``params`` (by name, each [T, *shape])."""
         if T == 1:  # NOTE: vmap's per-op overhead made memory='low' (one task per chunk) 1.5x slower
             return self._loop(loss_fn, params, batch, 1)
         if self.vectorize is not False:
@@ -157,17 +167,19 @@ def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_f
     this batch's first task in the caller's, for error messages."""
     if not keep_graph:
         theta0 = theta0.detach()
-    params = theta0  # [P] at step 1: the fused update sums its cotangent over tasks in-kernel
+    params = theta0
     state = optimizer.initial_state(theta0.shape[0], theta0)
     for k in range(1, steps + 1):
         fast = params.expand(T, -1) if params.dim() == 1 else params
         if not fast.requires_grad:  # a frozen or detached initialisation still needs inner gradients
             fast = fast.detach().requires_grad_()
             params = fast
-        losses = evaluator.losses(loss_fn, fast, support, T)
+        views, same = evaluator.layout.unflatten_keeping_flat(fast)
+        losses = evaluator.losses_of(loss_fn, views, support, T)
         if nan_policy == "raise":
             check_finite(losses, "inner (support)", k, first_task)
-        params, state = optimizer.descend(params, fast, losses, state, lr, k, create_graph)
+        base = same if params.dim() == 2 else params  # [P] at step 1: the update sums its cotangent over tasks
+        params, state = optimizer.descend(base, views, losses, state, lr, k, evaluator.layout, create_graph)
         if not keep_graph:
             params = params.detach()
             state = tuple(s.detach() for s in state)

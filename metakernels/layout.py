@@ -57,48 +57,73 @@ class ParamLayout:
         """[..., P] -> {name: [..., *shape]} views.  Differentiable to any order; the backward writes each
         parameter's cotangent, whatever its strides, straight into one [..., P] tensor (a reshape to
         [..., numel] and a cat would copy the transposed cotangents of linear layers twice)."""
-        return dict(zip(self.names, _Unflatten.apply(flat, self._spec)))
+        return dict(zip(self.names, _Unflatten.apply(flat, self._spec, False)))
+
+    def unflatten_keeping_flat(self, flat: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(the views of ``unflatten``, ``flat`` itself as an output of the same node).  Use the returned
+        flat tensor, not ``flat``, for everything else computed from it (the inner update): its cotangent
+        and the views' then reach one backward, which adds the views' into it in one pass instead of
+        autograd packing them into a new [..., P] tensor and adding the two."""
+        *views, same = _Unflatten.apply(flat, self._spec, True)
+        return dict(zip(self.names, views)), same
+
+    def pack(self, parts, onto: torch.Tensor | None) -> torch.Tensor:
+        """``onto`` ([..., P], or [P] broadcast over the parts' leading dimensions) plus the per-parameter
+        tensors ``parts`` [..., *shape] (model order, None: zeros) in the flat layout, in one pass;
+        ``onto=None`` packs onto zeros (a [..., P] copy of the parts)."""
+        return _Pack.apply(onto, self._spec, *parts)
 
 
 def _views(flat: torch.Tensor, spec) -> tuple[torch.Tensor, ...]:
     numels, shapes = spec
     lead = flat.shape[:-1]
-    return tuple(chunk.view(*lead, *s) for s, chunk in zip(shapes, flat.split(numels, dim=-1)))
+    return tuple(chunk.view((*lead, *s)) for s, chunk in zip(shapes, flat.split(numels, dim=-1)))
 
 
 class _Unflatten(torch.autograd.Function):
-    """flat [..., P] -> views [..., *shape_i]; backward: _Pack."""
+    """flat [..., P] -> views [..., *shape_i] (and flat itself with keep_flat); backward: _Pack."""
 
     @staticmethod
-    def forward(ctx, flat, spec):
+    def forward(ctx, flat, spec, keep_flat):
         ctx.set_materialize_grads(False)
-        ctx.spec, ctx.lead = spec, flat.shape[:-1]
-        return _views(flat, spec)
+        ctx.spec, ctx.keep_flat = spec, keep_flat
+        views = _views(flat, spec)
+        return (*views, flat.view_as(flat)) if keep_flat else views
 
     @staticmethod
     def backward(ctx, *grads):
-        if all(g is None for g in grads):
-            return None, None
-        return _Pack.apply(ctx.lead, ctx.spec, *grads), None
+        parts, onto = (grads[:-1], grads[-1]) if ctx.keep_flat else (grads, None)
+        if all(g is None for g in parts):
+            return onto, None, None
+        return _Pack.apply(onto, ctx.spec, *parts), None, None
 
 
 class _Pack(torch.autograd.Function):
-    """Per-parameter tensors [..., *shape_i] (None: zeros) -> one [..., P] tensor, one strided copy each;
-    backward: _Unflatten."""
+    """onto [..., P] or [P] (broadcast over the parts' leading dimensions; None: zeros) plus per-parameter
+    tensors [..., *shape_i] (None: zeros) placed in the flat layout: one strided pass per parameter (a copy,
+    or an add of ``onto``'s slice); backward: the cotangent (summed to ``onto``'s shape) for ``onto``,
+    _Unflatten for the parts."""
 
     @staticmethod
-    def forward(ctx, lead, spec, *parts):
+    def forward(ctx, onto, spec, *parts):
         ctx.spec, ctx.present = spec, [p is not None for p in parts]
-        like = next(p for p in parts if p is not None)
-        flat = like.new_empty(*lead, sum(spec[0]))
-        for view, part in zip(_views(flat, spec), parts):
+        ctx.onto_shape = None if onto is None else onto.shape
+        leads = [p.shape[:p.dim() - len(shape)] for p, shape in zip(parts, spec[1]) if p is not None]
+        lead = leads[0] if leads else onto.shape[:-1]
+        flat = (onto if onto is not None else next(p for p in parts if p is not None)).new_empty(*lead, sum(spec[0]))
+        base = (None,) * len(parts) if onto is None else _views(onto, spec)
+        for view, part, under in zip(_views(flat, spec), parts, base):
             if part is None:
-                view.zero_()
-            else:
+                view.zero_() if under is None else view.copy_(under)
+            elif under is None:
                 view.copy_(part)
+            else:
+                torch.add(under, part, out=view)
         return flat
 
     @staticmethod
     def backward(ctx, grad_flat):
-        views = _Unflatten.apply(grad_flat, ctx.spec)
-        return None, None, *(v if present else None for v, present in zip(views, ctx.present))
+        views = _Unflatten.apply(grad_flat, ctx.spec, False)
+        onto = None if ctx.onto_shape is None else grad_flat.sum_to_size(ctx.onto_shape)
+        return (onto, None,
+                *(v if present else None for v, present in zip(views, ctx.present)))

@@ -54,11 +54,11 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
     for k in range(1, maml.inner_steps + 1):
         entering.append((params, state, _rng_state(device)))
         with torch.enable_grad():
-            fast = _task_rows(params, T).detach().requires_grad_()
-            losses = evaluator.losses(loss_fn, fast, support, T)
+            views = maml.layout.unflatten(_task_rows(params, T).detach().requires_grad_())
+            losses = evaluator.losses_of(loss_fn, views, support, T)
             if maml.nan_policy == "raise":
                 check_finite(losses, "inner (support)", k, first_task)
-            params, state = optimizer.descend(params, fast, losses, state, rate, k)
+            params, state = optimizer.descend(params, views, losses, state, rate, k, maml.layout)
 
     with torch.enable_grad():
         theta = params.detach().requires_grad_()  # [P] when K = 0: v is then summed over the tasks
@@ -78,9 +78,10 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         with torch.enable_grad():
             theta = theta.detach().requires_grad_()
             s = tuple(x.detach().requires_grad_(k > 1) for x in s)  # the initial state is a constant
-            fast = _task_rows(theta, T)
-            losses = evaluator.losses(loss_fn, fast, support, T)
-            new_theta, new_s = optimizer.descend(theta, fast, losses, s, maml.inner_rate(), k, create_graph=True)
+            views, same = maml.layout.unflatten_keeping_flat(_task_rows(theta, T))
+            losses = evaluator.losses_of(loss_fn, views, support, T)
+            new_theta, new_s = optimizer.descend(same if theta.dim() == 2 else theta, views, losses, s,
+                                                 maml.inner_rate(), k, maml.layout, create_graph=True)
             if not maml._second_order_checked:
                 maml._check_twice_differentiable(new_theta)
             pairs = [(out, cot) for out, cot in zip((new_theta, *new_s), (v, *w)) if cot is not None]

@@ -29,6 +29,7 @@ def main():
         distributed.all_reduce_gradients(grads["params"], weight=(share.stop - share.start) / T)
     if dist.get_rank() == 0:
         torch.save([p.grad for p in grads["params"]], out)
+    dist.barrier()  # NOTE: a rank tearing gloo down while the other is still connected sometimes aborts it
     dist.destroy_process_group()
 
 

@@ -47,3 +47,70 @@ def test_pack_writes_zeros_for_parameters_without_a_gradient():
     (g,) = torch.autograd.grad(layout.unflatten(flat)["lin.bias"].sum(), flat)
     assert torch.equal(g[:, 16:21], torch.ones(2, 5, dtype=torch.float64))
     assert torch.count_nonzero(g[:, :16]) == 0 and torch.count_nonzero(g[:, 21:]) == 0
+
+
+def test_unflatten_keeping_flat_is_differentiable_to_second_order():
+    """Views and the flat output of one node: their cotangents meet in one backward (the views' packed onto
+    the flat one's), to any order, whether the views or the flat output or both are used."""
+    layout = _layout()
+    flat = torch.randn(3, layout.numel, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        views, same = layout.unflatten_keeping_flat(x)
+        return (views["lin.weight"].transpose(-1, -2) ** 2).sum(-1), same.sin() * views["scale"].unsqueeze(-1)
+
+    def only_flat(x):
+        return layout.unflatten_keeping_flat(x)[1].cos()
+
+    for fn in (f, only_flat):
+        torch.autograd.gradcheck(fn, (flat,))
+        torch.autograd.gradgradcheck(fn, (flat,))
+
+
+def test_pack_onto_adds_in_the_flat_layout_and_broadcasts_a_shared_base():
+    layout = _layout()
+    parts = [torch.randn(2, *s, dtype=torch.float64) for s in layout.shapes]
+    parts[2] = None  # lin.bias: no gradient
+    flat_parts = torch.cat([(torch.zeros(2, n, dtype=torch.float64) if p is None else p.reshape(2, -1))
+                            for p, n in zip(parts, layout.numels)], dim=1)
+    for onto in (torch.randn(2, layout.numel, dtype=torch.float64), torch.randn(layout.numel, dtype=torch.float64),
+                 torch.randn(layout.numel, dtype=torch.float64).expand(2, -1)):
+        assert torch.equal(layout.pack(parts, onto=onto), onto + flat_parts)
+    assert torch.equal(layout.pack(parts, onto=None), flat_parts)
+
+
+def test_pack_onto_is_differentiable_to_second_order():
+    layout = _layout()
+    parts = tuple(torch.randn(2, *s, dtype=torch.float64, requires_grad=True) for s in layout.shapes)
+    for onto in (torch.randn(2, layout.numel, dtype=torch.float64, requires_grad=True),
+                 torch.randn(layout.numel, dtype=torch.float64, requires_grad=True)):
+        fn = lambda o, *p: layout.pack(p, onto=o).pow(2)  # noqa: E731
+        torch.autograd.gradcheck(fn, (onto, *parts))
+        torch.autograd.gradgradcheck(fn, (onto, *parts))
+
+
+def test_the_update_and_the_views_cotangents_meet_without_a_separate_flat_add():
+    """The inner update's base is the unflatten node's flat output: in the backward its cotangent and the
+    views' are combined by the pack itself, so autograd never adds two [T, P] tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layout = _layout()
+    flat = torch.randn(3, layout.numel, dtype=torch.float64, requires_grad=True)
+    views, same = layout.unflatten_keeping_flat(flat)
+    grads = torch.autograd.grad((views["lin.weight"] ** 3).sum(), tuple(views.values()), create_graph=True,
+                                allow_unused=True)
+    updated = layout.pack(grads, onto=same)
+    full_adds = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_) and args[0].shape == flat.shape:
+                full_adds.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        (g,) = torch.autograd.grad(updated.sum(), flat)
+    assert full_adds == []
+    (want,) = torch.autograd.grad((flat + torch.autograd.grad((layout.unflatten(flat)["lin.weight"] ** 3).sum(), flat,
+                                                               create_graph=True)[0]).sum(), flat)
+    torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)

@@ -398,11 +398,16 @@ def test_plain_sgd_puts_the_rate_on_the_backward_seed_only_where_it_cannot_under
     calls = []
     fused = ops.sgd_update
     monkeypatch.setattr(ops, "sgd_update", lambda *a: calls.append(1) or fused(*a))
+    from metakernels.layout import ParamLayout
+
     params = torch.tensor([1.0, -2.0, 0.5], dtype=dtype)
-    fast = params.expand(2, -1).detach().requires_grad_()
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(params.clone())
+    layout = ParamLayout(module)
+    views, _ = layout.unflatten_keeping_flat(params.expand(2, -1).detach().requires_grad_())
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        losses = (fast * fast).sum(-1) * torch.tensor([1.0, 3.0], dtype=dtype)
-        new, state = InnerOptimizer("sgd").descend(params, fast, losses, (), 0.1, 1)
+        losses = (views["w"] * views["w"]).sum(-1) * torch.tensor([1.0, 3.0], dtype=dtype)
+        new, state = InnerOptimizer("sgd").descend(params, views, losses, (), 0.1, 1, layout)
     assert bool(calls) != seed_carries_rate and state == ()
     exact = params.double() * (1 - 0.1 * 2 * torch.tensor([[1.0], [3.0]], dtype=torch.float64))
     torch.testing.assert_close(new.double(), exact, rtol=2e-3 if dtype == torch.float16 else 1e-6, atol=0)

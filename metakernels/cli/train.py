@@ -70,6 +70,8 @@ def main(args) -> int:
         return _fail(str(e))
     try:
         result = run(config, args.out, resume=args.resume, progress=not args.no_progress)
+        if process_group:  # NOTE: a rank tearing gloo down while another is still connected sometimes aborts
+            torch.distributed.barrier()
     except (DataError, CheckpointError, FileExistsError, FileNotFoundError) as e:
         return _fail(str(e))
     finally:
