@@ -45,9 +45,8 @@ class InnerOptimizer:
 
     def descend(self, params, views, losses, state, lr, step: int, layout: ParamLayout, create_graph: bool = False):
         """(params', state') after update number ``step`` (1-based) of ``params`` ([T, P], or [P] shared by
-        the tasks) by the gradient of
-        the summed ``losses`` with respect to ``views`` (``params``' per-parameter views, from
-        ``layout.unflatten_keeping_flat``, through which the losses were computed).
+        the tasks) by the gradient of the summed ``losses`` with respect to ``views``, the per-parameter
+        [T, *shape] fast weights the losses were computed from (``layout.unflatten_keeping_flat``).
 
         Plain SGD with a number as its rate differentiates ``-lr * sum(losses)`` and adds the result onto
         ``params`` while packing it into the flat layout (one pass): the rate rides on the backward's seed,

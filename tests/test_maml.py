@@ -109,6 +109,15 @@ def test_predicate_and_frozen_parameters():
         mk.MAML(model, adapt=lambda n, p: False)
 
 
+@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
+def test_inner_loss_that_ignores_every_adapted_parameter_is_refused(inner_optimizer):
+    net = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 1), "unused": torch.nn.Linear(3, 1)})
+    maml = mk.MAML(net, inner_lr=0.1, inner_steps=1, adapt=["unused.weight"], inner_optimizer=inner_optimizer)
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="inner loss does not depend on any adapted parameter"):
+        maml(lambda f, b: net["used"](b).pow(2).mean(), x, x)
+
+
 def test_meta_loss_matches_finite_differences_along_a_random_direction():
     model = _model()
     support, query = _tasks(2)
