@@ -74,3 +74,19 @@ def task_operand_shape(op: str, named: list[tuple[str, torch.Tensor]]) -> tuple[
                 f"got {shape_str(t.shape)}"
             )
     return T, P
+
+
+def task_matrices(op: str, x_name: str, x: torch.Tensor, weight: torch.Tensor, rows: str, cols: str) -> int:
+    """Checks that ``weight`` is one matrix [rows, cols] or one per task [*task, rows, cols] for ``x``
+    [*task, ..., cols] (same dtype and device); returns the number of matrices."""
+    require_tensor(op, x_name, x)
+    require_tensor(op, "weight", weight)
+    require_like(op, "weight", weight, x_name, x)
+    if weight.dim() < 2 or x.dim() < weight.dim() - 1 or x.shape[-1] != weight.shape[-1] \
+            or x.shape[:weight.dim() - 2] != weight.shape[:-2]:
+        raise ValueError(
+            f"{op}: argument 'weight' must be [{rows}, {cols}] or [*task, {rows}, {cols}] with {x_name} "
+            f"[*task, ..., {cols}] ({cols} = {x_name}'s last size, task sizes leading {x_name}'s), got weight "
+            f"{shape_str(weight.shape)} for {x_name} {shape_str(x.shape)}"
+        )
+    return math.prod(weight.shape[:-2])

@@ -90,32 +90,22 @@ class _TaskLinearBackward(torch.autograd.Function):
         return fold_task_vmap(_TaskLinearBackward.apply, info, in_dims, g, x, w, has_bias, contiguous=False)
 
 
-def _check(x, weight, bias) -> tuple[int, int, int]:
-    """(N, O, I): the number of weight matrices (tasks), the output and the input size."""
-    op = "task_linear"
-    _checks.require_tensor(op, "x", x)
-    _checks.require_tensor(op, "weight", weight)
-    _checks.require_like(op, "weight", weight, "x", x)
-    if weight.dim() < 2 or x.dim() < weight.dim() - 1 or x.shape[-1] != weight.shape[-1] \
-            or x.shape[:weight.dim() - 2] != weight.shape[:-2]:
-        raise ValueError(
-            f"task_linear: argument 'weight' must be [O, I] or [*task, O, I] with x [*task, ..., I] (I = x's last "
-            f"size, task sizes leading x's), got weight {_checks.shape_str(weight.shape)} for x "
-            f"{_checks.shape_str(x.shape)}"
-        )
+def _check(x, weight, bias) -> int:
+    """The number of weight matrices (tasks)."""
+    N = _checks.task_matrices("task_linear", "x", x, weight, "O", "I")
     if bias is not None:
-        _checks.require_tensor(op, "bias", bias)
-        _checks.require_like(op, "bias", bias, "x", x)
+        _checks.require_tensor("task_linear", "bias", bias)
+        _checks.require_like("task_linear", "bias", bias, "x", x)
         if bias.shape != weight.shape[:-1]:
             raise ValueError(f"task_linear: argument 'bias' must have shape {_checks.shape_str(weight.shape[:-1])} "
                              f"(weight's without its last size), got {_checks.shape_str(bias.shape)}")
-    O, I = weight.shape[-2:]
-    return math.prod(weight.shape[:-2]), O, I
+    return N
 
 
 def task_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b with a per-task (or shared) weight and bias; see the module docstring."""
-    N, O, I = _check(x, weight, bias)
+    N = _check(x, weight, bias)
+    O, I = weight.shape[-2:]
     lead = x.shape[:-1]
     rows = math.prod(lead) // N if N else 0
     y = _TaskLinear.apply(x.reshape(N, rows, I), weight.reshape(N, O, I), None if bias is None else bias.reshape(N, O))

@@ -185,13 +185,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     h [*task, ..., D], targets [*task, ...]) gives one loss per task.  ``chunk_rows``: rows per task per
     chunk (default: about 2^22 logits per chunk)."""
     op = "linear_cross_entropy"
-    _checks.require_tensor(op, "h", h)
-    _checks.require_tensor(op, "weight", weight)
-    _checks.require_like(op, "weight", weight, "h", h)
-    if weight.dim() < 2 or h.dim() < weight.dim() - 1 or h.shape[-1] != weight.shape[-1] \
-            or h.shape[:weight.dim() - 2] != weight.shape[:-2]:
-        raise ValueError(f"{op}: argument 'weight' must be [V, D] or [*task, V, D] with h [*task, ..., D], got weight "
-                         f"{_checks.shape_str(weight.shape)} for h {_checks.shape_str(h.shape)}")
+    _checks.task_matrices(op, "h", h, weight, "V", "D")
     task_shape, (V, D) = weight.shape[:-2], weight.shape[-2:]
     if bias is not None:
         _checks.require_tensor(op, "bias", bias)
