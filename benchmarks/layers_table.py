@@ -6,6 +6,11 @@ weights [T, D]).  Bytes moved over the copy bandwidth measured in the same run g
 floor (the causal softmax's double backward runs its own backward once more to reach the scores:
 8 tensors): these ops are memory-bound.
 
+A second table does the same for the task-batched linear layer (metakernels.ops.task_linear against the
+batched matmuls vmap runs for F.linear, [T, O, I] weights), whose floor is its FLOPs over the fp32 matmul
+rate measured in the run, plus a fourth pass: the backward followed by the copy of the weight gradient
+into rows of a flat [T, P] buffer, what the inner loop does with it next (the layout the op exists for).
+
     python benchmarks/layers_table.py            # the MAML benchmark's shapes (T=16, 128 rows, D=128 / 512)
     python benchmarks/layers_table.py --quick    # small shapes, a smoke run
 """
@@ -63,6 +68,64 @@ def _eager_causal_softmax(x, w, b):
     return torch.softmax((x * 0.25).masked_fill(hidden, float("-inf")), -1)
 
 
+def linear_shapes(width: int) -> dict[str, tuple[int, int]]:
+    """name -> (in, out) of the benchmark LM's linear layers at model width ``width``."""
+    return {"linear qkv": (width, 3 * width), "linear mlp up": (width, 4 * width), "linear mlp down": (4 * width, width)}
+
+
+def _eager_linear(x, w, b):
+    """What vmap over per-task weights runs for F.linear: one batched matmul plus the bias."""
+    import torch
+
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
+def backward_and_pack_ms(fn, x, w, b, device, repeats):
+    """Median ms of the backward (all three gradients, as in the inner loop) plus the copy of the weight's
+    into rows of a flat [T, P] buffer."""
+    import torch
+
+    T, O, I = w.shape
+    flat_rows = torch.empty(T, O * I + 1024, device=w.device)[:, 512:512 + O * I].view(T, O, I)
+    y = fn(x, w, b)
+    g = torch.randn_like(y)
+    return harness.median_ms(lambda: flat_rows.copy_(torch.autograd.grad(y, (x, w, b), g, retain_graph=True)[1]),
+                             device, repeats)
+
+
+def linear_rows(args, device, gen) -> list[list[str]]:
+    import torch
+
+    import metakernels as mk
+
+    rate = harness.matmul_gflops(device)
+    rows = []
+    for name, (I, O) in linear_shapes(args.width).items():
+        x = torch.randn(args.tasks, args.rows, I, generator=gen).to(device).requires_grad_()
+        w = torch.randn(args.tasks, O, I, generator=gen).to(device).requires_grad_()
+        b = torch.randn(args.tasks, O, generator=gen).to(device).requires_grad_()
+        variants = {"eager": _eager_linear, "ours": mk.ops.task_linear}
+        if not args.no_compile:
+            variants["compile"] = torch.compile(_eager_linear, dynamic=False)
+        results = {label: (*timings(fn, x, w, b, device, args.repeats),
+                           backward_and_pack_ms(fn, x, w, b, device, args.repeats)) for label, fn in variants.items()}
+        product_flops = 2 * args.tasks * args.rows * I * O
+        for i, (pass_name, products) in enumerate((("forward", 1), ("backward", 2), ("double backward", 4),
+                                                   ("backward + dW into flat rows", 2))):
+            rows.append(_row(name, pass_name, results, products * product_flops / rate / 1e6, "matmul"))
+    return rows, rate
+
+
+def _row(name, pass_name, results, floor, what):
+    i = ("forward", "backward", "double backward").index(pass_name) if pass_name in ("forward", "backward",
+                                                                                       "double backward") else 3
+    e, o = results["eager"][i], results["ours"][i]
+    c = results["compile"][i] if "compile" in results else "-"
+    ratio = lambda t: f"{t / o:.2f}x" if isinstance(t, float) else "-"  # noqa: E731
+    fmt = lambda t: f"{t:.3f}" if isinstance(t, float) else t  # noqa: E731
+    return [name, pass_name, fmt(e), fmt(c), fmt(o), ratio(e), ratio(c), f"{floor:.3f}", f"{100 * floor / o:.0f}%"]
+
+
 def timings(fn, x, w, b, device, repeats):
     """Median ms of (forward, backward, double backward) of fn at (x, w, b)."""
     import torch
@@ -110,14 +173,12 @@ def main():
             variants["compile"] = torch.compile(eager, dynamic=False)
         results = {label: timings(fn, x, w, b, device, args.repeats) for label, fn in variants.items()}
         for i, pass_name in enumerate(("forward", "backward", "double backward")):
-            e, o = results["eager"][i], results["ours"][i]
-            c = results["compile"][i] if "compile" in results else "-"
-            floor = moved[i] * x.numel() * 4 / bandwidth / 1e6
-            ratio = lambda t: f"{t / o:.2f}x" if isinstance(t, float) else "-"  # noqa: E731
-            fmt = lambda t: f"{t:.3f}" if isinstance(t, float) else t  # noqa: E731
-            rows.append([name, pass_name, fmt(e), fmt(c), fmt(o), ratio(e), ratio(c), f"{floor:.3f}",
-                         f"{100 * floor / o:.0f}%"])
+            rows.append(_row(name, pass_name, results, moved[i] * x.numel() * 4 / bandwidth / 1e6, "copy"))
     harness.print_table(header, rows, args.markdown, title="fused twice-differentiable layers")
+    rows, rate = linear_rows(args, device, gen)
+    print(f"\ntask-batched linear: fp32 matmul rate this run {rate:.0f} GFLOP/s (the floor: FLOPs over it)")
+    header[-1] = "% of matmul rate"
+    harness.print_table(header, rows, args.markdown, title="task-batched linear")
 
 
 if __name__ == "__main__":

@@ -176,3 +176,23 @@ def test_bad_dtypes_name_the_argument():
         mk.ops.task_linear(torch.ones(2, 3, 5, dtype=torch.long), torch.randn(2, 4, 5))
     with pytest.raises(TypeError, match="'bias' must be a torch.Tensor"):
         mk.ops.task_linear(torch.randn(2, 3, 5), torch.randn(2, 4, 5), [0.0] * 4)
+
+
+def test_backward_computes_only_the_gradients_asked_for():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, _, _, x, w, b = _operands((3,), (6,), 5, 7, True, torch.float32, "cpu")
+    w.requires_grad_()
+    loss = mk.ops.task_linear(x, w, b).sum()
+    products = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm, torch.ops.aten.sum):
+                products.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        (gw,) = torch.autograd.grad(loss, w)
+    assert products == ["bmm"]  # dW only: x and b need no gradient
+    torch.testing.assert_close(gw, torch.ones(3, 6, 5).transpose(1, 2) @ x)

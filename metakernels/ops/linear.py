@@ -50,8 +50,8 @@ class _TaskLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        dx, dw, db = _TaskLinearBackward.apply(g, x, w, ctx.has_bias)
-        return dx, dw, db
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return _TaskLinearBackward.apply(g, x, w, need_x, need_w, ctx.has_bias and need_b)
 
     @staticmethod
     def vmap(info, in_dims, x, w, b):
@@ -60,15 +60,16 @@ class _TaskLinear(torch.autograd.Function):
 
 
 class _TaskLinearBackward(torch.autograd.Function):
-    """(dx, dW, db) = (g W, g^T x, sum_rows g), db None without a bias."""
+    """(dx, dW, db) = (g W, g^T x, sum_rows g), each None where not needed."""
 
     @staticmethod
-    def forward(g, x, w, has_bias):
-        return torch.bmm(g, w), torch.bmm(g.transpose(1, 2), x), g.sum(1) if has_bias else None
+    def forward(g, x, w, need_x, need_w, need_b):
+        return (torch.bmm(g, w) if need_x else None, torch.bmm(g.transpose(1, 2), x) if need_w else None,
+                g.sum(1) if need_b else None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        g, x, w, _ = inputs
+        g, x, w = inputs[:3]
         ctx.save_for_backward(g, x, w)
 
     @staticmethod
@@ -83,11 +84,12 @@ class _TaskLinearBackward(torch.autograd.Function):
             dg = c.unsqueeze(1).expand_as(g) if dg is None else dg + c.unsqueeze(1)
         dx = None if big_a is None else torch.bmm(g, big_a)
         dw = None if a is None else torch.bmm(g.transpose(1, 2), a)
-        return dg, dx, dw, None
+        return dg, dx, dw, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, g, x, w, has_bias):
-        return fold_task_vmap(_TaskLinearBackward.apply, info, in_dims, g, x, w, has_bias, contiguous=False)
+    def vmap(info, in_dims, g, x, w, need_x, need_w, need_b):
+        return fold_task_vmap(_TaskLinearBackward.apply, info, in_dims, g, x, w, need_x, need_w, need_b,
+                              contiguous=False)
 
 
 def _check(x, weight, bias) -> int:
