@@ -93,7 +93,7 @@ def backward_and_pack_ms(fn, x, w, b, device, repeats):
                              device, repeats)
 
 
-def linear_rows(args, device, gen) -> list[list[str]]:
+def linear_rows(args, device, gen) -> tuple[list[list[str]], float]:
     import torch
 
     import metakernels as mk
@@ -112,13 +112,12 @@ def linear_rows(args, device, gen) -> list[list[str]]:
         product_flops = 2 * args.tasks * args.rows * I * O
         for i, (pass_name, products) in enumerate((("forward", 1), ("backward", 2), ("double backward", 4),
                                                    ("backward + dW into flat rows", 2))):
-            rows.append(_row(name, pass_name, results, products * product_flops / rate / 1e6, "matmul"))
+            rows.append(_row(name, pass_name, i, results, products * product_flops / rate / 1e6))
     return rows, rate
 
 
-def _row(name, pass_name, results, floor, what):
-    i = ("forward", "backward", "double backward").index(pass_name) if pass_name in ("forward", "backward",
-                                                                                       "double backward") else 3
+def _row(name, pass_name, i, results, floor):
+    """A table row for pass number ``i`` of ``results`` (label -> per-pass ms) with its floor in ms."""
     e, o = results["eager"][i], results["ours"][i]
     c = results["compile"][i] if "compile" in results else "-"
     ratio = lambda t: f"{t / o:.2f}x" if isinstance(t, float) else "-"  # noqa: E731
@@ -173,7 +172,7 @@ def main():
             variants["compile"] = torch.compile(eager, dynamic=False)
         results = {label: timings(fn, x, w, b, device, args.repeats) for label, fn in variants.items()}
         for i, pass_name in enumerate(("forward", "backward", "double backward")):
-            rows.append(_row(name, pass_name, results, moved[i] * x.numel() * 4 / bandwidth / 1e6, "copy"))
+            rows.append(_row(name, pass_name, i, results, moved[i] * x.numel() * 4 / bandwidth / 1e6))
     harness.print_table(header, rows, args.markdown, title="fused twice-differentiable layers")
     rows, rate = linear_rows(args, device, gen)
     print(f"\ntask-batched linear: fp32 matmul rate this run {rate:.0f} GFLOP/s (the floor: FLOPs over it)")
