@@ -46,7 +46,7 @@ class InnerOptimizer:
     def descend(self, params, views, losses, state, lr, step: int, layout: ParamLayout, create_graph: bool = False):
         """(params', state') after update number ``step`` (1-based) of ``params`` ([T, P], or [P] shared by
         the tasks) by the gradient of the summed ``losses`` with respect to ``views``, the per-parameter
-        [T, *shape] fast weights the losses were computed from (``layout.unflatten_keeping_flat``).
+        [T, *shape] fast weights the losses were computed from (``layout.unflatten_for_update``).
 
         Plain SGD with a number as its rate differentiates ``-lr * sum(losses)`` and adds the result onto
         ``params`` while packing it into the flat layout (one pass): the rate rides on the backward's seed,
@@ -169,15 +169,12 @@ def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_f
     params = theta0
     state = optimizer.initial_state(theta0.shape[0], theta0)
     for k in range(1, steps + 1):
-        fast = params.expand(T, -1) if params.dim() == 1 else params
-        if not fast.requires_grad:  # a frozen or detached initialisation still needs inner gradients
-            fast = fast.detach().requires_grad_()
-            params = fast
-        views, same = evaluator.layout.unflatten_keeping_flat(fast)
+        if not params.requires_grad:  # a frozen or detached initialisation still needs inner gradients
+            params = (params.expand(T, -1) if params.dim() == 1 else params).detach().requires_grad_()
+        views, base = evaluator.layout.unflatten_for_update(params, T)
         losses = evaluator.losses_of(loss_fn, views, support, T)
         if nan_policy == "raise":
             check_finite(losses, "inner (support)", k, first_task)
-        base = same if params.dim() == 2 else params  # [P] at step 1: the update sums its cotangent over tasks
         params, state = optimizer.descend(base, views, losses, state, lr, k, evaluator.layout, create_graph)
         if not keep_graph:
             params = params.detach()

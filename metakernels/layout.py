@@ -59,12 +59,16 @@ class ParamLayout:
         [..., numel] and a cat would copy the transposed cotangents of linear layers twice)."""
         return dict(zip(self.names, _Unflatten.apply(flat, self._spec, False)))
 
-    def unflatten_keeping_flat(self, flat: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(the views of ``unflatten``, ``flat`` itself as an output of the same node).  Use the returned
-        flat tensor, not ``flat``, for everything else computed from it (the inner update): its cotangent
-        and the views' then reach one backward, which adds the views' into it in one pass instead of
-        autograd packing them into a new [..., P] tensor and adding the two."""
-        *views, same = _Unflatten.apply(flat, self._spec, True)
+    def unflatten_for_update(self, params: torch.Tensor, T: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(the [T, *shape] views of ``params`` [T, P], or of [P] expanded to T rows; the tensor an inner
+        update of ``params`` should start from).  For [T, P] params that is ``params`` itself as an output
+        of the views' node, so that in the backward the update's cotangent and the views' reach one node,
+        which adds the views' into it in one pass instead of autograd packing them into a new [T, P]
+        tensor and adding the two.  [P] params are returned as they are: their update sums its cotangent
+        over the tasks."""
+        if params.dim() == 1:
+            return self.unflatten(params.expand(T, -1)), params
+        *views, same = _Unflatten.apply(params, self._spec, True)
         return dict(zip(self.names, views)), same
 
     def pack(self, parts, onto: torch.Tensor | None) -> torch.Tensor:

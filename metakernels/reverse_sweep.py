@@ -78,10 +78,10 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         with torch.enable_grad():
             theta = theta.detach().requires_grad_()
             s = tuple(x.detach().requires_grad_(k > 1) for x in s)  # the initial state is a constant
-            views, same = maml.layout.unflatten_keeping_flat(_task_rows(theta, T))
+            views, base = maml.layout.unflatten_for_update(theta, T)
             losses = evaluator.losses_of(loss_fn, views, support, T)
-            new_theta, new_s = optimizer.descend(same if theta.dim() == 2 else theta, views, losses, s,
-                                                 maml.inner_rate(), k, maml.layout, create_graph=True)
+            new_theta, new_s = optimizer.descend(base, views, losses, s, maml.inner_rate(), k, maml.layout,
+                                                 create_graph=True)
             if not maml._second_order_checked:
                 maml._check_twice_differentiable(new_theta)
             pairs = [(out, cot) for out, cot in zip((new_theta, *new_s), (v, *w)) if cot is not None]

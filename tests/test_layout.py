@@ -49,22 +49,25 @@ def test_pack_writes_zeros_for_parameters_without_a_gradient():
     assert torch.count_nonzero(g[:, :16]) == 0 and torch.count_nonzero(g[:, 21:]) == 0
 
 
-def test_unflatten_keeping_flat_is_differentiable_to_second_order():
+def test_unflatten_for_update_is_differentiable_to_second_order():
     """Views and the flat output of one node: their cotangents meet in one backward (the views' packed onto
     the flat one's), to any order, whether the views or the flat output or both are used."""
     layout = _layout()
     flat = torch.randn(3, layout.numel, dtype=torch.float64, requires_grad=True)
 
     def f(x):
-        views, same = layout.unflatten_keeping_flat(x)
+        views, same = layout.unflatten_for_update(x, 3)
         return (views["lin.weight"].transpose(-1, -2) ** 2).sum(-1), same.sin() * views["scale"].unsqueeze(-1)
 
     def only_flat(x):
-        return layout.unflatten_keeping_flat(x)[1].cos()
+        return layout.unflatten_for_update(x, 3)[1].cos()
 
     for fn in (f, only_flat):
         torch.autograd.gradcheck(fn, (flat,))
         torch.autograd.gradgradcheck(fn, (flat,))
+    shared = flat[0].detach()  # [P] weights shared by the tasks: views of 3 rows, the update starts from them
+    views, base = layout.unflatten_for_update(shared, 3)
+    assert base is shared and views["lin.weight"].shape == (3, 5, 3)
 
 
 def test_pack_onto_adds_in_the_flat_layout_and_broadcasts_a_shared_base():
@@ -96,7 +99,7 @@ def test_the_update_and_the_views_cotangents_meet_without_a_separate_flat_add():
 
     layout = _layout()
     flat = torch.randn(3, layout.numel, dtype=torch.float64, requires_grad=True)
-    views, same = layout.unflatten_keeping_flat(flat)
+    views, same = layout.unflatten_for_update(flat, 3)
     grads = torch.autograd.grad((views["lin.weight"] ** 3).sum(), tuple(views.values()), create_graph=True,
                                 allow_unused=True)
     updated = layout.pack(grads, onto=same)

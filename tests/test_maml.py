@@ -413,7 +413,7 @@ def test_plain_sgd_puts_the_rate_on_the_backward_seed_only_where_it_cannot_under
     module = torch.nn.Module()
     module.w = torch.nn.Parameter(params.clone())
     layout = ParamLayout(module)
-    views, _ = layout.unflatten_keeping_flat(params.expand(2, -1).detach().requires_grad_())
+    views, _ = layout.unflatten_for_update(params.expand(2, -1).detach().requires_grad_(), 2)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         losses = (views["w"] * views["w"]).sum(-1) * torch.tensor([1.0, 3.0], dtype=dtype)
         new, state = InnerOptimizer("sgd").descend(params, views, losses, (), 0.1, 1, layout)
