@@ -109,3 +109,45 @@ def test_task_with_every_target_ignored_has_a_nan_loss_as_in_pytorch():
     loss = mk.ops.linear_cross_entropy(h, w, b, targets)
     assert torch.isnan(loss[1]) and torch.isnan(_torch_head(h, w, b, targets)[1])
     torch.testing.assert_close(loss[[0, 2]], _torch_head(h, w, b, targets)[[0, 2]], rtol=1e-13, atol=1e-13)
+
+
+def _new_tensors_of(numel, fn):
+    """fn's result, and the names of the ops fn ran that allocated a new tensor of ``numel`` elements (in-place
+    ops and views excluded)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.numel() == numel and not name.endswith("_") and not func.is_view:
+                    made.append(name)
+            return out
+
+    with Record():
+        result = fn()
+    return result, made
+
+
+def test_each_pass_allocates_at_most_two_logit_sized_buffers_per_chunk():
+    h, w, b, targets = _inputs(seed=5)
+    logits = N * R * V  # one chunk covers every row here
+    y, forward = _new_tensors_of(logits, lambda: mk.ops.linear_cross_entropy(h, w, b, targets))
+    first, backward = _new_tensors_of(logits, lambda: torch.autograd.grad(y.sum(), (h, w, b), create_graph=True))
+    _, double_backward = _new_tensors_of(logits, lambda: torch.autograd.grad(sum(f.sum() for f in first), (h, w, b)))
+    assert forward == ["baddbmm"] and backward == ["baddbmm"]  # the logits, the bias added by the product
+    assert double_backward == ["baddbmm", "bmm"]  # p and u; <p, u> without a p * u temporary
+
+
+def test_vmap_reads_per_task_weights_in_place():
+    """Fast weights are views into the flat [T, P] layout; the head must not copy them (at V = 32k each copy
+    is [T, V, D], kept for the backward)."""
+    h, w, b, targets = (t.detach() if t.dtype.is_floating_point else t for t in _inputs(seed=6))
+    flat = torch.cat([w.reshape(N, -1), b, torch.zeros(N, 3, dtype=w.dtype)], 1).requires_grad_()
+    w_view, b_view = flat[:, :V * D].view(N, V, D), flat[:, V * D:V * D + V]
+    loss, made = _new_tensors_of(N * V * D, lambda: torch.vmap(mk.ops.linear_cross_entropy)(h, w_view, b_view, targets))
+    assert made == []
+    torch.testing.assert_close(loss, _torch_head(h, w, b, targets), rtol=1e-13, atol=1e-13)

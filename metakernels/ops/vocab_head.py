@@ -17,8 +17,9 @@ cotangent, m_r: 1 for a counted row, M: the count) and delta_r = c_r (p - e_y):
                       db = sum_r s_r,   dg = sum_r (m_r / M) (<p, u_r> - u_r[y_r])
 
 Each pass walks the rows in chunks of ``chunk_rows``, recomputing that chunk's logits from h and W (the
-forward keeps only the per-row logsumexp), so the peak is one chunk's [N, chunk_rows, V] logits and a few
-tensors like them.  A vmap rule stacks the tasks of ``torch.vmap`` into one batched call.  The passes are
+forward keeps only the per-row logsumexp), so the peak is one chunk's [N, chunk_rows, V] logits (two such
+buffers in the double backward, p and u).  A vmap rule stacks the tasks of ``torch.vmap`` into one batched
+call, reading per-task weights where they are (views into the flat fast weights are not copied).  The passes are
 written with batched matrix products and PyTorch element-wise ops on every device (there is no compiled
 kernel for this op yet); the triple derivative raises (once_differentiable).
 """
@@ -44,8 +45,9 @@ def _chunks(h, w, chunk_rows: int):
 
 
 def _logits(h, w, b, lo, hi):
-    z = torch.bmm(h[:, lo:hi], w.transpose(1, 2))
-    return z if b is None else z + b.unsqueeze(1)
+    if b is None:
+        return torch.bmm(h[:, lo:hi], w.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), h[:, lo:hi], w.transpose(1, 2))
 
 
 def _row_weights(targets, ignore_index):
@@ -112,7 +114,7 @@ def _double_backward(a_h, a_w, a_b, g, h, w, b, targets, lse, rows, ignore_index
         u = torch.bmm(a_h[:, lo:hi], w.transpose(1, 2)).baddbmm_(h[:, lo:hi], a_w.transpose(1, 2))
         if a_b is not None:
             u += a_b.unsqueeze(1)
-        pu = torch.linalg.vecdot(p, u).unsqueeze(-1)
+        pu = torch.matmul(p.unsqueeze(-2), u.unsqueeze(-1)).squeeze(-1)  # <p, u> per row, without a p * u temporary
         u_y = u.gather(-1, targets[:, lo:hi].clamp_min(0).unsqueeze(-1)).squeeze(-1)
         d_g += (weights[:, lo:hi] * (pu.squeeze(-1) - u_y)).sum(1)
         ck = c[:, lo:hi].unsqueeze(-1)
@@ -146,7 +148,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, h, w, b, targets, rows, ignore_index):
-        return fold_task_vmap(_LinearCrossEntropy.apply, info, in_dims, h, w, b, targets, rows, ignore_index)
+        return fold_task_vmap(_LinearCrossEntropy.apply, info, in_dims, h, w, b, targets, rows, ignore_index,
+                              contiguous=False)
 
 
 class _LinearCrossEntropyBackward(torch.autograd.Function):
@@ -175,7 +178,7 @@ class _LinearCrossEntropyBackward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, g, h, w, b, targets, lse, rows, ignore_index):
         return fold_task_vmap(_LinearCrossEntropyBackward.apply, info, in_dims, g, h, w, b, targets, lse, rows,
-                              ignore_index)
+                              ignore_index, contiguous=False)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
