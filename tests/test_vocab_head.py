@@ -151,3 +151,43 @@ def test_vmap_reads_per_task_weights_in_place():
     loss, made = _new_tensors_of(N * V * D, lambda: torch.vmap(mk.ops.linear_cross_entropy)(h, w_view, b_view, targets))
     assert made == []
     torch.testing.assert_close(loss, _torch_head(h, w, b, targets), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("used", ["dh", "dw", "db", "dw+db"])
+def test_second_derivative_through_some_of_the_gradients_equals_pytorch(used):
+    """Only the used gradients have a cotangent (with only the head adapted, dh is unused)."""
+    h, w, b, targets = _inputs(seed=7)
+    probes = {k: torch.randn_like(t) for k, t in zip(("dh", "dw", "db"), (h, w, b))}
+    results = []
+    for head in (mk.ops.linear_cross_entropy, _torch_head):
+        first = dict(zip(("dh", "dw", "db"), torch.autograd.grad(head(h, w, b, targets).sum(), (h, w, b),
+                                                                  create_graph=True)))
+        seed = sum((first[k] * probes[k]).sum() for k in used.split("+"))
+        results.append(torch.autograd.grad(seed, (h, w, b), allow_unused=True, materialize_grads=True))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+def test_double_backward_skips_the_products_of_unused_gradients():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def products_of_double_backward(used):
+        h, w, b, targets = _inputs(seed=8)
+        first = torch.autograd.grad(mk.ops.linear_cross_entropy(h, w, b, targets).sum(), (h, w, b), create_graph=True)
+        names = []
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func.overloadpacket.__name__ in ("bmm", "baddbmm", "baddbmm_") and out.numel() != N * R:  # not <p, u>
+                    names.append(func.overloadpacket.__name__)
+                return out
+
+        with Count():
+            torch.autograd.grad(sum(first[i].sum() for i in used), (h, w, b), allow_unused=True)
+        return names
+
+    assert len(products_of_double_backward([0, 1, 2])) == 7  # logits; u: 2; dh: 2; dW: 2
+    assert len(products_of_double_backward([1])) == 5  # dh unused: no W A_h in u, no delta A_h^T in dW
+    assert len(products_of_double_backward([0])) == 5  # dW unused: no A_W h in u, no delta A_W in dh
+    assert len(products_of_double_backward([2])) == 3  # only db: logits, s W, s^T h

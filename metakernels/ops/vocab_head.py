@@ -100,6 +100,17 @@ def _backward(g, h, w, b, targets, lse, rows, ignore_index):
     return dh, dw, db
 
 
+def _logit_tangent(a_h, a_w, a_b, h, w, lo, hi):
+    """u = W A_h + A_W h + A_b for one chunk's rows, in a new buffer; a None cotangent's term is zero, and
+    its product is skipped (at least one is given)."""
+    if a_h is None and a_w is None:
+        return a_b.unsqueeze(1).repeat(1, hi - lo, 1)
+    u = torch.bmm(a_h[:, lo:hi], w.transpose(1, 2)) if a_h is not None else None
+    if a_w is not None:
+        u = torch.bmm(h[:, lo:hi], a_w.transpose(1, 2)) if u is None else u.baddbmm_(h[:, lo:hi], a_w.transpose(1, 2))
+    return u if a_b is None else u.add_(a_b.unsqueeze(1))
+
+
 def _double_backward(a_h, a_w, a_b, g, h, w, b, targets, lse, rows, ignore_index):
     N, R, _ = h.shape
     weights = _row_weights(targets, ignore_index).to(h.dtype)
@@ -111,17 +122,17 @@ def _double_backward(a_h, a_w, a_b, g, h, w, b, targets, lse, rows, ignore_index
     for lo, hi in _chunks(h, w, rows):
         # Two chunk-sized buffers: p (then delta) and u (then s), updated in place.
         p = _probs_(_logits(h, w, b, lo, hi), lse, lo, hi)
-        u = torch.bmm(a_h[:, lo:hi], w.transpose(1, 2)).baddbmm_(h[:, lo:hi], a_w.transpose(1, 2))
-        if a_b is not None:
-            u += a_b.unsqueeze(1)
+        u = _logit_tangent(a_h, a_w, a_b, h, w, lo, hi)
         pu = torch.matmul(p.unsqueeze(-2), u.unsqueeze(-1)).squeeze(-1)  # <p, u> per row, without a p * u temporary
         u_y = u.gather(-1, targets[:, lo:hi].clamp_min(0).unsqueeze(-1)).squeeze(-1)
         d_g += (weights[:, lo:hi] * (pu.squeeze(-1) - u_y)).sum(1)
         ck = c[:, lo:hi].unsqueeze(-1)
         s = u.sub_(pu).mul_(p).mul_(ck)
         delta = _minus_onehot_(p, targets, lo, hi).mul_(ck)
-        d_h[:, lo:hi] = torch.bmm(s, w).baddbmm_(delta, a_w)
-        d_w.baddbmm_(s.transpose(1, 2), h[:, lo:hi]).baddbmm_(delta.transpose(1, 2), a_h[:, lo:hi])
+        d_h[:, lo:hi] = torch.bmm(s, w) if a_w is None else torch.bmm(s, w).baddbmm_(delta, a_w)
+        d_w.baddbmm_(s.transpose(1, 2), h[:, lo:hi])
+        if a_h is not None:
+            d_w.baddbmm_(delta.transpose(1, 2), a_h[:, lo:hi])
         d_b += s.sum(1)
     return d_g, d_h, d_w, d_b
 
@@ -164,13 +175,14 @@ class _LinearCrossEntropyBackward(torch.autograd.Function):
         g, h, w, b, targets, lse, rows, ignore_index = inputs
         ctx.save_for_backward(g, h, w, b, targets, lse)
         ctx.rows, ctx.ignore_index = rows, ignore_index
+        ctx.set_materialize_grads(False)  # an unused gradient (dh when only the head adapts) costs no products
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, a_h, a_w, a_b):
         g, h, w, b, targets, lse = ctx.saved_tensors
-        a_h = torch.zeros_like(h) if a_h is None else a_h
-        a_w = torch.zeros_like(w) if a_w is None else a_w
+        if a_h is None and a_w is None and (a_b is None or b is None):
+            return (None,) * 8
         d_g, d_h, d_w, d_b = _double_backward(a_h, a_w, None if b is None else a_b, g, h, w, b, targets, lse,
                                               ctx.rows, ctx.ignore_index)
         return d_g, d_h, d_w, None if b is None else d_b, None, None, None, None
