@@ -10,6 +10,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import metakernels as mk
 from maml_reference import sequential_meta_loss
 from metakernels.models import lm_loss, lm_loss_chunked_head
+from metakernels.ops import vocab_head
 from test_maml import _assert_grads_close, _grads, _model, _tasks
 
 N, R, D, V = 3, 7, 5, 11
@@ -29,9 +30,12 @@ def _torch_head(h, w, b, targets):
     return torch.stack([F.cross_entropy(h[n] @ w[n].T + (0 if b is None else b[n]), targets[n]) for n in range(N)])
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 3, None], ids=["1-row", "3-rows", "auto"])
+@pytest.mark.parametrize("chunk_rows,budget", [(1, None), (3, None), (None, None), (None, 2 * R * V), (None, 3 * V)],
+                         ids=["1-row", "3-rows", "auto", "auto-2-tasks", "auto-3-rows-of-1-task"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_values_and_two_derivatives_equal_pytorch(chunk_rows, bias):
+def test_values_and_two_derivatives_equal_pytorch(chunk_rows, budget, bias, monkeypatch):
+    if budget is not None:  # the automatic chunks' size (the default fits all N tasks here)
+        monkeypatch.setattr(vocab_head, "DEFAULT_CHUNK_ELEMENTS", budget)
     h, w, b, targets = _inputs(bias=bias)
     inputs = [t for t in (h, w, b) if t is not None]
     y = mk.ops.linear_cross_entropy(h, w, b, targets, chunk_rows=chunk_rows)
@@ -45,6 +49,18 @@ def test_values_and_two_derivatives_equal_pytorch(chunk_rows, bias):
     second0 = torch.autograd.grad(sum((f * p).sum() for f, p in zip(first0, probes)), inputs + [g])
     for got, want in zip(first + second, first0 + second0):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+def test_chunks_hold_whole_tasks_where_they_fit(monkeypatch):
+    every = slice(0, 7)
+    assert vocab_head._chunks(3, 7, 11, 0) == [(slice(0, 3), every)]
+    assert vocab_head._chunks(3, 7, 11, 3) == [(slice(0, 3), slice(0, 3)), (slice(0, 3), slice(3, 6)),
+                                               (slice(0, 3), slice(6, 7))]
+    monkeypatch.setattr(vocab_head, "DEFAULT_CHUNK_ELEMENTS", 2 * 7 * 11)
+    assert vocab_head._chunks(3, 7, 11, 0) == [(slice(0, 2), every), (slice(2, 3), every)]
+    monkeypatch.setattr(vocab_head, "DEFAULT_CHUNK_ELEMENTS", 3 * 11)
+    pieces = [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert vocab_head._chunks(2, 7, 11, 0) == [(slice(t, t + 1), rows) for t in range(2) for rows in pieces]
 
 
 def test_gradcheck_and_gradgradcheck():

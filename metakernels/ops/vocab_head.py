@@ -16,9 +16,11 @@ cotangent, m_r: 1 for a counted row, M: the count) and delta_r = c_r (p - e_y):
                       dh_r = W^T s_r + A_W^T delta_r,   dW = sum_r (s_r h_r^T + delta_r A_h_r^T),
                       db = sum_r s_r,   dg = sum_r (m_r / M) (<p, u_r> - u_r[y_r])
 
-Each pass walks the rows in chunks of ``chunk_rows``, recomputing that chunk's logits from h and W (the
-forward keeps only the per-row logsumexp), so the peak is one chunk's [N, chunk_rows, V] logits (two such
-buffers in the double backward, p and u).  A vmap rule stacks the tasks of ``torch.vmap`` into one batched
+Each pass walks the tasks and rows in chunks, recomputing a chunk's logits from h and W (the forward
+keeps only the per-row logsumexp), so the peak is one chunk's logits (two such buffers in the double
+backward, p and u).  A chunk holds whole tasks where they fit (about 2^24 logits), so that each task's
+weight gradient is written once; a task with more rows than that is cut into pieces of rows; an explicit
+``chunk_rows`` takes that many rows of every task per chunk.  A vmap rule stacks the tasks of ``torch.vmap`` into one batched
 call, reading per-task weights where they are (views into the flat fast weights are not copied).  The passes are
 written with batched matrix products and PyTorch element-wise ops on every device (there is no compiled
 kernel for this op yet); the triple derivative raises (once_differentiable).
@@ -30,24 +32,45 @@ import torch
 from . import _checks
 from ._task_batch import fold_task_vmap
 
-# NOTE: 2^24 logits (64 MB in fp32) per chunk across all tasks, 32 rows per task at V = 32k and 16 tasks.
-# Measured here (2 cores, 16 tasks x 128 rows, D=128, V=32k, forward + backward + double backward):
-# 8 rows per chunk 6.4 s, 32 rows 3.3 s, 128 rows (unchunked) 2.5 s, PyTorch's bmm + cross_entropy 3.6 s.
+# NOTE: 2^24 logits (64 MB in fp32) per chunk.  The first version chunked rows across all tasks (32 rows
+# per task at V = 32k and 16 tasks), so every chunk read and rewrote the whole [N, V, D] weight gradient:
+# 16 tasks x 128 rows, D=128, V=32k, forward + backward + double backward took 3.3 s, against 2.5 s
+# unchunked and 3.6 s for PyTorch's bmm + cross_entropy.  Chunks of whole tasks write each task's weight
+# gradient once.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
-def _chunks(h, w, chunk_rows: int):
-    """(lo, hi) row ranges of the chunks; chunk_rows 0: about DEFAULT_CHUNK_ELEMENTS logits per chunk over
-    all N tasks (resolved here, after a vmap rule has folded its tasks into N)."""
-    N, R, _ = h.shape
-    rows = chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, N * w.shape[1]))
-    return [(start, min(R, start + rows)) for start in range(0, R, rows)]
+def _chunks(N: int, R: int, V: int, chunk_rows: int) -> list[tuple[slice, slice]]:
+    """(tasks, rows) slices of the chunks, in order (a task's rows in increasing order).  chunk_rows > 0:
+    that many rows of every task per chunk; 0: whole tasks, as many as fit in DEFAULT_CHUNK_ELEMENTS logits,
+    or one task's rows in pieces of that size when a task alone exceeds it (resolved here, after a vmap
+    rule has folded its tasks into N)."""
+    if chunk_rows:
+        return [(slice(0, N), slice(lo, min(R, lo + chunk_rows))) for lo in range(0, R, chunk_rows)]
+    per_task = max(1, R * V)
+    if per_task <= DEFAULT_CHUNK_ELEMENTS:
+        tasks = DEFAULT_CHUNK_ELEMENTS // per_task
+        return [(slice(t, min(N, t + tasks)), slice(0, R)) for t in range(0, N, tasks)]
+    rows = max(1, DEFAULT_CHUNK_ELEMENTS // V)
+    return [(slice(t, t + 1), slice(lo, min(R, lo + rows))) for t in range(N) for lo in range(0, R, rows)]
 
 
-def _logits(h, w, b, lo, hi):
+def _product_into(out, first: bool, a, b):
+    """out = a @ b for a task's first chunk of rows, out += a @ b for its next ones (out: the chunk's tasks'
+    slice of a weight gradient, summed over rows)."""
+    return torch.bmm(a, b, out=out) if first else out.baddbmm_(a, b)
+
+
+def _row_sum_into(out, first: bool, x):
+    """out = the sum of x over its rows for a task's first chunk, out += it for the next ones."""
+    return torch.sum(x, 1, out=out) if first else out.add_(x.sum(1))
+
+
+def _logits(h, w, b):
+    """One chunk's logits [n, r, V] from its rows h [n, r, D], weights w [n, V, D] and bias b [n, V] or None."""
     if b is None:
-        return torch.bmm(h[:, lo:hi], w.transpose(1, 2))
-    return torch.baddbmm(b.unsqueeze(1), h[:, lo:hi], w.transpose(1, 2))
+        return torch.bmm(h, w.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
 
 
 def _row_weights(targets, ignore_index):
@@ -57,15 +80,19 @@ def _row_weights(targets, ignore_index):
     return counted / counted.sum(1, keepdim=True)
 
 
-def _probs_(z, lse, lo, hi):
-    """softmax of one chunk's logits, in z's own buffer."""
-    return z.sub_(lse[:, lo:hi].unsqueeze(-1)).exp_()
+def _probs_(z, lse):
+    """softmax of one chunk's logits, in z's own buffer (lse: the chunk's rows' logsumexp)."""
+    return z.sub_(lse.unsqueeze(-1)).exp_()
 
 
-def _minus_onehot_(p, targets, lo, hi):
-    """p - e_y in p's buffer (an ignored row's target reads as 0: its row weight is 0)."""
-    y = targets[:, lo:hi].clamp_min(0).unsqueeze(-1)
+def _minus_onehot_(p, targets):
+    """p - e_y in p's buffer (targets: the chunk's; an ignored row's target reads as 0: its row weight is 0)."""
+    y = targets.clamp_min(0).unsqueeze(-1)
     return p.scatter_add_(-1, y, -torch.ones(y.shape, dtype=p.dtype, device=p.device))
+
+
+def _of(x, tasks):
+    return None if x is None else x[tasks]
 
 
 def _forward(h, w, b, targets, rows, ignore_index):
@@ -77,63 +104,64 @@ def _forward(h, w, b, targets, rows, ignore_index):
     weights = _row_weights(targets, ignore_index).to(h.dtype)
     lse = torch.empty((N, R), dtype=h.dtype, device=h.device)
     loss = torch.zeros(N, dtype=h.dtype, device=h.device)
-    for lo, hi in _chunks(h, w, rows):
-        z = _logits(h, w, b, lo, hi)
-        lse[:, lo:hi] = torch.logsumexp(z, -1)
-        z_y = z.gather(-1, targets[:, lo:hi].clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        loss += ((lse[:, lo:hi] - z_y) * weights[:, lo:hi]).sum(1)
+    for t, r in _chunks(N, R, w.shape[1], rows):
+        z = _logits(h[t, r], w[t], _of(b, t))
+        lse[t, r] = torch.logsumexp(z, -1)
+        z_y = z.gather(-1, targets[t, r].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        loss[t] += ((lse[t, r] - z_y) * weights[t, r]).sum(1)
     return loss, lse
 
 
 def _backward(g, h, w, b, targets, lse, rows, ignore_index):
-    N, R, _ = h.shape
+    N, R, D = h.shape
+    V = w.shape[1]
     c = _row_weights(targets, ignore_index).to(h.dtype) * g.unsqueeze(1)  # [N, R]
-    dh = torch.empty_like(h)
-    dw = torch.zeros_like(w)
-    db = torch.zeros((N, w.shape[1]), dtype=h.dtype, device=h.device)
-    for lo, hi in _chunks(h, w, rows):
-        delta = _minus_onehot_(_probs_(_logits(h, w, b, lo, hi), lse, lo, hi), targets, lo, hi)
-        delta.mul_(c[:, lo:hi].unsqueeze(-1))
-        dh[:, lo:hi] = torch.bmm(delta, w)
-        dw.baddbmm_(delta.transpose(1, 2), h[:, lo:hi])
-        db += delta.sum(1)
+    dh, dw, db = h.new_empty((N, R, D)), h.new_empty((N, V, D)), h.new_empty((N, V))
+    for t, r in _chunks(N, R, V, rows):
+        delta = _minus_onehot_(_probs_(_logits(h[t, r], w[t], _of(b, t)), lse[t, r]), targets[t, r])
+        delta.mul_(c[t, r].unsqueeze(-1))
+        torch.bmm(delta, w[t], out=dh[t, r])
+        _product_into(dw[t], r.start == 0, delta.transpose(1, 2), h[t, r])
+        _row_sum_into(db[t], r.start == 0, delta)
     return dh, dw, db
 
 
-def _logit_tangent(a_h, a_w, a_b, h, w, lo, hi):
-    """u = W A_h + A_W h + A_b for one chunk's rows, in a new buffer; a None cotangent's term is zero, and
-    its product is skipped (at least one is given)."""
+def _logit_tangent(a_h, a_w, a_b, h, w):
+    """u = W A_h + A_W h + A_b for one chunk (its rows' h and cotangent A_h, its tasks' W, A_W, A_b), in a new
+    buffer; a None cotangent's term is zero, and its product is skipped (at least one is given)."""
     if a_h is None and a_w is None:
-        return a_b.unsqueeze(1).repeat(1, hi - lo, 1)
-    u = torch.bmm(a_h[:, lo:hi], w.transpose(1, 2)) if a_h is not None else None
+        return a_b.unsqueeze(1).repeat(1, h.shape[1], 1)
+    u = torch.bmm(a_h, w.transpose(1, 2)) if a_h is not None else None
     if a_w is not None:
-        u = torch.bmm(h[:, lo:hi], a_w.transpose(1, 2)) if u is None else u.baddbmm_(h[:, lo:hi], a_w.transpose(1, 2))
+        u = torch.bmm(h, a_w.transpose(1, 2)) if u is None else u.baddbmm_(h, a_w.transpose(1, 2))
     return u if a_b is None else u.add_(a_b.unsqueeze(1))
 
 
 def _double_backward(a_h, a_w, a_b, g, h, w, b, targets, lse, rows, ignore_index):
-    N, R, _ = h.shape
+    N, R, D = h.shape
+    V = w.shape[1]
     weights = _row_weights(targets, ignore_index).to(h.dtype)
     c = weights * g.unsqueeze(1)
-    d_h = torch.empty_like(h)
-    d_w = torch.zeros_like(w)
-    d_b = torch.zeros((N, w.shape[1]), dtype=h.dtype, device=h.device)
+    d_h, d_w, d_b = h.new_empty((N, R, D)), h.new_empty((N, V, D)), h.new_empty((N, V))
     d_g = torch.zeros_like(g)
-    for lo, hi in _chunks(h, w, rows):
+    for t, r in _chunks(N, R, V, rows):
+        first = r.start == 0
         # Two chunk-sized buffers: p (then delta) and u (then s), updated in place.
-        p = _probs_(_logits(h, w, b, lo, hi), lse, lo, hi)
-        u = _logit_tangent(a_h, a_w, a_b, h, w, lo, hi)
+        p = _probs_(_logits(h[t, r], w[t], _of(b, t)), lse[t, r])
+        u = _logit_tangent(_of(a_h, (t, r)), _of(a_w, t), _of(a_b, t), h[t, r], w[t])
         pu = torch.matmul(p.unsqueeze(-2), u.unsqueeze(-1)).squeeze(-1)  # <p, u> per row, without a p * u temporary
-        u_y = u.gather(-1, targets[:, lo:hi].clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        d_g += (weights[:, lo:hi] * (pu.squeeze(-1) - u_y)).sum(1)
-        ck = c[:, lo:hi].unsqueeze(-1)
+        u_y = u.gather(-1, targets[t, r].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        d_g[t] += (weights[t, r] * (pu.squeeze(-1) - u_y)).sum(1)
+        ck = c[t, r].unsqueeze(-1)
         s = u.sub_(pu).mul_(p).mul_(ck)
-        delta = _minus_onehot_(p, targets, lo, hi).mul_(ck)
-        d_h[:, lo:hi] = torch.bmm(s, w) if a_w is None else torch.bmm(s, w).baddbmm_(delta, a_w)
-        d_w.baddbmm_(s.transpose(1, 2), h[:, lo:hi])
+        delta = _minus_onehot_(p, targets[t, r]).mul_(ck)
+        torch.bmm(s, w[t], out=d_h[t, r])
+        if a_w is not None:
+            d_h[t, r].baddbmm_(delta, a_w[t])
+        _product_into(d_w[t], first, s.transpose(1, 2), h[t, r])
         if a_h is not None:
-            d_w.baddbmm_(delta.transpose(1, 2), a_h[:, lo:hi])
-        d_b += s.sum(1)
+            d_w[t].baddbmm_(delta.transpose(1, 2), a_h[t, r])
+        _row_sum_into(d_b[t], first, s)
     return d_g, d_h, d_w, d_b
 
 
@@ -198,7 +226,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """Mean cross-entropy of ``h @ weight.T + bias`` against ``targets`` per task, without materialising
     the logits (see the module docstring).  ``weight`` [V, D] gives a scalar loss; [*task, V, D] (with
     h [*task, ..., D], targets [*task, ...]) gives one loss per task.  ``chunk_rows``: rows per task per
-    chunk (default: about 2^22 logits per chunk)."""
+    chunk (default: whole tasks, about 2^24 logits per chunk; see the module docstring)."""
     op = "linear_cross_entropy"
     _checks.task_matrices(op, "h", h, weight, "V", "D")
     task_shape, (V, D) = weight.shape[:-2], weight.shape[-2:]
