@@ -32,11 +32,10 @@ import torch
 from . import _checks
 from ._task_batch import fold_task_vmap
 
-# NOTE: 2^24 logits (64 MB in fp32) per chunk.  The first version chunked rows across all tasks (32 rows
-# per task at V = 32k and 16 tasks), so every chunk read and rewrote the whole [N, V, D] weight gradient:
-# 16 tasks x 128 rows, D=128, V=32k, forward + backward + double backward took 3.3 s, against 2.5 s
-# unchunked and 3.6 s for PyTorch's bmm + cross_entropy.  Chunks of whole tasks write each task's weight
-# gradient once.
+# NOTE: 2^24 logits (64 MB in fp32) per chunk.  Chunks of rows across all tasks (32 rows per task at V = 32k
+# and 16 tasks) made every chunk read and rewrite the whole [N, V, D] weight gradient: 16 tasks x 128 rows,
+# D=128, V=32k, forward + backward + double backward took 1.61 s, and 1.08 s with chunks of whole tasks
+# (4 here), which write each task's weight gradient once (same run, benchmarks/RESULTS.md).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
