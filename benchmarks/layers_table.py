@@ -11,6 +11,11 @@ batched matmuls vmap runs for F.linear, [T, O, I] weights), whose floor is its F
 rate measured in the run, plus a fourth pass: the backward followed by the copy of the weight gradient
 into rows of a flat [T, P] buffer, what the inner loop does with it next (the layout the op exists for).
 
+A third table times the vocabulary head with cross-entropy (metakernels.ops.linear_cross_entropy, its
+logits in chunks and recomputed in the backward passes) against the batched matmul + F.cross_entropy
+that keeps the logits, at ``--vocab`` (32768 by default: the regime the chunked head is for), with the
+same matmul-rate floor counting the products a head that keeps its logits needs (1, 2 and 6 per pass).
+
     python benchmarks/layers_table.py            # the MAML benchmark's shapes (T=16, 128 rows, D=128 / 512)
     python benchmarks/layers_table.py --quick    # small shapes, a smoke run
 """
@@ -31,6 +36,8 @@ def parse_args():
     ap.add_argument("--rows", type=int, default=128, help="rows per task (sequences x tokens)")
     ap.add_argument("--width", type=int, default=128, help="D of the norms; the GELU runs at 4 D")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--vocab", type=int, default=32768, help="V of the vocabulary head table")
+    ap.add_argument("--head-repeats", type=int, default=5, help="repeats of the (slow, at 32k) head table")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile time on a GPU)")
@@ -38,7 +45,7 @@ def parse_args():
     ap.add_argument("--system-malloc", action="store_true", help="keep glibc's defaults (see harness.py)")
     args = ap.parse_args()
     if args.quick:
-        args.tasks, args.rows, args.width, args.repeats = 4, 32, 64, 5
+        args.tasks, args.rows, args.width, args.repeats, args.vocab, args.head_repeats = 4, 32, 64, 5, 1000, 3
     return args
 
 
@@ -116,6 +123,39 @@ def linear_rows(args, device, gen) -> tuple[list[list[str]], float]:
     return rows, rate
 
 
+def _eager_head(targets):
+    """The head that keeps its logits: one batched matmul plus the bias, then F.cross_entropy per task."""
+    import torch
+    import torch.nn.functional as F
+
+    def head(h, w, b):
+        logits = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        T, R, V = logits.shape
+        return F.cross_entropy(logits.reshape(T * R, V), targets.reshape(-1), reduction="none").view(T, R).mean(1)
+
+    return head
+
+
+def head_rows(args, device, gen, rate) -> list[list[str]]:
+    import torch
+
+    import metakernels as mk
+
+    T, R, D, V = args.tasks, args.rows, args.width, args.vocab
+    h = torch.randn(T, R, D, generator=gen).to(device).requires_grad_()
+    w = (0.1 * torch.randn(T, V, D, generator=gen)).to(device).requires_grad_()
+    b = torch.zeros(T, V).to(device).requires_grad_()
+    targets = torch.randint(0, V, (T, R), generator=gen).to(device)
+    eager = _eager_head(targets)
+    variants = {"eager": eager, "ours": lambda h, w, b: mk.ops.linear_cross_entropy(h, w, b, targets)}
+    if not args.no_compile:
+        variants["compile"] = torch.compile(eager, dynamic=False)
+    results = {label: timings(fn, h, w, b, device, args.head_repeats) for label, fn in variants.items()}
+    product_flops = 2 * T * R * V * D
+    return [_row(f"vocab head V={V}", pass_name, i, results, products * product_flops / rate / 1e6)
+            for i, (pass_name, products) in enumerate((("forward", 1), ("backward", 2), ("double backward", 6)))]
+
+
 def _row(name, pass_name, i, results, floor):
     """A table row for pass number ``i`` of ``results`` (label -> per-pass ms) with its floor in ms."""
     e, o = results["eager"][i], results["ours"][i]
@@ -178,6 +218,8 @@ def main():
     print(f"\ntask-batched linear: fp32 matmul rate this run {rate:.0f} GFLOP/s (the floor: FLOPs over it)")
     header[-1] = "% of matmul rate"
     harness.print_table(header, rows, args.markdown, title="task-batched linear")
+    print(f"\nvocabulary head with cross-entropy, V={args.vocab}, median of {args.head_repeats}")
+    harness.print_table(header, head_rows(args, device, gen, rate), args.markdown, title="vocabulary head")
 
 
 if __name__ == "__main__":

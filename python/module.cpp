@@ -10,6 +10,7 @@ void register_lopt_ops(pybind11::module_& m);
 void register_norm_ops(pybind11::module_& m);
 void register_gelu_ops(pybind11::module_& m);
 void register_softmax_ops(pybind11::module_& m);
+void register_xent_ops(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -32,4 +33,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   mk::register_norm_ops(m);
   mk::register_gelu_ops(m);
   mk::register_softmax_ops(m);
+  mk::register_xent_ops(m);
 }

@@ -22,14 +22,15 @@ backward, p and u).  A chunk holds whole tasks where they fit (about 2^24 logits
 weight gradient is written once; a task with more rows than that is cut into pieces of rows; an explicit
 ``chunk_rows`` takes that many rows of every task per chunk.  A vmap rule stacks the tasks of ``torch.vmap`` into one batched
 call, reading per-task weights where they are (views into the flat fast weights are not copied).  The passes are
-written with batched matrix products and PyTorch element-wise ops on every device (there is no compiled
-kernel for this op yet); the triple derivative raises (once_differentiable).
+batched matrix products (the vendor BLAS) and, for the element-wise work on each chunk of logits, the fused
+row kernels of metakernels.ops.xent (C++ CPU, CUDA, Triton, reference; one or two reads of a row where
+the PyTorch composition made four to eight passes); the triple derivative raises (once_differentiable).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, xent
 from ._task_batch import fold_task_vmap
 
 # NOTE: 2^24 logits (64 MB in fp32) per chunk.  Chunks of rows across all tasks (32 rows per task at V = 32k
@@ -79,19 +80,14 @@ def _row_weights(targets, ignore_index):
     return counted / counted.sum(1, keepdim=True)
 
 
-def _probs_(z, lse):
-    """softmax of one chunk's logits, in z's own buffer (lse: the chunk's rows' logsumexp)."""
-    return z.sub_(lse.unsqueeze(-1)).exp_()
-
-
-def _minus_onehot_(p, targets):
-    """p - e_y in p's buffer (targets: the chunk's; an ignored row's target reads as 0: its row weight is 0)."""
-    y = targets.clamp_min(0).unsqueeze(-1)
-    return p.scatter_add_(-1, y, -torch.ones(y.shape, dtype=p.dtype, device=p.device))
-
-
 def _of(x, tasks):
     return None if x is None else x[tasks]
+
+
+def _row_operands(lse, targets, c, t, r):
+    """The xent kernels' per-row operands of chunk (t, r): lse, targets (an ignored row's read as 0: its
+    coefficient is 0) and coefficients, each contiguous [rows]."""
+    return tuple(x.reshape(-1).contiguous() for x in (lse[t, r], targets[t, r].clamp_min(0), c[t, r]))
 
 
 def _forward(h, w, b, targets, rows, ignore_index):
@@ -105,7 +101,7 @@ def _forward(h, w, b, targets, rows, ignore_index):
     loss = torch.zeros(N, dtype=h.dtype, device=h.device)
     for t, r in _chunks(N, R, w.shape[1], rows):
         z = _logits(h[t, r], w[t], _of(b, t))
-        lse[t, r] = torch.logsumexp(z, -1)
+        lse[t, r] = xent.forward(z).view(z.shape[:-1])
         z_y = z.gather(-1, targets[t, r].clamp_min(0).unsqueeze(-1)).squeeze(-1)
         loss[t] += ((lse[t, r] - z_y) * weights[t, r]).sum(1)
     return loss, lse
@@ -117,8 +113,7 @@ def _backward(g, h, w, b, targets, lse, rows, ignore_index):
     c = _row_weights(targets, ignore_index).to(h.dtype) * g.unsqueeze(1)  # [N, R]
     dh, dw, db = h.new_empty((N, R, D)), h.new_empty((N, V, D)), h.new_empty((N, V))
     for t, r in _chunks(N, R, V, rows):
-        delta = _minus_onehot_(_probs_(_logits(h[t, r], w[t], _of(b, t)), lse[t, r]), targets[t, r])
-        delta.mul_(c[t, r].unsqueeze(-1))
+        delta = xent.backward_(_logits(h[t, r], w[t], _of(b, t)), *_row_operands(lse, targets, c, t, r))
         torch.bmm(delta, w[t], out=dh[t, r])
         _product_into(dw[t], r.start == 0, delta.transpose(1, 2), h[t, r])
         _row_sum_into(db[t], r.start == 0, delta)
@@ -145,15 +140,11 @@ def _double_backward(a_h, a_w, a_b, g, h, w, b, targets, lse, rows, ignore_index
     d_g = torch.zeros_like(g)
     for t, r in _chunks(N, R, V, rows):
         first = r.start == 0
-        # Two chunk-sized buffers: p (then delta) and u (then s), updated in place.
-        p = _probs_(_logits(h[t, r], w[t], _of(b, t)), lse[t, r])
-        u = _logit_tangent(_of(a_h, (t, r)), _of(a_w, t), _of(a_b, t), h[t, r], w[t])
-        pu = torch.matmul(p.unsqueeze(-2), u.unsqueeze(-1)).squeeze(-1)  # <p, u> per row, without a p * u temporary
-        u_y = u.gather(-1, targets[t, r].clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        d_g[t] += (weights[t, r] * (pu.squeeze(-1) - u_y)).sum(1)
-        ck = c[t, r].unsqueeze(-1)
-        s = u.sub_(pu).mul_(p).mul_(ck)
-        delta = _minus_onehot_(p, targets[t, r]).mul_(ck)
+        # Two chunk-sized buffers: the logits (then delta) and their tangent u (then s), updated in place.
+        delta = _logits(h[t, r], w[t], _of(b, t))
+        s = _logit_tangent(_of(a_h, (t, r)), _of(a_w, t), _of(a_b, t), h[t, r], w[t])
+        pu_minus_u_y = xent.double_backward_(delta, s, *_row_operands(lse, targets, c, t, r))
+        d_g[t] += (weights[t, r] * pu_minus_u_y.view(delta.shape[:-1])).sum(1)
         torch.bmm(s, w[t], out=d_h[t, r])
         if a_w is not None:
             d_h[t, r].baddbmm_(delta, a_w[t])
