@@ -18,13 +18,14 @@ cotangent, m_r: 1 for a counted row, M: the count) and delta_r = c_r (p - e_y):
 
 Each pass walks the tasks and rows in chunks, recomputing a chunk's logits from h and W (the forward
 keeps only the per-row logsumexp), so the peak is one chunk's logits (two such buffers in the double
-backward, p and u).  A chunk holds whole tasks where they fit (about 2^24 logits), so that each task's
-weight gradient is written once; a task with more rows than that is cut into pieces of rows; an explicit
-``chunk_rows`` takes that many rows of every task per chunk.  A vmap rule stacks the tasks of ``torch.vmap`` into one batched
-call, reading per-task weights where they are (views into the flat fast weights are not copied).  The passes are
-batched matrix products (the vendor BLAS) and, for the element-wise work on each chunk of logits, the fused
-row kernels of metakernels.ops.xent (C++ CPU, CUDA, Triton, reference; one or two reads of a row where
-the PyTorch composition made four to eight passes); the triple derivative raises (once_differentiable).
+backward: the logits and their tangent u).  A chunk holds whole tasks where they fit (about 2^24 logits),
+so that each task's weight gradient is written once; a task with more rows than that is cut into pieces
+of rows; an explicit ``chunk_rows`` takes that many rows of every task per chunk.  A vmap rule stacks the
+tasks of ``torch.vmap`` into one batched call, reading per-task weights where they are (views into the
+flat fast weights are not copied).  The passes are batched matrix products (the vendor BLAS) and, for
+the element-wise work on each chunk of logits, the fused row kernels of metakernels.ops.xent (C++ CPU,
+CUDA, Triton, reference; one or two reads of a row where the PyTorch composition made four to eight
+passes); the triple derivative raises (once_differentiable).
 """
 from __future__ import annotations
 
