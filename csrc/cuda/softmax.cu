@@ -8,34 +8,13 @@
 
 #include "../dispatch.h"
 #include "../softmax_kernels.h"
+#include "block_reduce.cuh"
 #include "convert.cuh"
 
 namespace mk {
 namespace {
 
 constexpr int kThreads = 128;
-
-// Reduces kVals values over the block with `op` (a fixed tree); every thread gets the results.
-template <int kVals, typename acc_t, typename Op>
-__device__ void block_reduce(acc_t (&v)[kVals], Op op) {
-  __shared__ acc_t shared[kVals][kThreads];
-  for (int k = 0; k < kVals; ++k) shared[k][threadIdx.x] = v[k];
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width)
-      for (int k = 0; k < kVals; ++k) shared[k][threadIdx.x] = op(shared[k][threadIdx.x], shared[k][threadIdx.x + width]);
-    __syncthreads();
-  }
-  for (int k = 0; k < kVals; ++k) v[k] = shared[k][0];
-  __syncthreads();
-}
-
-struct Sum {
-  template <typename T> __device__ T operator()(T x, T y) const { return x + y; }
-};
-struct Max {
-  template <typename T> __device__ T operator()(T x, T y) const { return x > y ? x : y; }
-};
 
 template <typename scalar_t>
 __global__ void softmax_kernel(SoftmaxPass pass, SoftmaxArgs a) {
@@ -46,10 +25,10 @@ __global__ void softmax_kernel(SoftmaxPass pass, SoftmaxArgs a) {
     const int64_t visible = softmax_visible(row, a.Sq, a.Sk);
     acc_t m[1] = {-INFINITY};
     for (int64_t j = threadIdx.x; j < visible; j += kThreads) m[0] = fmax(m[0], scale * load<acc_t, scalar_t>(a.s, base + j));
-    block_reduce<1>(m, Max{});
+    block_reduce<kThreads>(m, Max{});
     acc_t z[1] = {0};
     for (int64_t j = threadIdx.x; j < visible; j += kThreads) z[0] += exp(scale * load<acc_t, scalar_t>(a.s, base + j) - m[0]);
-    block_reduce<1>(z, Sum{});
+    block_reduce<kThreads>(z, Sum{});
     for (int64_t j = threadIdx.x; j < a.Sk; j += kThreads)
       store<scalar_t>(a.out, base + j, j < visible ? exp(scale * load<acc_t, scalar_t>(a.s, base + j) - m[0]) / z[0] : acc_t(0));
     return;
@@ -60,7 +39,7 @@ __global__ void softmax_kernel(SoftmaxPass pass, SoftmaxArgs a) {
     r[0] += p * load<acc_t, scalar_t>(a.g, base + j);
     if (pass == SoftmaxPass::kDoubleBackward) r[1] += p * load<acc_t, scalar_t>(a.a, base + j);
   }
-  block_reduce<2>(r, Sum{});
+  block_reduce<kThreads>(r, Sum{});
   for (int64_t j = threadIdx.x; j < a.Sk; j += kThreads) {
     const acc_t p = load<acc_t, scalar_t>(a.p, base + j), g = load<acc_t, scalar_t>(a.g, base + j);
     if (pass == SoftmaxPass::kBackward) {

@@ -8,6 +8,7 @@
 
 #include "../dispatch.h"
 #include "../xent_kernels.h"
+#include "block_reduce.cuh"
 #include "convert.cuh"
 
 namespace mk {
@@ -15,41 +16,19 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Reduces v over the block with `op` (a fixed tree); every thread gets the result.
-template <typename acc_t, typename Op>
-__device__ acc_t block_reduce(acc_t v, Op op) {
-  __shared__ acc_t shared[kThreads];
-  shared[threadIdx.x] = v;
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) shared[threadIdx.x] = op(shared[threadIdx.x], shared[threadIdx.x + width]);
-    __syncthreads();
-  }
-  const acc_t result = shared[0];
-  __syncthreads();
-  return result;
-}
-
-struct Sum {
-  template <typename T> __device__ T operator()(T x, T y) const { return x + y; }
-};
-struct Max {
-  template <typename T> __device__ T operator()(T x, T y) const { return x > y ? x : y; }
-};
-
 template <typename scalar_t>
 __global__ void xent_kernel(XentPass pass, XentArgs a) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t row = blockIdx.x, base = row * a.V;
   if (pass == XentPass::kForward) {
-    acc_t m = -INFINITY;
-    for (int64_t j = threadIdx.x; j < a.V; j += kThreads) m = fmax(m, load<acc_t, scalar_t>(a.z, base + j));
-    m = block_reduce(m, Max{});
-    acc_t s = 0;
-    if (!isinf(m))
-      for (int64_t j = threadIdx.x; j < a.V; j += kThreads) s += exp(load<acc_t, scalar_t>(a.z, base + j) - m);
-    s = block_reduce(s, Sum{});
-    if (threadIdx.x == 0) store<scalar_t>(a.out, row, isinf(m) ? m : m + log(s));
+    acc_t m[1] = {-INFINITY};
+    for (int64_t j = threadIdx.x; j < a.V; j += kThreads) m[0] = fmax(m[0], load<acc_t, scalar_t>(a.z, base + j));
+    block_reduce<kThreads>(m, Max{});
+    acc_t s[1] = {0};
+    if (!isinf(m[0]))
+      for (int64_t j = threadIdx.x; j < a.V; j += kThreads) s[0] += exp(load<acc_t, scalar_t>(a.z, base + j) - m[0]);
+    block_reduce<kThreads>(s, Sum{});
+    if (threadIdx.x == 0) store<scalar_t>(a.out, row, isinf(m[0]) ? m[0] : m[0] + log(s[0]));
     return;
   }
   const acc_t lse = load<acc_t, scalar_t>(a.lse, row), c = load<acc_t, scalar_t>(a.c, row);
@@ -61,10 +40,11 @@ __global__ void xent_kernel(XentPass pass, XentArgs a) {
     }
     return;
   }
-  acc_t pu = 0;
+  acc_t sums[1] = {0};
   for (int64_t j = threadIdx.x; j < a.V; j += kThreads)
-    pu += exp(load<acc_t, scalar_t>(a.z, base + j) - lse) * load<acc_t, scalar_t>(a.u, base + j);
-  pu = block_reduce(pu, Sum{});
+    sums[0] += exp(load<acc_t, scalar_t>(a.z, base + j) - lse) * load<acc_t, scalar_t>(a.u, base + j);
+  block_reduce<kThreads>(sums, Sum{});
+  const acc_t pu = sums[0];
   const acc_t u_y = load<acc_t, scalar_t>(a.u, base + y);
   __syncthreads();  // every thread has read u_y before any overwrites it
   for (int64_t j = threadIdx.x; j < a.V; j += kThreads) {
