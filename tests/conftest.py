@@ -44,6 +44,25 @@ def triton_interpreted(backend_name: str) -> bool:
     return backend_name == "triton" and not torch.cuda.is_available()
 
 
+def ops_run(fn):
+    """fn's result and, in order, every ATen op it ran as (name of its overload packet, the OpOverload, its
+    tensor outputs): what tests count products, allocations and written elements with."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ran = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outputs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+            ran.append((func.overloadpacket.__name__, func, outputs))
+            return out
+
+    with Record():
+        result = fn()
+    return result, ran
+
+
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory):
     """A folder of six small text domains (one .txt file each) for the training and distributed tests."""

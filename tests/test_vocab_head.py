@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import metakernels as mk
+from conftest import ops_run
 from maml_reference import sequential_meta_loss
 from metakernels.models import lm_loss, lm_loss_chunked_head
 from metakernels.ops import vocab_head
@@ -130,22 +131,9 @@ def test_task_with_every_target_ignored_has_a_nan_loss_as_in_pytorch():
 def _new_tensors_of(numel, fn):
     """fn's result, and the names of the ops fn ran that allocated a new tensor of ``numel`` elements (in-place
     ops and views excluded)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    made = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            name = func.overloadpacket.__name__
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor) and o.numel() == numel and not name.endswith("_") and not func.is_view:
-                    made.append(name)
-            return out
-
-    with Record():
-        result = fn()
-    return result, made
+    result, ran = ops_run(fn)
+    return result, [name for name, func, outputs in ran for o in outputs
+                    if o.numel() == numel and not name.endswith("_") and not func.is_view]
 
 
 def test_each_pass_allocates_at_most_two_logit_sized_buffers_per_chunk():
@@ -185,23 +173,12 @@ def test_second_derivative_through_some_of_the_gradients_equals_pytorch(used):
 
 
 def test_double_backward_skips_the_products_of_unused_gradients():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     def products_of_double_backward(used):
         h, w, b, targets = _inputs(seed=8)
         first = torch.autograd.grad(mk.ops.linear_cross_entropy(h, w, b, targets).sum(), (h, w, b), create_graph=True)
-        names = []
-
-        class Count(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if func.overloadpacket.__name__ in ("bmm", "baddbmm", "baddbmm_") and out.numel() != N * R:  # not <p, u>
-                    names.append(func.overloadpacket.__name__)
-                return out
-
-        with Count():
-            torch.autograd.grad(sum(first[i].sum() for i in used), (h, w, b), allow_unused=True)
-        return names
+        _, ran = ops_run(lambda: torch.autograd.grad(sum(first[i].sum() for i in used), (h, w, b), allow_unused=True))
+        return [name for name, _, outputs in ran  # not <p, u>, the per-row product
+                if name in ("bmm", "baddbmm", "baddbmm_") and outputs[0].numel() != N * R]
 
     assert len(products_of_double_backward([0, 1, 2])) == 7  # logits; u: 2; dh: 2; dW: 2
     assert len(products_of_double_backward([1])) == 5  # dh unused: no W A_h in u, no delta A_h^T in dW

@@ -22,8 +22,17 @@ from ._common import to_acc
 from ._task_batch import run_kernel
 
 
+def _column(z, row_values):
+    """A per-row [M] operand as a column [..., 1] beside z's rows."""
+    return row_values.reshape(*z.shape[:-1], 1)
+
+
 def _probs(z, lse):
-    return torch.exp(to_acc(z) - to_acc(lse).reshape(*z.shape[:-1], 1))
+    return torch.exp(to_acc(z) - _column(z, to_acc(lse)))
+
+
+def _minus_onehot_(p, z, y):
+    return p.scatter_add_(-1, _column(z, y), -torch.ones(*z.shape[:-1], 1, dtype=p.dtype, device=p.device))
 
 
 def reference_forward(z):
@@ -31,20 +40,15 @@ def reference_forward(z):
 
 
 def reference_backward_(z, lse, y, c):
-    p = _probs(z, lse)
-    p.scatter_add_(-1, y.reshape(*z.shape[:-1], 1), -torch.ones(*z.shape[:-1], 1, dtype=p.dtype, device=p.device))
-    return z.copy_(p * to_acc(c).reshape(*z.shape[:-1], 1))
+    return z.copy_(_minus_onehot_(_probs(z, lse), z, y) * _column(z, to_acc(c)))
 
 
 def reference_double_backward_(z, u, lse, y, c):
-    p, ua = _probs(z, lse), to_acc(u)
-    rows = (*z.shape[:-1], 1)
+    p, ua, ca = _probs(z, lse), to_acc(u), _column(z, to_acc(c))
     pu = (p * ua).sum(-1, keepdim=True)
-    u_y = ua.gather(-1, y.reshape(rows))
-    ca = to_acc(c).reshape(rows)
+    u_y = ua.gather(-1, _column(z, y))
     u.copy_(ca * (ua - pu) * p)
-    p.scatter_add_(-1, y.reshape(rows), -torch.ones(rows, dtype=p.dtype, device=p.device))
-    z.copy_(ca * p)
+    z.copy_(_minus_onehot_(p, z, y) * ca)
     return (pu - u_y).reshape(-1).to(z.dtype)
 
 
