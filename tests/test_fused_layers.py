@@ -185,6 +185,77 @@ def test_vmap_over_per_task_weights_equals_a_loop(kind):
     torch.testing.assert_close(shared, torch.stack([fn(x[t], w[0], b[0]) for t in range(4)]), rtol=1e-13, atol=1e-13)
 
 
+_LAYERS = {kind: (_ours(kind), (6,), (6,)) for kind in KINDS}
+_LAYERS["linear"] = (mk.ops.task_linear, (5, 6), (5,))
+_LAYERS["softmax"] = (lambda s, w, b: mk.ops.causal_softmax(s * w.sum() + b.sum(), 0.5), (6,), (6,))
+
+
+def _derivatives(fn, x, w, b, vmapped_fn=None):
+    """fn's output and its first and second derivatives (along fixed probes) with respect to x, w, b."""
+    y = (vmapped_fn or fn)(x, w, b)
+    probe = torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype).reshape(y.shape)
+    first = torch.autograd.grad(y, (x, w, b), probe, create_graph=True, materialize_grads=True)
+    second = torch.autograd.grad(sum((d * d.detach().cos()).sum() for d in first), (x, w, b), materialize_grads=True)
+    return (y, *first, *second)
+
+
+@pytest.mark.parametrize("layer", list(_LAYERS))
+def test_vmap_over_tasks_of_per_task_weights_folds_them(layer):
+    """vmap over a function that itself takes per-task weights [N, ...] (the rule's fold path: B * N tasks in
+    one launch): values and two derivatives equal the same B * N tasks called without vmap."""
+    fn, w_shape, b_shape = _LAYERS[layer]
+    gen = torch.Generator().manual_seed(3)
+    B, N, R = 3, 2, 4
+    x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_()
+               for s in ((B, N, R, 6), (B, N, *w_shape), (B, N, *b_shape)))
+    got = _derivatives(fn, x, w, b, torch.vmap(fn))
+    if layer == "softmax":  # its "weights" are scalars per slice: the loop is the oracle
+        want = _derivatives(fn, x, w, b, lambda x, w, b: torch.stack([fn(x[i], w[i], b[i]) for i in range(B)]))
+    else:
+        flat = lambda t: t.reshape(B * N, *t.shape[2:])  # noqa: E731
+        want = _derivatives(fn, x, w, b, lambda x, w, b: fn(flat(x), flat(w), flat(b)).reshape(B, N, R, -1))
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+_VIEW_NODES = {"ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "PermuteBackward0",
+               "TransposeBackward0", "ExpandBackward0", "CloneBackward0", "UnsqueezeBackward0", "SqueezeBackward0"}
+
+
+def _graph_node_names(*tensors):
+    seen, names, stack = set(), set(), [t.grad_fn for t in tensors]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("layer", [k for k in _LAYERS if k != "softmax"])
+def test_vmap_over_per_task_weights_records_no_views(layer):
+    """Under vmap over per-task weights (the inner loop's case), the op's forward and create_graph backward
+    put no view, reshape or copy node in the graph: each would cost an autograd node in the forward,
+    another in the inner backward, and their evaluations in the meta-backward."""
+    fn, w_shape, b_shape = _LAYERS[layer]
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_()
+               for s in ((3, 2, 4, 6), (3, *w_shape), (3, *b_shape)))
+    y = torch.vmap(fn)(x, w, b)
+    first = [d for d in torch.autograd.grad(y, (x, w, b), torch.ones_like(y), create_graph=True, allow_unused=True)
+             if d is not None]
+    assert not _graph_node_names(y, *first) & _VIEW_NODES, _graph_node_names(y, *first)
+
+
+def test_causal_softmax_under_vmap_records_no_views():
+    s = torch.randn(3, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    p = torch.vmap(lambda x: mk.ops.causal_softmax(x, 0.5), in_dims=1)(s)
+    (ds,) = torch.autograd.grad(p, s, torch.ones_like(p), create_graph=True)
+    assert _graph_node_names(p, ds) & _VIEW_NODES == {"PermuteBackward0"}  # the one move of dim 1 to the front
+
+
 def test_triple_derivative_is_refused_not_wrong():
     x, w, b = _inputs("cpu")
     y = mk.ops.layer_norm(x, w, b)

@@ -21,7 +21,7 @@ import torch
 
 from . import _checks
 from ._common import acc_dtype, to_acc
-from ._task_batch import fold_task_vmap, run_kernel
+from ._task_batch import as_tasks, row_sum, run_kernel, task_count, task_vmap
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -62,12 +62,18 @@ def reference_double_backward(a, g, x, b, tanh_form: bool):
 
 # ---------------------------------------------------------------------------------- autograd wiring
 
+def _kernel_operands(x, b, *like_x):
+    """Operands in the kernels' canonical contiguous shapes: x (and each of like_x) [N, R, C], b [N, C]."""
+    N = task_count(b, 1)
+    return (as_tasks(x, N).contiguous(), b.reshape(N, -1).contiguous(), *(as_tasks(t, N).contiguous() for t in like_x))
+
+
 class _BiasGelu(torch.autograd.Function):
-    """y = gelu(x [N, R, C] + b [N, C])."""
+    """y = gelu(x + b) for x [*rows, C] with one b [C], or x [N, *rows, C] with b [N, C]; y has x's shape."""
 
     @staticmethod
     def forward(x, b, tanh_form):
-        return run_kernel("gelu_forward", reference_forward, x.device, x, b, tanh_form)
+        return run_kernel("gelu_forward", reference_forward, x.device, *_kernel_operands(x, b), tanh_form).reshape(x.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -78,39 +84,41 @@ class _BiasGelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, b = ctx.saved_tensors
-        dx = _BiasGeluBackward.apply(gy.contiguous(), x, b, ctx.tanh_form)
-        return dx, dx.sum(1), None
+        dx = _BiasGeluBackward.apply(gy, x, b, ctx.tanh_form)
+        return dx, row_sum(dx, b.dim() == 2), None
 
     @staticmethod
     def vmap(info, in_dims, x, b, tanh_form):
-        (y,), (dim,) = fold_task_vmap(lambda *a: (_BiasGelu.apply(*a),), info, in_dims, x, b, tanh_form)
+        (y,), (dim,) = task_vmap(lambda *a: (_BiasGelu.apply(*a),), info, in_dims, (x, b, tanh_form), 1, 1)
         return y, dim
 
 
 class _BiasGeluBackward(torch.autograd.Function):
-    """dx = g gelu'(x + b): a fused kernel whose own backward is the fused double-backward kernel."""
+    """dx = g gelu'(x + b), shaped as x: a fused kernel whose own backward is the fused double-backward
+    kernel."""
 
     @staticmethod
     def forward(g, x, b, tanh_form):
-        return run_kernel("gelu_backward", reference_backward, x.device, g.contiguous(), x, b, tanh_form)
+        x3, b2, g3 = _kernel_operands(x, b, g)
+        return run_kernel("gelu_backward", reference_backward, x.device, g3, x3, b2, tanh_form).reshape(x.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         g, x, b, tanh_form = inputs
-        ctx.save_for_backward(g.contiguous(), x, b)
+        ctx.save_for_backward(g, x, b)
         ctx.tanh_form = tanh_form
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, a):
         g, x, b = ctx.saved_tensors
-        dg, du = run_kernel("gelu_double_backward", reference_double_backward, x.device,
-                            a.contiguous(), g, x, b, ctx.tanh_form)
-        return dg, du, du.sum(1), None
+        x3, b2, g3, a3 = _kernel_operands(x, b, g, a)
+        dg, du = run_kernel("gelu_double_backward", reference_double_backward, x.device, a3, g3, x3, b2, ctx.tanh_form)
+        return dg.reshape(g.shape), du.reshape(x.shape), du.sum(1).reshape(b.shape), None
 
     @staticmethod
     def vmap(info, in_dims, g, x, b, tanh_form):
-        (dx,), (dim,) = fold_task_vmap(lambda *a: (_BiasGeluBackward.apply(*a),), info, in_dims, g, x, b, tanh_form)
+        (dx,), (dim,) = task_vmap(lambda *a: (_BiasGeluBackward.apply(*a),), info, in_dims, (g, x, b, tanh_form), 2, 1)
         return dx, dim
 
 
@@ -137,6 +145,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: st
     if x.numel() == 0:
         return torch.nn.functional.gelu(x + bias.reshape(*bias.shape[:-1], *([1] * (x.dim() - bias.dim())), C),
                                         approximate=approximate)
+    if bias.dim() <= 2:
+        return _BiasGelu.apply(x, bias, approximate == "tanh")
     N = bias.numel() // C
-    y = _BiasGelu.apply(x.reshape(N, -1, C).contiguous(), bias.reshape(N, C).contiguous(), approximate == "tanh")
-    return y.reshape(x.shape)
+    return _BiasGelu.apply(x.reshape(N, -1, C), bias.reshape(N, C), approximate == "tanh").reshape(x.shape)

@@ -21,25 +21,28 @@ The double backward is itself made of differentiable products, so higher derivat
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch._C._functorch import is_batchedtensor
 from torch.overrides import TorchFunctionMode
 
 from . import _checks
-from ._task_batch import fold_task_vmap
+from ._task_batch import as_tasks, task_count, task_vmap
 
 
 class _TaskLinear(torch.autograd.Function):
-    """y = x W^T + b on canonical shapes x [N, R, I], W [N, O, I], b [N, O] or None."""
+    """y = x W^T + b for x [*rows, I] with one W [O, I] and b [O] | None, or x [N, *rows, I] with
+    W [N, O, I] and b [N, O] | None; y has x's shape with O last."""
 
     @staticmethod
     def forward(x, w, b):
+        N, (O, I) = task_count(w, 2), w.shape[-2:]
+        x3, w3 = as_tasks(x, N), w.reshape(N, O, I)
         if b is None:
-            return torch.bmm(x, w.transpose(1, 2))
-        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+            y = torch.bmm(x3, w3.transpose(1, 2))
+        else:
+            y = torch.baddbmm(b.reshape(N, 1, O), x3, w3.transpose(1, 2))
+        return y.reshape(*x.shape[:-1], O)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -55,17 +58,20 @@ class _TaskLinear(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, x, w, b):
-        (y,), (dim,) = fold_task_vmap(lambda *a: (_TaskLinear.apply(*a),), info, in_dims, x, w, b, contiguous=False)
+        (y,), (dim,) = task_vmap(lambda *a: (_TaskLinear.apply(*a),), info, in_dims, (x, w, b), 1, 2)
         return y, dim
 
 
 class _TaskLinearBackward(torch.autograd.Function):
-    """(dx, dW, db) = (g W, g^T x, sum_rows g), each None where not needed."""
+    """(dx, dW, db) = (g W, g^T x, sum_rows g), each None where not needed; shapes as _TaskLinear's."""
 
     @staticmethod
     def forward(g, x, w, need_x, need_w, need_b):
-        return (torch.bmm(g, w) if need_x else None, torch.bmm(g.transpose(1, 2), x) if need_w else None,
-                g.sum(1) if need_b else None)
+        N = task_count(w, 2)
+        g3 = as_tasks(g, N)
+        return (torch.bmm(g3, w.reshape(N, *w.shape[-2:])).reshape(x.shape) if need_x else None,
+                torch.bmm(g3.transpose(1, 2), as_tasks(x, N)).reshape(w.shape) if need_w else None,
+                g3.sum(1).reshape(w.shape[:-1]) if need_b else None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -76,21 +82,23 @@ class _TaskLinearBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, a, big_a, c):
         g, x, w = ctx.saved_tensors
-        dg = None
-        if a is not None:
-            dg = torch.bmm(a, w.transpose(1, 2))
-        if big_a is not None:
-            dg = torch.bmm(x, big_a.transpose(1, 2)) if dg is None else torch.baddbmm(dg, x, big_a.transpose(1, 2))
-        if c is not None:
-            dg = c.unsqueeze(1).expand_as(g) if dg is None else dg + c.unsqueeze(1)
-        dx = None if big_a is None else torch.bmm(g, big_a)
-        dw = None if a is None else torch.bmm(g.transpose(1, 2), a)
-        return dg, dx, dw, None, None, None
+        N = task_count(w, 2)
+        g3, x3, w3 = as_tasks(g, N), as_tasks(x, N), w.reshape(N, *w.shape[-2:])
+        a3 = None if a is None else as_tasks(a, N)
+        big_a3 = None if big_a is None else big_a.reshape(w3.shape)
+        dg = None if c is None else c.reshape(N, 1, w3.shape[1])  # broadcast over the rows by the products
+        for left, right in ((a3, w3), (x3, big_a3)):
+            if left is not None and right is not None:
+                dg = torch.bmm(left, right.transpose(1, 2)) if dg is None else torch.baddbmm(dg, left, right.transpose(1, 2))
+        if dg is not None and dg.shape != g3.shape:
+            dg = dg.expand_as(g3)
+        dx = None if big_a3 is None else torch.bmm(g3, big_a3).reshape(x.shape)
+        dw = None if a3 is None else torch.bmm(g3.transpose(1, 2), a3).reshape(w.shape)
+        return None if dg is None else dg.reshape(g.shape), dx, dw, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, g, x, w, need_x, need_w, need_b):
-        return fold_task_vmap(_TaskLinearBackward.apply, info, in_dims, g, x, w, need_x, need_w, need_b,
-                              contiguous=False)
+        return task_vmap(_TaskLinearBackward.apply, info, in_dims, (g, x, w, need_x, need_w, need_b), 2, 2)
 
 
 def _check(x, weight, bias) -> int:
@@ -108,11 +116,12 @@ def _check(x, weight, bias) -> int:
 def task_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b with a per-task (or shared) weight and bias; see the module docstring."""
     N = _check(x, weight, bias)
+    if weight.dim() <= 3:
+        return _TaskLinear.apply(x, weight, bias)
     O, I = weight.shape[-2:]
-    lead = x.shape[:-1]
-    rows = math.prod(lead) // N if N else 0
-    y = _TaskLinear.apply(x.reshape(N, rows, I), weight.reshape(N, O, I), None if bias is None else bias.reshape(N, O))
-    return y.reshape(*lead, O)
+    y = _TaskLinear.apply(as_tasks(x.reshape(N, *x.shape[weight.dim() - 2:]), N), weight.reshape(N, O, I),
+                          None if bias is None else bias.reshape(N, O))
+    return y.reshape(*x.shape[:-1], O)
 
 
 class TaskLinearMode(TorchFunctionMode):

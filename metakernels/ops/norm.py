@@ -31,7 +31,7 @@ import torch
 
 from . import _checks
 from ._common import to_acc
-from ._task_batch import fold_task_vmap, run_kernel
+from ._task_batch import as_tasks, run_kernel, task_count, task_vmap
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -88,13 +88,24 @@ def reference_double_backward(a, aw, ab, g, x, w, mean, rstd, centered: bool):
 
 # ---------------------------------------------------------------------------------- autograd wiring
 
+def _kernel_operands(x, w, *per_row):
+    """Operands in the kernels' canonical contiguous shapes: x [N, R, D], w [N, D], per-row [N, R]."""
+    N = task_count(w, 1)
+    x3 = as_tasks(x, N).contiguous()
+    return (x3, w.reshape(N, -1).contiguous(), *(t.reshape(x3.shape[:2]).contiguous() for t in per_row))
+
+
 class _Norm(torch.autograd.Function):
-    """(y, mean, rstd) = norm(x [N, R, D], w [N, D], b [N, D] | None); mean and rstd are saved for the
-    backward and not differentiable."""
+    """(y, mean, rstd) = norm(x, w, b) for x [*rows, D] with one w, b [D] (b may be None), or x [N, *rows, D]
+    with w, b [N, D]; y has x's shape, mean and rstd x's without D (saved for the backward, not
+    differentiable)."""
 
     @staticmethod
     def forward(x, w, b, eps, centered):
-        return run_kernel("norm_forward", reference_forward, x.device, x, w, b, eps, centered)
+        x3, w2 = _kernel_operands(x, w)
+        b2 = None if b is None else b.reshape(w2.shape).contiguous()
+        y, mean, rstd = run_kernel("norm_forward", reference_forward, x.device, x3, w2, b2, eps, centered)
+        return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -107,42 +118,47 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _gmean, _grstd):
         x, w, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _NormBackward.apply(gy.contiguous(), x, w, mean, rstd, ctx.centered)
+        dx, dw, db = _NormBackward.apply(gy, x, w, mean, rstd, ctx.centered)
         return dx, dw, db if ctx.has_bias else None, None, None
 
     @staticmethod
     def vmap(info, in_dims, x, w, b, eps, centered):
-        return fold_task_vmap(_Norm.apply, info, in_dims, x, w, b, eps, centered)
+        return task_vmap(_Norm.apply, info, in_dims, (x, w, b, eps, centered), 1, 1)
 
 
 class _NormBackward(torch.autograd.Function):
-    """(dx, dw, db) = the norm's backward at (g, x, w): a fused kernel whose own backward is the fused
-    double-backward kernel."""
+    """(dx, dw, db) = the norm's backward at (g, x, w), shaped as (x, w, w): a fused kernel whose own
+    backward is the fused double-backward kernel."""
 
     @staticmethod
     def forward(g, x, w, mean, rstd, centered):
-        return run_kernel("norm_backward", reference_backward, x.device, g.contiguous(), x, w, mean, rstd, centered)
+        x3, w2, mean2, rstd2 = _kernel_operands(x, w, mean, rstd)
+        g3 = as_tasks(g, w2.shape[0]).contiguous()
+        dx, dw, db = run_kernel("norm_backward", reference_backward, x.device, g3, x3, w2, mean2, rstd2, centered)
+        return dx.reshape(x.shape), dw.reshape(w.shape), db.reshape(w.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         g, x, w, mean, rstd, centered = inputs
-        ctx.save_for_backward(g.contiguous(), x, w, mean, rstd)
+        ctx.save_for_backward(g, x, w, mean, rstd)
         ctx.centered = centered
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, a, aw, ab):
         g, x, w, mean, rstd = ctx.saved_tensors
-        a = torch.zeros_like(x) if a is None else a.contiguous()
-        aw = torch.zeros_like(w) if aw is None else aw.contiguous()
-        ab = None if ab is None else ab.contiguous()
+        x3, w2, mean2, rstd2 = _kernel_operands(x, w, mean, rstd)
+        g3 = as_tasks(g, w2.shape[0]).contiguous()
+        a = torch.zeros_like(x3) if a is None else as_tasks(a, w2.shape[0]).contiguous()
+        aw = torch.zeros_like(w2) if aw is None else aw.reshape(w2.shape).contiguous()
+        ab = None if ab is None else ab.reshape(w2.shape).contiguous()
         dg, dx, dw = run_kernel("norm_double_backward", reference_double_backward, x.device,
-                                a, aw, ab, g, x, w, mean, rstd, ctx.centered)
-        return dg, dx, dw, None, None, None
+                                a, aw, ab, g3, x3, w2, mean2, rstd2, ctx.centered)
+        return dg.reshape(g.shape), dx.reshape(x.shape), dw.reshape(w.shape), None, None, None
 
     @staticmethod
     def vmap(info, in_dims, g, x, w, mean, rstd, centered):
-        return fold_task_vmap(_NormBackward.apply, info, in_dims, g, x, w, mean, rstd, centered)
+        return task_vmap(_NormBackward.apply, info, in_dims, (g, x, w, mean, rstd, centered), 2, 1)
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -173,10 +189,10 @@ def _norm(op, x, weight, bias, eps, centered):
     N, D = _check(op, x, weight, bias, eps)
     if x.numel() == 0:
         return x.clone()
-    x3 = x.reshape(N, -1, D)
-    b2 = None if bias is None else bias.reshape(N, D)
-    y, _, _ = _Norm.apply(x3.contiguous(), weight.reshape(N, D).contiguous(),
-                          None if b2 is None else b2.contiguous(), float(eps), centered)
+    if weight.dim() <= 2:
+        return _Norm.apply(x, weight, bias, float(eps), centered)[0]
+    y, _, _ = _Norm.apply(x.reshape(N, -1, D), weight.reshape(N, D), None if bias is None else bias.reshape(N, D),
+                          float(eps), centered)
     return y.reshape(x.shape)
 
 

@@ -13,8 +13,8 @@ With c = <p, g> and A = <p, a> per row:
 
 Every quantity is a per-row reduction or a per-element expression, so each of the three is one fused
 row kernel (C++ CPU, CUDA, Triton, and the plain-PyTorch reference); the masked keys have p = 0, so only
-the forward needs the mask.  The op has no parameters: its vmap rule folds the vmapped dimension into
-the rows.  The triple derivative raises.
+the forward needs the mask.  The op has no parameters: its vmap rule passes the vmapped dimension on as
+one more leading dimension.  The triple derivative raises.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 
 from . import _checks
 from ._common import to_acc
-from ._task_batch import fold_task_vmap, run_kernel
+from ._task_batch import run_kernel, task_vmap
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -52,10 +52,17 @@ def reference_double_backward(a, g, p, scale: float):
 
 # ---------------------------------------------------------------------------------- autograd wiring
 
+def _rows(*ts):
+    """Operands [..., S_q, S_k] in the kernels' canonical contiguous [N, S_q, S_k]."""
+    return tuple(t.reshape(-1, *t.shape[-2:]).contiguous() for t in ts)
+
+
 class _CausalSoftmax(torch.autograd.Function):
+    """p = causal_softmax(scale s) for scores s [..., S_q, S_k]; p has s's shape."""
+
     @staticmethod
     def forward(s, scale):
-        return run_kernel("softmax_forward", reference_forward, s.device, s, scale)
+        return run_kernel("softmax_forward", reference_forward, s.device, *_rows(s), scale).reshape(s.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -65,11 +72,11 @@ class _CausalSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (p,) = ctx.saved_tensors
-        return _CausalSoftmaxBackward.apply(g.contiguous(), p, ctx.scale), None
+        return _CausalSoftmaxBackward.apply(g, p, ctx.scale), None
 
     @staticmethod
     def vmap(info, in_dims, s, scale):
-        (p,), (dim,) = fold_task_vmap(lambda *a: (_CausalSoftmax.apply(*a),), info, in_dims, s, scale)
+        (p,), (dim,) = task_vmap(lambda *a: (_CausalSoftmax.apply(*a),), info, in_dims, (s, scale))
         return p, dim
 
 
@@ -79,25 +86,24 @@ class _CausalSoftmaxBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(g, p, scale):
-        return run_kernel("softmax_backward", reference_backward, p.device, g.contiguous(), p, scale)
+        return run_kernel("softmax_backward", reference_backward, p.device, *_rows(g, p), scale).reshape(p.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         g, p, scale = inputs
-        ctx.save_for_backward(g.contiguous(), p)
+        ctx.save_for_backward(g, p)
         ctx.scale = scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, a):
         g, p = ctx.saved_tensors
-        dg, dp = run_kernel("softmax_double_backward", reference_double_backward, p.device, a.contiguous(), g, p,
-                            ctx.scale)
-        return dg, dp, None
+        dg, dp = run_kernel("softmax_double_backward", reference_double_backward, p.device, *_rows(a, g, p), ctx.scale)
+        return dg.reshape(p.shape), dp.reshape(p.shape), None
 
     @staticmethod
     def vmap(info, in_dims, g, p, scale):
-        (ds,), (dim,) = fold_task_vmap(lambda *a: (_CausalSoftmaxBackward.apply(*a),), info, in_dims, g, p, scale)
+        (ds,), (dim,) = task_vmap(lambda *a: (_CausalSoftmaxBackward.apply(*a),), info, in_dims, (g, p, scale))
         return ds, dim
 
 
@@ -116,5 +122,4 @@ def causal_softmax(scores: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
                          "(aligned at the end) would leave the first queries no key")
     if scores.numel() == 0:
         return scores.clone()
-    p = _CausalSoftmax.apply(scores.reshape(-1, S_q, S_k).contiguous(), scale)
-    return p.reshape(scores.shape)
+    return _CausalSoftmax.apply(scores, scale)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, xent
-from ._task_batch import fold_task_vmap
+from ._task_batch import task_vmap
 
 # NOTE: 2^24 logits (64 MB in fp32) per chunk.  Chunks of rows across all tasks (32 rows per task at V = 32k
 # and 16 tasks) made every chunk read and rewrite the whole [N, V, D] weight gradient: 16 tasks x 128 rows,
@@ -178,8 +178,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, h, w, b, targets, rows, ignore_index):
-        return fold_task_vmap(_LinearCrossEntropy.apply, info, in_dims, h, w, b, targets, rows, ignore_index,
-                              contiguous=False)
+        return task_vmap(_LinearCrossEntropy.apply, info, in_dims, (h, w, b, targets, rows, ignore_index), 1, 2)
 
 
 class _LinearCrossEntropyBackward(torch.autograd.Function):
@@ -208,8 +207,8 @@ class _LinearCrossEntropyBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, g, h, w, b, targets, lse, rows, ignore_index):
-        return fold_task_vmap(_LinearCrossEntropyBackward.apply, info, in_dims, g, h, w, b, targets, lse, rows,
-                              ignore_index, contiguous=False)
+        return task_vmap(_LinearCrossEntropyBackward.apply, info, in_dims,
+                         (g, h, w, b, targets, lse, rows, ignore_index), 2, 2)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
