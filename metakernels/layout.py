@@ -9,6 +9,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ._autograd import cached_signature
+
 AdaptSpec = None | Callable[[str, nn.Parameter], bool] | Iterable[str]
 
 
@@ -84,6 +86,7 @@ def _views(flat: torch.Tensor, spec) -> tuple[torch.Tensor, ...]:
     return tuple(chunk.view((*lead, *s)) for s, chunk in zip(shapes, flat.split(numels, dim=-1)))
 
 
+@cached_signature
 class _Unflatten(torch.autograd.Function):
     """flat [..., P] -> views [..., *shape_i] (and flat itself with keep_flat); backward: _Pack."""
 
@@ -102,6 +105,7 @@ class _Unflatten(torch.autograd.Function):
         return _Pack.apply(onto, ctx.spec, *parts), None, None
 
 
+@cached_signature
 class _Pack(torch.autograd.Function):
     """onto [..., P] or [P] (broadcast over the parts' leading dimensions; None: zeros) plus per-parameter
     tensors [..., *shape_i] (None: zeros) placed in the flat layout: one strided pass per parameter (a copy,

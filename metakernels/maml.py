@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._autograd import cached_signature
 from .inner_loop import NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, run_inner_loop
 from .layout import AdaptSpec, ParamLayout
 from .nn import fuse_layers
@@ -26,6 +27,7 @@ MEMORY_MODES = ("fast", "low")
 _NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImplemented")
 
 
+@cached_signature
 class _InjectGradients(torch.autograd.Function):
     """Returns ``value``; its backward hands each parameter a precomputed gradient (times the
     incoming cotangent).  Used when tasks are differentiated chunk by chunk in the forward (task_chunk)."""

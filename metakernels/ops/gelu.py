@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .._autograd import cached_signature
 from . import _checks
 from ._common import acc_dtype, to_acc
 from ._task_batch import as_tasks, row_sum, run_kernel, task_count, task_vmap
@@ -68,6 +69,7 @@ def _kernel_operands(x, b, *like_x):
     return (as_tasks(x, N).contiguous(), b.reshape(N, -1).contiguous(), *(as_tasks(t, N).contiguous() for t in like_x))
 
 
+@cached_signature
 class _BiasGelu(torch.autograd.Function):
     """y = gelu(x + b) for x [*rows, C] with one b [C], or x [N, *rows, C] with b [N, C]; y has x's shape."""
 
@@ -93,6 +95,7 @@ class _BiasGelu(torch.autograd.Function):
         return y, dim
 
 
+@cached_signature
 class _BiasGeluBackward(torch.autograd.Function):
     """dx = g gelu'(x + b), shaped as x: a fused kernel whose own backward is the fused double-backward
     kernel."""

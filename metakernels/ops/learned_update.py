@@ -33,6 +33,7 @@ import itertools
 
 import torch
 
+from .._autograd import cached_signature
 from .. import _backend
 from . import _checks
 from ._common import acc_dtype
@@ -116,6 +117,7 @@ def _kernels(backend: str):
     return _backend.extension()
 
 
+@cached_signature
 class _FusedLearnedUpdate(torch.autograd.Function):
     """Inputs (spec, params [T, P], grads [T, P], state [4, T, P], weights [W]); outputs (params', state')."""
 

@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch._C._functorch import is_batchedtensor
 from torch.overrides import TorchFunctionMode
 
+from .._autograd import cached_signature
 from . import _checks
 from ._task_batch import as_tasks, task_count, task_vmap
 
 
+@cached_signature
 class _TaskLinear(torch.autograd.Function):
     """y = x W^T + b for x [*rows, I] with one W [O, I] and b [O] | None, or x [N, *rows, I] with
     W [N, O, I] and b [N, O] | None; y has x's shape with O last."""
@@ -62,6 +64,7 @@ class _TaskLinear(torch.autograd.Function):
         return y, dim
 
 
+@cached_signature
 class _TaskLinearBackward(torch.autograd.Function):
     """(dx, dW, db) = (g W, g^T x, sum_rows g), each None where not needed; shapes as _TaskLinear's."""
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autograd import cached_signature
 from . import _checks
 from ._common import to_acc
 from ._task_batch import as_tasks, run_kernel, task_count, task_vmap
@@ -95,6 +96,7 @@ def _kernel_operands(x, w, *per_row):
     return (x3, w.reshape(N, -1).contiguous(), *(t.reshape(x3.shape[:2]).contiguous() for t in per_row))
 
 
+@cached_signature
 class _Norm(torch.autograd.Function):
     """(y, mean, rstd) = norm(x, w, b) for x [*rows, D] with one w, b [D] (b may be None), or x [N, *rows, D]
     with w, b [N, D]; y has x's shape, mean and rstd x's without D (saved for the backward, not
@@ -126,6 +128,7 @@ class _Norm(torch.autograd.Function):
         return task_vmap(_Norm.apply, info, in_dims, (x, w, b, eps, centered), 1, 1)
 
 
+@cached_signature
 class _NormBackward(torch.autograd.Function):
     """(dx, dw, db) = the norm's backward at (g, x, w), shaped as (x, w, w): a fused kernel whose own
     backward is the fused double-backward kernel."""

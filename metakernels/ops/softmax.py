@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autograd import cached_signature
 from . import _checks
 from ._common import to_acc
 from ._task_batch import run_kernel, task_vmap
@@ -57,6 +58,7 @@ def _rows(*ts):
     return tuple(t.reshape(-1, *t.shape[-2:]).contiguous() for t in ts)
 
 
+@cached_signature
 class _CausalSoftmax(torch.autograd.Function):
     """p = causal_softmax(scale s) for scores s [..., S_q, S_k]; p has s's shape."""
 
@@ -80,6 +82,7 @@ class _CausalSoftmax(torch.autograd.Function):
         return p, dim
 
 
+@cached_signature
 class _CausalSoftmaxBackward(torch.autograd.Function):
     """ds = scale p (g - <p, g>): a fused kernel whose own backward is the fused double backward.  p (the
     forward's output) is an input, so the double backward reaches the scores through p's backward."""

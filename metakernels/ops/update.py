@@ -28,6 +28,7 @@ import enum
 import torch
 
 from .. import _backend
+from .._autograd import cached_signature
 from . import _checks
 
 
@@ -86,6 +87,7 @@ def _kernels(backend: str):
     return _backend.extension()
 
 
+@cached_signature
 class _FusedUpdate(torch.autograd.Function):
     """Autograd wiring of the fused kernels.  Inputs: (spec, params, grads, state0, state1, lr), the
     absent ones None; outputs: (params', *new states)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autograd import cached_signature
 from . import _checks, xent
 from ._task_batch import task_vmap
 
@@ -156,6 +157,7 @@ def _double_backward(a_h, a_w, a_b, g, h, w, b, targets, lse, rows, ignore_index
     return d_g, d_h, d_w, d_b
 
 
+@cached_signature
 class _LinearCrossEntropy(torch.autograd.Function):
     """loss [N] = mean-over-rows CE of (h [N, R, D] @ w [N, V, D]^T + b [N, V] | None, targets [N, R])."""
 
@@ -181,6 +183,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return task_vmap(_LinearCrossEntropy.apply, info, in_dims, (h, w, b, targets, rows, ignore_index), 1, 2)
 
 
+@cached_signature
 class _LinearCrossEntropyBackward(torch.autograd.Function):
     """(dh, dw, db) of the head at (g, h, w, b); its own backward is the chunked double backward."""
 
