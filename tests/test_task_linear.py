@@ -202,3 +202,22 @@ def test_double_backward_skips_the_products_of_unused_gradients():
     _, gw0, _ = torch.autograd.grad(y.square().sum(), (xd, wd, bd), create_graph=True)
     for got, want in zip(second, torch.autograd.grad((gw0 * probe).sum(), (xd, wd, bd))):
         torch.testing.assert_close(got, want)
+
+
+def test_gradients_are_returned_as_tensors_not_views():
+    """Every product the op returns (x's gradients shaped [N, *rows, I], weight-shaped ones) is a tensor of
+    its own rather than a reshaped view of one: autograd adds a further gradient into a tensor in place
+    only when it is not a view (in the meta-backward, each weight gets two)."""
+    gen = torch.Generator().manual_seed(8)
+    x, w, b = (torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in ((3, 2, 4, 6), (3, 5, 6), (3, 5)))
+    g = torch.randn(3, 2, 4, 5, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        returned = [linear._TaskLinear.apply(x, w, b), *linear._TaskLinearBackward.apply(g, x, w, True, True, True)]
+    arrived = []
+    for leaf in (x, w):
+        leaf.register_hook(lambda grad: arrived.append(grad))
+    gx, gw, _ = torch.autograd.grad(linear._TaskLinear.apply(x, w, b), (x, w, b), g, create_graph=True)
+    arrived.clear()
+    torch.autograd.backward([gx, gw], [torch.randn_like(gx), torch.randn_like(gw)])  # double backward: dx, dw
+    assert len(arrived) == 2 and len(returned) == 4
+    assert all(t._base is None for t in returned + arrived), [t._base is not None for t in returned + arrived]

@@ -42,6 +42,28 @@ def as_tasks(t: torch.Tensor, N: int) -> torch.Tensor:
     return t.reshape(N, math.prod(t.shape[:-1]) // N if N else 0, t.shape[-1])
 
 
+def shaped(t: torch.Tensor, shape) -> torch.Tensor:
+    """t with ``shape``: t itself where it has that shape already.  A reshape to the same shape returns a
+    view, and autograd adds a gradient in place only into a tensor that is not a view."""
+    return t if t.shape == shape else t.reshape(shape)
+
+
+def bmm_shaped(shape, a: torch.Tensor, b: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """The batched product a @ b (plus ``start``, broadcast, as ``torch.baddbmm``) as a tensor of ``shape``
+    (same elements).  Where autograd does not record, the product is written into a new tensor of that
+    shape, which is returned itself rather than as a view of the product, so that autograd can add
+    further gradients into it in place; where it records, the differentiable product is reshaped."""
+    if torch.is_grad_enabled():
+        return shaped(torch.bmm(a, b) if start is None else torch.baddbmm(start, a, b), shape)
+    out = torch.empty(shape, dtype=a.dtype, device=a.device)
+    product = out.view(a.shape[0], a.shape[1], b.shape[2])
+    if start is None:
+        torch.bmm(a, b, out=product)
+    else:
+        torch.baddbmm(start, a, b, out=product)
+    return out
+
+
 def row_sum(t: torch.Tensor, per_task: bool) -> torch.Tensor:
     """The sum over the rows of t [*rows, C] ([C]) or t [N, *rows, C] ([N, C]), as one op."""
     return t.sum(tuple(range(int(per_task), t.dim() - 1)))

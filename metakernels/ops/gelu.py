@@ -22,7 +22,7 @@ import torch
 from .._autograd import cached_signature
 from . import _checks
 from ._common import acc_dtype, to_acc
-from ._task_batch import as_tasks, row_sum, run_kernel, task_count, task_vmap
+from ._task_batch import as_tasks, row_sum, run_kernel, shaped, task_count, task_vmap
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -75,7 +75,7 @@ class _BiasGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(x, b, tanh_form):
-        return run_kernel("gelu_forward", reference_forward, x.device, *_kernel_operands(x, b), tanh_form).reshape(x.shape)
+        return shaped(run_kernel("gelu_forward", reference_forward, x.device, *_kernel_operands(x, b), tanh_form), x.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -103,7 +103,7 @@ class _BiasGeluBackward(torch.autograd.Function):
     @staticmethod
     def forward(g, x, b, tanh_form):
         x3, b2, g3 = _kernel_operands(x, b, g)
-        return run_kernel("gelu_backward", reference_backward, x.device, g3, x3, b2, tanh_form).reshape(x.shape)
+        return shaped(run_kernel("gelu_backward", reference_backward, x.device, g3, x3, b2, tanh_form), x.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -117,7 +117,7 @@ class _BiasGeluBackward(torch.autograd.Function):
         g, x, b = ctx.saved_tensors
         x3, b2, g3, a3 = _kernel_operands(x, b, g, a)
         dg, du = run_kernel("gelu_double_backward", reference_double_backward, x.device, a3, g3, x3, b2, ctx.tanh_form)
-        return dg.reshape(g.shape), du.reshape(x.shape), du.sum(1).reshape(b.shape), None
+        return shaped(dg, g.shape), shaped(du, x.shape), shaped(du.sum(1), b.shape), None
 
     @staticmethod
     def vmap(info, in_dims, g, x, b, tanh_form):

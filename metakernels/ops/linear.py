@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._autograd import cached_signature
 from . import _checks
-from ._task_batch import as_tasks, task_count, task_vmap
+from ._task_batch import as_tasks, bmm_shaped, shaped, task_count, task_vmap
 
 
 @cached_signature
@@ -39,12 +39,8 @@ class _TaskLinear(torch.autograd.Function):
     @staticmethod
     def forward(x, w, b):
         N, (O, I) = task_count(w, 2), w.shape[-2:]
-        x3, w3 = as_tasks(x, N), w.reshape(N, O, I)
-        if b is None:
-            y = torch.bmm(x3, w3.transpose(1, 2))
-        else:
-            y = torch.baddbmm(b.reshape(N, 1, O), x3, w3.transpose(1, 2))
-        return y.reshape(*x.shape[:-1], O)
+        return bmm_shaped((*x.shape[:-1], O), as_tasks(x, N), w.reshape(N, O, I).transpose(1, 2),
+                          None if b is None else b.reshape(N, 1, O))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -72,9 +68,9 @@ class _TaskLinearBackward(torch.autograd.Function):
     def forward(g, x, w, need_x, need_w, need_b):
         N = task_count(w, 2)
         g3 = as_tasks(g, N)
-        return (torch.bmm(g3, w.reshape(N, *w.shape[-2:])).reshape(x.shape) if need_x else None,
-                torch.bmm(g3.transpose(1, 2), as_tasks(x, N)).reshape(w.shape) if need_w else None,
-                g3.sum(1).reshape(w.shape[:-1]) if need_b else None)
+        return (bmm_shaped(x.shape, g3, w.reshape(N, *w.shape[-2:])) if need_x else None,
+                bmm_shaped(w.shape, g3.transpose(1, 2), as_tasks(x, N)) if need_w else None,
+                shaped(g3.sum(1), w.shape[:-1]) if need_b else None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -90,14 +86,17 @@ class _TaskLinearBackward(torch.autograd.Function):
         a3 = None if a is None else as_tasks(a, N)
         big_a3 = None if big_a is None else big_a.reshape(w3.shape)
         dg = None if c is None else c.reshape(N, 1, w3.shape[1])  # broadcast over the rows by the products
-        for left, right in ((a3, w3), (x3, big_a3)):
-            if left is not None and right is not None:
-                dg = torch.bmm(left, right.transpose(1, 2)) if dg is None else torch.baddbmm(dg, left, right.transpose(1, 2))
-        if dg is not None and dg.shape != g3.shape:
-            dg = dg.expand_as(g3)
-        dx = None if big_a3 is None else torch.bmm(g3, big_a3).reshape(x.shape)
-        dw = None if a3 is None else torch.bmm(g3.transpose(1, 2), a3).reshape(w.shape)
-        return None if dg is None else dg.reshape(g.shape), dx, dw, None, None, None
+        if a3 is not None and big_a3 is not None:
+            dg = torch.bmm(a3, w3.transpose(1, 2)) if dg is None else torch.baddbmm(dg, a3, w3.transpose(1, 2))
+            dg = bmm_shaped(g.shape, x3, big_a3.transpose(1, 2), dg)
+        elif a3 is not None or big_a3 is not None:
+            left, right = (a3, w3) if a3 is not None else (x3, big_a3)
+            dg = bmm_shaped(g.shape, left, right.transpose(1, 2), dg)
+        elif dg is not None:
+            dg = dg.expand_as(g3).reshape(g.shape)
+        dx = None if big_a3 is None else bmm_shaped(x.shape, g3, big_a3)
+        dw = None if a3 is None else bmm_shaped(w.shape, g3.transpose(1, 2), a3)
+        return dg, dx, dw, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, g, x, w, need_x, need_w, need_b):

@@ -32,7 +32,7 @@ import torch
 from .._autograd import cached_signature
 from . import _checks
 from ._common import to_acc
-from ._task_batch import as_tasks, run_kernel, task_count, task_vmap
+from ._task_batch import as_tasks, run_kernel, shaped, task_count, task_vmap
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -107,7 +107,7 @@ class _Norm(torch.autograd.Function):
         x3, w2 = _kernel_operands(x, w)
         b2 = None if b is None else b.reshape(w2.shape).contiguous()
         y, mean, rstd = run_kernel("norm_forward", reference_forward, x.device, x3, w2, b2, eps, centered)
-        return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
+        return shaped(y, x.shape), shaped(mean, x.shape[:-1]), shaped(rstd, x.shape[:-1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -138,7 +138,7 @@ class _NormBackward(torch.autograd.Function):
         x3, w2, mean2, rstd2 = _kernel_operands(x, w, mean, rstd)
         g3 = as_tasks(g, w2.shape[0]).contiguous()
         dx, dw, db = run_kernel("norm_backward", reference_backward, x.device, g3, x3, w2, mean2, rstd2, centered)
-        return dx.reshape(x.shape), dw.reshape(w.shape), db.reshape(w.shape)
+        return shaped(dx, x.shape), shaped(dw, w.shape), shaped(db, w.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -157,7 +157,7 @@ class _NormBackward(torch.autograd.Function):
         ab = None if ab is None else ab.reshape(w2.shape).contiguous()
         dg, dx, dw = run_kernel("norm_double_backward", reference_double_backward, x.device,
                                 a, aw, ab, g3, x3, w2, mean2, rstd2, ctx.centered)
-        return dg.reshape(g.shape), dx.reshape(x.shape), dw.reshape(w.shape), None, None, None
+        return shaped(dg, g.shape), shaped(dx, x.shape), shaped(dw, w.shape), None, None, None
 
     @staticmethod
     def vmap(info, in_dims, g, x, w, mean, rstd, centered):

@@ -23,7 +23,7 @@ import torch
 from .._autograd import cached_signature
 from . import _checks
 from ._common import to_acc
-from ._task_batch import run_kernel, task_vmap
+from ._task_batch import run_kernel, shaped, task_vmap
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -64,7 +64,7 @@ class _CausalSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(s, scale):
-        return run_kernel("softmax_forward", reference_forward, s.device, *_rows(s), scale).reshape(s.shape)
+        return shaped(run_kernel("softmax_forward", reference_forward, s.device, *_rows(s), scale), s.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -89,7 +89,7 @@ class _CausalSoftmaxBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(g, p, scale):
-        return run_kernel("softmax_backward", reference_backward, p.device, *_rows(g, p), scale).reshape(p.shape)
+        return shaped(run_kernel("softmax_backward", reference_backward, p.device, *_rows(g, p), scale), p.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -102,7 +102,7 @@ class _CausalSoftmaxBackward(torch.autograd.Function):
     def backward(ctx, a):
         g, p = ctx.saved_tensors
         dg, dp = run_kernel("softmax_double_backward", reference_double_backward, p.device, *_rows(a, g, p), ctx.scale)
-        return dg.reshape(p.shape), dp.reshape(p.shape), None
+        return shaped(dg, p.shape), shaped(dp, p.shape), None
 
     @staticmethod
     def vmap(info, in_dims, g, p, scale):
