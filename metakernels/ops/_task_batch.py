@@ -42,6 +42,14 @@ def as_tasks(t: torch.Tensor, N: int) -> torch.Tensor:
     return t.reshape(N, math.prod(t.shape[:-1]) // N if N else 0, t.shape[-1])
 
 
+def kernel_operands(weight: torch.Tensor, rows=(), per_row=()) -> list[torch.Tensor]:
+    """The row kernels' operands, contiguous in their canonical shapes: ``weight`` [D] or [N, D] as [N, D],
+    each of ``rows`` ([*rows, D] or [N, *rows, D]) as [N, R, D], each of ``per_row`` as [N, R]."""
+    N = task_count(weight, 1)
+    rows = [as_tasks(t, N).contiguous() for t in rows]
+    return [weight.reshape(N, -1).contiguous(), *rows, *(t.reshape(rows[0].shape[:2]).contiguous() for t in per_row)]
+
+
 def shaped(t: torch.Tensor, shape) -> torch.Tensor:
     """t with ``shape``: t itself where it has that shape already.  A reshape to the same shape returns a
     view, and autograd adds a gradient in place only into a tensor that is not a view."""

@@ -22,7 +22,7 @@ import torch
 from .._autograd import cached_signature
 from . import _checks
 from ._common import acc_dtype, to_acc
-from ._task_batch import as_tasks, row_sum, run_kernel, shaped, task_count, task_vmap
+from ._task_batch import kernel_operands, row_sum, run_kernel, shaped, task_vmap
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -63,19 +63,14 @@ def reference_double_backward(a, g, x, b, tanh_form: bool):
 
 # ---------------------------------------------------------------------------------- autograd wiring
 
-def _kernel_operands(x, b, *like_x):
-    """Operands in the kernels' canonical contiguous shapes: x (and each of like_x) [N, R, C], b [N, C]."""
-    N = task_count(b, 1)
-    return (as_tasks(x, N).contiguous(), b.reshape(N, -1).contiguous(), *(as_tasks(t, N).contiguous() for t in like_x))
-
-
 @cached_signature
 class _BiasGelu(torch.autograd.Function):
     """y = gelu(x + b) for x [*rows, C] with one b [C], or x [N, *rows, C] with b [N, C]; y has x's shape."""
 
     @staticmethod
     def forward(x, b, tanh_form):
-        return shaped(run_kernel("gelu_forward", reference_forward, x.device, *_kernel_operands(x, b), tanh_form), x.shape)
+        b2, x3 = kernel_operands(b, (x,))
+        return shaped(run_kernel("gelu_forward", reference_forward, x.device, x3, b2, tanh_form), x.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -102,7 +97,7 @@ class _BiasGeluBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(g, x, b, tanh_form):
-        x3, b2, g3 = _kernel_operands(x, b, g)
+        b2, x3, g3 = kernel_operands(b, (x, g))
         return shaped(run_kernel("gelu_backward", reference_backward, x.device, g3, x3, b2, tanh_form), x.shape)
 
     @staticmethod
@@ -115,7 +110,7 @@ class _BiasGeluBackward(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, a):
         g, x, b = ctx.saved_tensors
-        x3, b2, g3, a3 = _kernel_operands(x, b, g, a)
+        b2, x3, g3, a3 = kernel_operands(b, (x, g, a))
         dg, du = run_kernel("gelu_double_backward", reference_double_backward, x.device, a3, g3, x3, b2, ctx.tanh_form)
         return shaped(dg, g.shape), shaped(du, x.shape), shaped(du.sum(1), b.shape), None
 

@@ -32,7 +32,7 @@ import torch
 from .._autograd import cached_signature
 from . import _checks
 from ._common import to_acc
-from ._task_batch import as_tasks, run_kernel, shaped, task_count, task_vmap
+from ._task_batch import as_tasks, kernel_operands, run_kernel, shaped, task_vmap
 
 
 # ----------------------------------------------------------------------------------------- reference
@@ -89,13 +89,6 @@ def reference_double_backward(a, aw, ab, g, x, w, mean, rstd, centered: bool):
 
 # ---------------------------------------------------------------------------------- autograd wiring
 
-def _kernel_operands(x, w, *per_row):
-    """Operands in the kernels' canonical contiguous shapes: x [N, R, D], w [N, D], per-row [N, R]."""
-    N = task_count(w, 1)
-    x3 = as_tasks(x, N).contiguous()
-    return (x3, w.reshape(N, -1).contiguous(), *(t.reshape(x3.shape[:2]).contiguous() for t in per_row))
-
-
 @cached_signature
 class _Norm(torch.autograd.Function):
     """(y, mean, rstd) = norm(x, w, b) for x [*rows, D] with one w, b [D] (b may be None), or x [N, *rows, D]
@@ -104,7 +97,7 @@ class _Norm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, w, b, eps, centered):
-        x3, w2 = _kernel_operands(x, w)
+        w2, x3 = kernel_operands(w, (x,))
         b2 = None if b is None else b.reshape(w2.shape).contiguous()
         y, mean, rstd = run_kernel("norm_forward", reference_forward, x.device, x3, w2, b2, eps, centered)
         return shaped(y, x.shape), shaped(mean, x.shape[:-1]), shaped(rstd, x.shape[:-1])
@@ -135,8 +128,7 @@ class _NormBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(g, x, w, mean, rstd, centered):
-        x3, w2, mean2, rstd2 = _kernel_operands(x, w, mean, rstd)
-        g3 = as_tasks(g, w2.shape[0]).contiguous()
+        w2, x3, g3, mean2, rstd2 = kernel_operands(w, (x, g), (mean, rstd))
         dx, dw, db = run_kernel("norm_backward", reference_backward, x.device, g3, x3, w2, mean2, rstd2, centered)
         return shaped(dx, x.shape), shaped(dw, w.shape), shaped(db, w.shape)
 
@@ -150,8 +142,7 @@ class _NormBackward(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, a, aw, ab):
         g, x, w, mean, rstd = ctx.saved_tensors
-        x3, w2, mean2, rstd2 = _kernel_operands(x, w, mean, rstd)
-        g3 = as_tasks(g, w2.shape[0]).contiguous()
+        w2, x3, g3, mean2, rstd2 = kernel_operands(w, (x, g), (mean, rstd))
         a = torch.zeros_like(x3) if a is None else as_tasks(a, w2.shape[0]).contiguous()
         aw = torch.zeros_like(w2) if aw is None else aw.reshape(w2.shape).contiguous()
         ab = None if ab is None else ab.reshape(w2.shape).contiguous()
