@@ -13,11 +13,12 @@ checkpoints and parameter orders are unaffected.  What is swapped:
 * ``nn.Linear`` directly followed by ``nn.GELU`` in an ``nn.Sequential`` -> :class:`LinearGELU` (the
   matrix product, then the fused bias + GELU) and ``nn.Identity`` in the GELU's place;
 * any other ``nn.GELU`` -> :class:`GELU` (the fused activation, no bias);
-* ``metakernels.models.CausalSelfAttention`` -> :class:`CausalSelfAttention` (its mask + softmax by
-  ``metakernels.ops.causal_softmax``; the matrix products stay PyTorch's).
+* ``metakernels.models.CausalSelfAttention`` -> :class:`CausalSelfAttention` (its core by
+  ``metakernels.ops.causal_attention``: head split, scores, mask, softmax, weighted sum, head merge).
 
 Norms over several trailing dimensions are left alone and listed as such.  Other attention code can call
-``causal_softmax`` where it masks and normalises its scores; the vocabulary head with cross-entropy is
+``causal_attention`` on its fused q|k|v projection, or ``causal_softmax`` where it masks and normalises its
+scores; the vocabulary head with cross-entropy is
 ``metakernels.ops.linear_cross_entropy``, called from the loss (it is not a module swap).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models
+from .ops.attention import causal_attention
 from .ops.gelu import bias_gelu
 from .ops.norm import layer_norm, rms_norm
 from .ops.softmax import causal_softmax
@@ -71,7 +73,14 @@ class LinearGELU(nn.Linear):
 
 
 class CausalSelfAttention(models.CausalSelfAttention):
-    """metakernels.models.CausalSelfAttention with its mask + softmax fused."""
+    """metakernels.models.CausalSelfAttention computed by the fused attention core (the q|k|v split, scores,
+    mask, softmax and weighted sum in one op); with attention dropout active (training, p > 0) the products
+    stay PyTorch's and only the mask + softmax is fused, so that the dropout mask applies to the weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout.p > 0:
+            return super().forward(x)
+        return self.proj(causal_attention(self.qkv(x), self.n_heads))
 
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return causal_softmax(q @ k.transpose(-2, -1), q.shape[-1] ** -0.5)

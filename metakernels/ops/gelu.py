@@ -11,7 +11,7 @@ reaches the op: its vmap rule stacks the tasks into one launch).  With u = x + b
                       dg = a gelu'(u),  dx = a g gelu''(u),  db = sum_rows dx
 
 (gelu' and gelu'' in csrc/gelu_math.h).  Each is one element-wise kernel; the bias cotangents are
-torch's deterministic sums over rows.  Differentiating the double backward raises (once_differentiable).
+torch's deterministic sums over rows.  Differentiating the double backward raises (_autograd.twice_differentiable).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .._autograd import cached_signature
+from .._autograd import cached_signature, twice_differentiable
 from . import _checks
 from ._common import acc_dtype, to_acc
 from ._task_batch import kernel_operands, row_sum, run_kernel, shaped, task_vmap
@@ -107,7 +107,7 @@ class _BiasGeluBackward(torch.autograd.Function):
         ctx.tanh_form = tanh_form
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @twice_differentiable("bias_gelu")
     def backward(ctx, a):
         g, x, b = ctx.saved_tensors
         b2, x3, g3, a3 = kernel_operands(b, (x, g, a))

@@ -23,13 +23,13 @@ Agh = mean(a gh) per row):
 
 Every quantity is a per-row reduction or a per-element expression, so each of the three is one fused
 kernel (a row pass, plus a deterministic chunked sum over rows for the weight cotangents).  The triple
-derivative is not implemented: differentiating the double backward raises (``once_differentiable``).
+derivative is not implemented: differentiating the double backward raises (``_autograd.twice_differentiable``).
 """
 from __future__ import annotations
 
 import torch
 
-from .._autograd import cached_signature
+from .._autograd import cached_signature, twice_differentiable
 from . import _checks
 from ._common import to_acc
 from ._task_batch import as_tasks, kernel_operands, run_kernel, shaped, task_vmap
@@ -139,7 +139,7 @@ class _NormBackward(torch.autograd.Function):
         ctx.centered = centered
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @twice_differentiable("layer_norm / rms_norm")
     def backward(ctx, a, aw, ab):
         g, x, w, mean, rstd = ctx.saved_tensors
         w2, x3, g3, mean2, rstd2 = kernel_operands(w, (x, g), (mean, rstd))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .._autograd import cached_signature
+from .._autograd import cached_signature, twice_differentiable
 from . import _checks
 from ._common import to_acc
 from ._task_batch import run_kernel, shaped, task_vmap
@@ -98,7 +98,7 @@ class _CausalSoftmaxBackward(torch.autograd.Function):
         ctx.scale = scale
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @twice_differentiable("causal_softmax")
     def backward(ctx, a):
         g, p = ctx.saved_tensors
         dg, dp = run_kernel("softmax_double_backward", reference_double_backward, p.device, *_rows(a, g, p), ctx.scale)

@@ -25,13 +25,13 @@ tasks of ``torch.vmap`` into one batched call, reading per-task weights where th
 flat fast weights are not copied).  The passes are batched matrix products (the vendor BLAS) and, for
 the element-wise work on each chunk of logits, the fused row kernels of metakernels.ops.xent (C++ CPU,
 CUDA, Triton, reference; one or two reads of a row where the PyTorch composition made four to eight
-passes); the triple derivative raises (once_differentiable).
+passes); the triple derivative raises (_autograd.twice_differentiable).
 """
 from __future__ import annotations
 
 import torch
 
-from .._autograd import cached_signature
+from .._autograd import cached_signature, twice_differentiable
 from . import _checks, xent
 from ._task_batch import task_vmap
 
@@ -199,7 +199,7 @@ class _LinearCrossEntropyBackward(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused gradient (dh when only the head adapts) costs no products
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @twice_differentiable("linear_cross_entropy")
     def backward(ctx, a_h, a_w, a_b):
         g, h, w, b, targets, lse = ctx.saved_tensors
         if a_h is None and a_w is None and (a_b is None or b is None):

@@ -1,0 +1,174 @@
+"""Fused, twice-differentiable, task-batched causal self-attention core.
+
+    causal_attention(qkv, n_heads, scale=None)   # qkv: [..., S, 3 D] -> [..., S, D]
+
+``qkv`` is a fused projection's output, [q | k | v] along the last dimension with the heads contiguous
+inside each (as ``nn.Linear(D, 3 D)`` followed by ``split(D)`` and a reshape to heads, the layout of
+GPT-2 and of metakernels.models); the result has the heads merged back, ready for the output projection.
+Per sequence and head, with q, k, v [S, d_head] and s = ``scale`` (default d_head^-1/2):
+
+    forward:          P = causal_softmax(s q k^T),   o = P v
+    backward:         for the cotangents do of o and E of P (E is 0 except inside a double backward):
+                      G = do v^T + E,   dZ = s P (G - rowsum(P G))   (the scores' cotangent),
+                      dq = dZ k,   dk = dZ^T q,   dv = P^T do
+    double backward:  for cotangents (aq, ak, av) of (dq, dk, dv):
+                      A = aq k^T + q ak^T (the cotangent of dZ), and with the causal softmax's double
+                      backward (dG, dP') = (s P (A - rowsum(P A)), s (A (G - rowsum(P G)) - rowsum(P A) G)):
+                      d(do) = P av + dG v,   dE = dG,   dq = dZ ak,   dk = dZ^T aq,   dv = dG^T do,
+                      dP = dP' + do av^T   (carried to q and k by the forward's own backward, as E)
+
+Every product is a ``torch.bmm`` over (sequences x heads) at once; every per-row chain is one of the causal
+softmax's fused kernels (metakernels.ops.softmax: C++ CPU, CUDA, Triton, reference).  The op records one
+autograd node per pass: the head split and merge, which a model would otherwise write as views and
+transposes (a node each in every pass, and copies in the products), happen inside.  The forward stores
+only P besides its input (what PyTorch's composition stores too); the backward keeps G and dZ for the
+double backward.  The triple derivative raises (``_autograd.twice_differentiable``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._autograd import cached_signature, twice_differentiable
+from . import _checks, softmax
+from ._task_batch import run_kernel, shaped, task_vmap
+
+
+# ---------------------------------------------------------------------------------------- layout
+# Inside the Functions every operand is per (sequence, head): [M H, S, d] for M sequences of S positions.
+
+def _split_heads(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [..., S, 3 D] -> q, k, v, each [M H, S, D / H] (one copy of qkv)."""
+    S, width = qkv.shape[-2:]
+    d = width // (3 * n_heads)
+    heads = qkv.reshape(-1, S, 3, n_heads, d).permute(2, 0, 3, 1, 4).reshape(3, -1, S, d)
+    return heads.unbind(0)
+
+
+def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """t [..., S, D] -> [M H, S, D / H]."""
+    S, D = t.shape[-2:]
+    return t.reshape(-1, S, n_heads, D // n_heads).transpose(1, 2).reshape(-1, S, D // n_heads)
+
+
+def _merged(per_head: torch.Tensor, shape) -> torch.Tensor:
+    """[(parts,) M H, S, d] -> a new tensor of ``shape`` [..., S, parts H d] (heads merged)."""
+    S, d = per_head.shape[-2:]
+    parts = 1 if per_head.dim() == 3 else per_head.shape[0]
+    out = torch.empty(shape, dtype=per_head.dtype, device=per_head.device)
+    H = shape[-1] // (parts * d)
+    out.view(-1, S, parts, H, d).copy_(per_head.view(parts, -1, H, S, d).permute(1, 3, 0, 2, 4))
+    return out
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., H, S, S] -> the softmax kernels' contiguous [M H, S, S]."""
+    return t.reshape(-1, *t.shape[-2:]).contiguous()
+
+
+def _softmax(name: str, device, *args):
+    return run_kernel(f"softmax_{name}", getattr(softmax, f"reference_{name}"), device, *args)
+
+
+# ---------------------------------------------------------------------------------- autograd wiring
+
+@cached_signature
+class _CausalAttention(torch.autograd.Function):
+    """(o, P) for qkv [..., S, 3 D]: o [..., S, D], P [..., H, S, S] (differentiable, so that the double
+    backward's cotangent of P reaches q and k through this node)."""
+
+    @staticmethod
+    def forward(qkv, n_heads, scale):
+        q, k, v = _split_heads(qkv, n_heads)
+        p = _softmax("forward", qkv.device, torch.bmm(q, k.transpose(1, 2)), scale)
+        o = _merged(torch.bmm(p, v), (*qkv.shape[:-1], qkv.shape[-1] // 3))
+        return o, shaped(p, (*qkv.shape[:-2], n_heads, *p.shape[-2:]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qkv, n_heads, scale = inputs
+        ctx.save_for_backward(qkv, output[1])
+        ctx.n_heads, ctx.scale = n_heads, scale
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, do, dp):
+        if do is None and dp is None:
+            return None, None, None
+        qkv, p = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros((*qkv.shape[:-1], qkv.shape[-1] // 3), dtype=qkv.dtype, device=qkv.device)
+        return _CausalAttentionBackward.apply(do, dp, qkv, p, ctx.n_heads, ctx.scale)[0], None, None
+
+    @staticmethod
+    def vmap(info, in_dims, qkv, n_heads, scale):
+        return task_vmap(_CausalAttention.apply, info, in_dims, (qkv, n_heads, scale))
+
+
+@cached_signature
+class _CausalAttentionBackward(torch.autograd.Function):
+    """(dqkv, G, dZ) = the attention core's backward at (do, E, qkv, P) (E may be None); G and dZ
+    [..., H, S, S] are kept for the double backward and are not differentiable."""
+
+    @staticmethod
+    def forward(do, dp, qkv, p, n_heads, scale):
+        q, k, v = _split_heads(qkv, n_heads)
+        do3, p3 = _heads(do, n_heads), _rows(p)
+        vt = v.transpose(1, 2)
+        g = torch.bmm(do3, vt) if dp is None else torch.baddbmm(_rows(dp), do3, vt)
+        dz = _softmax("backward", qkv.device, g, p3, scale)
+        grads = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device)
+        torch.bmm(dz, k, out=grads[0])
+        torch.bmm(dz.transpose(1, 2), q, out=grads[1])
+        torch.bmm(p3.transpose(1, 2), do3, out=grads[2])
+        return _merged(grads, qkv.shape), shaped(g, p.shape), shaped(dz, p.shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        do, dp, qkv, p, n_heads, scale = inputs
+        _, g, dz = output
+        ctx.save_for_backward(do, qkv, p, g, dz)
+        ctx.n_heads, ctx.scale, ctx.has_dp = n_heads, scale, dp is not None
+        ctx.mark_non_differentiable(g, dz)
+
+    @staticmethod
+    @twice_differentiable("causal_attention")
+    def backward(ctx, a, _g, _dz):
+        do, qkv, p, g, dz = ctx.saved_tensors
+        H = ctx.n_heads
+        q, k, v = _split_heads(qkv, H)
+        aq, ak, av = _split_heads(a, H)
+        do3, p3, g3, dz3 = _heads(do, H), _rows(p), _rows(g), _rows(dz)
+        big_a = torch.baddbmm(torch.bmm(aq, k.transpose(1, 2)), q, ak.transpose(1, 2))
+        dg, dp = _softmax("double_backward", qkv.device, big_a, g3, p3, ctx.scale)
+        dp = torch.baddbmm(dp, do3, av.transpose(1, 2))
+        ddo = torch.baddbmm(torch.bmm(p3, av), dg, v)
+        grads = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device)
+        torch.bmm(dz3, ak, out=grads[0])
+        torch.bmm(dz3.transpose(1, 2), aq, out=grads[1])
+        torch.bmm(dg.transpose(1, 2), do3, out=grads[2])
+        return (_merged(ddo, do.shape), shaped(dg, p.shape) if ctx.has_dp else None, _merged(grads, qkv.shape),
+                shaped(dp, p.shape), None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, do, dp, qkv, p, n_heads, scale):
+        return task_vmap(_CausalAttentionBackward.apply, info, in_dims, (do, dp, qkv, p, n_heads, scale))
+
+
+# ------------------------------------------------------------------------------------------ public
+
+def causal_attention(qkv: torch.Tensor, n_heads: int, scale: float | None = None) -> torch.Tensor:
+    """Multi-head causal self-attention of a fused q|k|v projection; see the module docstring."""
+    op = "causal_attention"
+    _checks.require_tensor(op, "qkv", qkv)
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"{op}: argument 'n_heads' must be a positive int, got {n_heads!r}")
+    if qkv.dim() < 2 or qkv.shape[-1] % (3 * n_heads):
+        raise ValueError(f"{op}: argument 'qkv' must be [..., S, 3 * n_heads * d_head] (q|k|v of {n_heads} heads "
+                         f"each), got shape {_checks.shape_str(qkv.shape)}")
+    d_head = qkv.shape[-1] // (3 * n_heads)
+    scale = _checks.require_number(op, "scale", (1.0 / math.sqrt(d_head) if d_head else 1.0) if scale is None else scale)
+    if qkv.numel() == 0:
+        return qkv[..., :d_head * n_heads].clone()
+    return _CausalAttention.apply(qkv, n_heads, scale)[0]
