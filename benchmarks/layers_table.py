@@ -16,6 +16,13 @@ logits in chunks and recomputed in the backward passes) against the batched matm
 that keeps the logits, at ``--vocab`` (32768 by default: the regime the chunked head is for), with the
 same matmul-rate floor counting the products a head that keeps its logits needs (1, 2 and 6 per pass).
 
+A fourth table times the causal attention core (metakernels.ops.causal_attention on a fused q|k|v
+projection [T, 4 sequences, 32 positions, 3 D], 4 heads, as the benchmark LM's attention) against PyTorch's
+composition (split, heads, matmul, masked softmax, matmul, merge) and torch.compile of it.  Its floor is the
+larger of its products over the matmul rate (2, 4 and 12 per head per pass: the double backward also runs
+the backward again for the cotangent of the attention weights) and its minimal traffic over the copy
+bandwidth (5, 8 and 24 output-sized tensors: q|k|v counts 3, the weights P, G and dZ one each at S = d_head).
+
     python benchmarks/layers_table.py            # the MAML benchmark's shapes (T=16, 128 rows, D=128 / 512)
     python benchmarks/layers_table.py --quick    # small shapes, a smoke run
 """
@@ -155,6 +162,40 @@ def head_rows(args, device, gen, rate) -> list[list[str]]:
             for i, (pass_name, products) in enumerate((("forward", 1), ("backward", 2), ("double backward", 6)))]
 
 
+def _eager_attention(qkv, n_heads):
+    """PyTorch's composition, as metakernels.models.CausalSelfAttention writes it."""
+    import torch
+
+    *lead, S, width = qkv.shape
+    D = width // 3
+    q, k, v = (t.reshape(*lead, S, n_heads, D // n_heads).transpose(-3, -2) for t in qkv.split(D, -1))
+    hidden = torch.ones(S, S, dtype=torch.bool, device=qkv.device).triu(1)
+    scores = (q @ k.transpose(-2, -1) * (D // n_heads) ** -0.5).masked_fill(hidden, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(-3, -2).reshape(*lead, S, D)
+
+
+def attention_rows(args, device, gen, rate, bandwidth) -> list[list[str]]:
+    import torch
+
+    import metakernels as mk
+
+    heads, seqs, S = 4, 4, args.rows // 4
+    qkv = torch.randn(args.tasks, seqs, S, 3 * args.width, generator=gen).to(device).requires_grad_()
+    unused = torch.zeros(1, device=device, requires_grad=True)  # timings' weight and bias slots
+    eager = lambda x, w, b: _eager_attention(x, heads)  # noqa: E731
+    variants = {"eager": eager, "ours": lambda x, w, b: mk.ops.causal_attention(x, heads)}
+    if not args.no_compile:
+        compiled = torch.compile(_eager_attention, dynamic=False)
+        variants["compile"] = lambda x, w, b: compiled(x, heads)
+    results = {label: timings(fn, qkv, unused, unused, device, args.repeats) for label, fn in variants.items()}
+    product_flops = 2 * args.tasks * seqs * S * S * args.width
+    out_bytes = qkv.numel() // 3 * 4
+    return [_row("causal attention", pass_name, i, results,
+                 max(products * product_flops / rate, moved * out_bytes / bandwidth) / 1e6)
+            for i, (pass_name, products, moved) in enumerate((("forward", 2, 5), ("backward", 4, 8),
+                                                               ("double backward", 12, 24)))]
+
+
 def _row(name, pass_name, i, results, floor):
     """A table row for pass number ``i`` of ``results`` (label -> per-pass ms) with its floor in ms."""
     e, o = results["eager"][i], results["ours"][i]
@@ -219,6 +260,11 @@ def main():
     harness.print_table(header, rows, args.markdown, title="task-batched linear")
     print(f"\nvocabulary head with cross-entropy, V={args.vocab}, median of {args.head_repeats}")
     harness.print_table(header, head_rows(args, device, gen, rate), args.markdown, title="vocabulary head")
+    print(f"\ncausal attention core, {args.tasks} tasks x 4 sequences x {args.rows // 4} positions, 4 heads of "
+          f"{args.width // 4}: floor the larger of FLOPs over the matmul rate and bytes over the copy bandwidth")
+    header[-1] = "% of roofline"
+    harness.print_table(header, attention_rows(args, device, gen, rate, bandwidth), args.markdown,
+                        title="causal attention")
 
 
 if __name__ == "__main__":
