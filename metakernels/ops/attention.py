@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .._autograd import cached_signature, twice_differentiable
+from .._autograd import apply, cached_signature, twice_differentiable
 from . import _checks, softmax
 from ._task_batch import run_kernel, shaped, task_vmap
 
@@ -171,4 +171,4 @@ def causal_attention(qkv: torch.Tensor, n_heads: int, scale: float | None = None
     scale = _checks.require_number(op, "scale", (1.0 / math.sqrt(d_head) if d_head else 1.0) if scale is None else scale)
     if qkv.numel() == 0:
         return qkv[..., :d_head * n_heads].clone()
-    return _CausalAttention.apply(qkv, n_heads, scale)[0]
+    return apply(_CausalAttention, qkv, n_heads, scale)[0]

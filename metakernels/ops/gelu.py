@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .._autograd import cached_signature, twice_differentiable
+from .._autograd import apply, cached_signature, twice_differentiable
 from . import _checks
 from ._common import acc_dtype, to_acc
 from ._task_batch import kernel_operands, row_sum, run_kernel, shaped, task_vmap
@@ -144,6 +144,6 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, approximate: st
         return torch.nn.functional.gelu(x + bias.reshape(*bias.shape[:-1], *([1] * (x.dim() - bias.dim())), C),
                                         approximate=approximate)
     if bias.dim() <= 2:
-        return _BiasGelu.apply(x, bias, approximate == "tanh")
+        return apply(_BiasGelu, x, bias, approximate == "tanh")
     N = bias.numel() // C
-    return _BiasGelu.apply(x.reshape(N, -1, C), bias.reshape(N, C), approximate == "tanh").reshape(x.shape)
+    return apply(_BiasGelu, x.reshape(N, -1, C), bias.reshape(N, C), approximate == "tanh").reshape(x.shape)

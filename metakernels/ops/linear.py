@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch._C._functorch import is_batchedtensor
 from torch.overrides import TorchFunctionMode
 
-from .._autograd import cached_signature
+from .._autograd import apply, cached_signature
 from . import _checks
 from ._task_batch import as_tasks, bmm_shaped, shaped, task_count, task_vmap
 
@@ -119,10 +119,10 @@ def task_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """x W^T + b with a per-task (or shared) weight and bias; see the module docstring."""
     N = _check(x, weight, bias)
     if weight.dim() <= 3:
-        return _TaskLinear.apply(x, weight, bias)
+        return apply(_TaskLinear, x, weight, bias)
     O, I = weight.shape[-2:]
-    y = _TaskLinear.apply(as_tasks(x.reshape(N, *x.shape[weight.dim() - 2:]), N), weight.reshape(N, O, I),
-                          None if bias is None else bias.reshape(N, O))
+    y = apply(_TaskLinear, as_tasks(x.reshape(N, *x.shape[weight.dim() - 2:]), N), weight.reshape(N, O, I),
+              None if bias is None else bias.reshape(N, O))
     return y.reshape(*x.shape[:-1], O)
 
 

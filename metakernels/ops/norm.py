@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .._autograd import cached_signature, twice_differentiable
+from .._autograd import apply, cached_signature, twice_differentiable
 from . import _checks
 from ._common import to_acc
 from ._task_batch import as_tasks, kernel_operands, run_kernel, shaped, task_vmap
@@ -184,9 +184,9 @@ def _norm(op, x, weight, bias, eps, centered):
     if x.numel() == 0:
         return x.clone()
     if weight.dim() <= 2:
-        return _Norm.apply(x, weight, bias, float(eps), centered)[0]
-    y, _, _ = _Norm.apply(x.reshape(N, -1, D), weight.reshape(N, D), None if bias is None else bias.reshape(N, D),
-                          float(eps), centered)
+        return apply(_Norm, x, weight, bias, float(eps), centered)[0]
+    y, _, _ = apply(_Norm, x.reshape(N, -1, D), weight.reshape(N, D), None if bias is None else bias.reshape(N, D),
+                    float(eps), centered)
     return y.reshape(x.shape)
 
 

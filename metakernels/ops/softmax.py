@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .._autograd import cached_signature, twice_differentiable
+from .._autograd import apply, cached_signature, twice_differentiable
 from . import _checks
 from ._common import to_acc
 from ._task_batch import run_kernel, shaped, task_vmap
@@ -125,4 +125,4 @@ def causal_softmax(scores: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
                          "(aligned at the end) would leave the first queries no key")
     if scores.numel() == 0:
         return scores.clone()
-    return _CausalSoftmax.apply(scores, scale)
+    return apply(_CausalSoftmax, scores, scale)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .._autograd import cached_signature, twice_differentiable
+from .._autograd import apply, cached_signature, twice_differentiable
 from . import _checks, xent
 from ._task_batch import task_vmap
 
@@ -243,7 +243,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     h3 = h.reshape(N, -1, D)
     if h3.shape[1] == 0:
         raise ValueError(f"{op}: argument 'h' has no rows (shape {_checks.shape_str(h.shape)}); the mean loss is undefined")
-    loss, _ = _LinearCrossEntropy.apply(h3.contiguous(), weight.reshape(N, V, D).contiguous(),
-                                        None if bias is None else bias.reshape(N, V).contiguous(),
-                                        targets.reshape(N, -1), chunk_rows or 0, int(ignore_index))
+    loss, _ = apply(_LinearCrossEntropy, h3.contiguous(), weight.reshape(N, V, D).contiguous(),
+                    None if bias is None else bias.reshape(N, V).contiguous(),
+                    targets.reshape(N, -1), chunk_rows or 0, int(ignore_index))
     return loss.reshape(task_shape)
