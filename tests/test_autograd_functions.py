@@ -33,6 +33,26 @@ def test_every_function_caches_its_forward_signature():
         assert function.forward.__signature__ == inspect.Signature.from_callable(function.forward, follow_wrapped=False)
 
 
+def test_the_cached_signature_binds_like_inspect():
+    """Function.apply binds through torch.autograd.function._bind_default_args: the cached signature's
+    shortcut for all-positional calls gives inspect's result, and every other call is inspect's."""
+    from torch.autograd.function import _bind_default_args
+
+    from metakernels.ops import norm, vocab_head
+
+    forward = norm._Norm.forward
+    plain = inspect.Signature(list(inspect.signature(forward).parameters.values()))
+    for args, kwargs in [((1, 2, 3, 4, 5), None), ((1, 2), {"b": 3, "eps": 4, "centered": 5})]:
+        bound = plain.bind(*args, **(kwargs or {}))
+        assert _bind_default_args(forward, args, kwargs) == (bound.args, bound.kwargs)
+    assert type(inspect.signature(forward).bind(1, 2, 3, 4, 5)).__name__ == "_Positional"
+    with pytest.raises(TypeError):
+        inspect.signature(forward).bind(1, 2, 3)
+    with pytest.raises(TypeError):
+        inspect.signature(forward).bind(1, 2, 3, 4, 5, 6)
+    assert inspect.signature(vocab_head._LinearCrossEntropy.forward).bind(*range(6)).args == tuple(range(6))
+
+
 def _gen():
     return torch.Generator().manual_seed(0)
 
