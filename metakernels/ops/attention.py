@@ -168,7 +168,9 @@ def causal_attention(qkv: torch.Tensor, n_heads: int, scale: float | None = None
         raise ValueError(f"{op}: argument 'qkv' must be [..., S, 3 * n_heads * d_head] (q|k|v of {n_heads} heads "
                          f"each), got shape {_checks.shape_str(qkv.shape)}")
     d_head = qkv.shape[-1] // (3 * n_heads)
-    scale = _checks.require_number(op, "scale", (1.0 / math.sqrt(d_head) if d_head else 1.0) if scale is None else scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d_head) if d_head else 1.0
+    scale = _checks.require_number(op, "scale", scale)
     if qkv.numel() == 0:
         return qkv[..., :d_head * n_heads].clone()
     return apply(_CausalAttention, qkv, n_heads, scale)[0]
