@@ -8,14 +8,14 @@ GPT-2 and of metakernels.models); the result has the heads merged back, ready fo
 Per sequence and head, with q, k, v [S, d_head] and s = ``scale`` (default d_head^-1/2):
 
     forward:          P = causal_softmax(s q k^T),   o = P v
-    backward:         for the cotangents do of o and E of P (E is 0 except inside a double backward):
-                      G = do v^T + E,   dZ = s P (G - rowsum(P G))   (the scores' cotangent),
+    backward:         for the cotangent do of o: G = do v^T,
+                      dZ = s P (G - rowsum(P G))   (the scores' cotangent, the softmax's backward),
                       dq = dZ k,   dk = dZ^T q,   dv = P^T do
-    double backward:  for cotangents (aq, ak, av) of (dq, dk, dv):
-                      A = aq k^T + q ak^T (the cotangent of dZ), and with the causal softmax's double
-                      backward (dG, dP') = (s P (A - rowsum(P A)), s (A (G - rowsum(P G)) - rowsum(P A) G)):
-                      d(do) = P av + dG v,   dE = dG,   dq = dZ ak,   dk = dZ^T aq,   dv = dG^T do,
-                      dP = dP' + do av^T   (carried to q and k by the forward's own backward, as E)
+    double backward:  for cotangents (aq, ak, av) of (dq, dk, dv): A = aq k^T + q ak^T (the cotangent of
+                      dZ); the causal softmax's double backward gives the cotangents of G and P,
+                      dG = s P (A - rowsum(P A)),   dP = s (A (G - rowsum(P G)) - rowsum(P A) G) + do av^T,
+                      and P's own backward carries dP to the scores, dZp = s P (dP - rowsum(P dP)):
+                      d(do) = P av + dG v,   dq = dZ ak + dZp k,   dk = dZ^T aq + dZp^T q,   dv = dG^T do
 
 Every product is a ``torch.bmm`` over (sequences x heads) at once; every per-row chain is one of the causal
 softmax's fused kernels (metakernels.ops.softmax: C++ CPU, CUDA, Triton, reference).  The op records one
@@ -75,8 +75,8 @@ def _softmax(name: str, device, *args):
 
 @cached_signature
 class _CausalAttention(torch.autograd.Function):
-    """(o, P) for qkv [..., S, 3 D]: o [..., S, D], P [..., H, S, S] (differentiable, so that the double
-    backward's cotangent of P reaches q and k through this node)."""
+    """(o, P) for qkv [..., S, 3 D]: o [..., S, D], and the attention weights P [..., H, S, S] (saved for
+    the backward, not differentiable)."""
 
     @staticmethod
     def forward(qkv, n_heads, scale):
@@ -90,16 +90,12 @@ class _CausalAttention(torch.autograd.Function):
         qkv, n_heads, scale = inputs
         ctx.save_for_backward(qkv, output[1])
         ctx.n_heads, ctx.scale = n_heads, scale
-        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, do, dp):
-        if do is None and dp is None:
-            return None, None, None
+    def backward(ctx, do, _dp):
         qkv, p = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros((*qkv.shape[:-1], qkv.shape[-1] // 3), dtype=qkv.dtype, device=qkv.device)
-        return _CausalAttentionBackward.apply(do, dp, qkv, p, ctx.n_heads, ctx.scale)[0], None, None
+        return _CausalAttentionBackward.apply(do, qkv, p, ctx.n_heads, ctx.scale)[0], None, None
 
     @staticmethod
     def vmap(info, in_dims, qkv, n_heads, scale):
@@ -108,15 +104,15 @@ class _CausalAttention(torch.autograd.Function):
 
 @cached_signature
 class _CausalAttentionBackward(torch.autograd.Function):
-    """(dqkv, G, dZ) = the attention core's backward at (do, E, qkv, P) (E may be None); G and dZ
-    [..., H, S, S] are kept for the double backward and are not differentiable."""
+    """(dqkv, G, dZ) = the attention core's backward at (do, qkv, P); G and dZ [..., H, S, S] are kept for
+    the double backward and are not differentiable.  P is the forward's (a function of qkv, not an
+    independent input): the double backward carries its cotangent to q and k itself."""
 
     @staticmethod
-    def forward(do, dp, qkv, p, n_heads, scale):
+    def forward(do, qkv, p, n_heads, scale):
         q, k, v = _split_heads(qkv, n_heads)
         do3, p3 = _heads(do, n_heads), _rows(p)
-        vt = v.transpose(1, 2)
-        g = torch.bmm(do3, vt) if dp is None else torch.baddbmm(_rows(dp), do3, vt)
+        g = torch.bmm(do3, v.transpose(1, 2))
         dz = _softmax("backward", qkv.device, g, p3, scale)
         grads = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device)
         torch.bmm(dz, k, out=grads[0])
@@ -126,10 +122,10 @@ class _CausalAttentionBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        do, dp, qkv, p, n_heads, scale = inputs
+        do, qkv, p, n_heads, scale = inputs
         _, g, dz = output
         ctx.save_for_backward(do, qkv, p, g, dz)
-        ctx.n_heads, ctx.scale, ctx.has_dp = n_heads, scale, dp is not None
+        ctx.n_heads, ctx.scale = n_heads, scale
         ctx.mark_non_differentiable(g, dz)
 
     @staticmethod
@@ -142,18 +138,17 @@ class _CausalAttentionBackward(torch.autograd.Function):
         do3, p3, g3, dz3 = _heads(do, H), _rows(p), _rows(g), _rows(dz)
         big_a = torch.baddbmm(torch.bmm(aq, k.transpose(1, 2)), q, ak.transpose(1, 2))
         dg, dp = _softmax("double_backward", qkv.device, big_a, g3, p3, ctx.scale)
-        dp = torch.baddbmm(dp, do3, av.transpose(1, 2))
+        dz_p = _softmax("backward", qkv.device, torch.baddbmm(dp, do3, av.transpose(1, 2)), p3, ctx.scale)
         ddo = torch.baddbmm(torch.bmm(p3, av), dg, v)
         grads = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device)
-        torch.bmm(dz3, ak, out=grads[0])
-        torch.bmm(dz3.transpose(1, 2), aq, out=grads[1])
+        torch.baddbmm(torch.bmm(dz3, ak), dz_p, k, out=grads[0])
+        torch.baddbmm(torch.bmm(dz3.transpose(1, 2), aq), dz_p.transpose(1, 2), q, out=grads[1])
         torch.bmm(dg.transpose(1, 2), do3, out=grads[2])
-        return (_merged(ddo, do.shape), shaped(dg, p.shape) if ctx.has_dp else None, _merged(grads, qkv.shape),
-                shaped(dp, p.shape), None, None)
+        return _merged(ddo, do.shape), _merged(grads, qkv.shape), None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, do, dp, qkv, p, n_heads, scale):
-        return task_vmap(_CausalAttentionBackward.apply, info, in_dims, (do, dp, qkv, p, n_heads, scale))
+    def vmap(info, in_dims, do, qkv, p, n_heads, scale):
+        return task_vmap(_CausalAttentionBackward.apply, info, in_dims, (do, qkv, p, n_heads, scale))
 
 
 # ------------------------------------------------------------------------------------------ public
