@@ -19,9 +19,9 @@ same matmul-rate floor counting the products a head that keeps its logits needs 
 A fourth table times the causal attention core (metakernels.ops.causal_attention on a fused q|k|v
 projection [T, 4 sequences, 32 positions, 3 D], 4 heads, as the benchmark LM's attention) against PyTorch's
 composition (split, heads, matmul, masked softmax, matmul, merge) and torch.compile of it.  Its floor is the
-larger of its products over the matmul rate (2, 4 and 12 per head per pass: the double backward also runs
-the backward again for the cotangent of the attention weights) and its minimal traffic over the copy
-bandwidth (5, 8 and 24 output-sized tensors: q|k|v counts 3, the weights P, G and dZ one each at S = d_head).
+larger of its products over the matmul rate (2, 4 and 10 per head per pass) and its minimal traffic over
+the copy bandwidth (5, 8 and 14 output-sized tensors: q|k|v and its cotangents count 3, the weights P, G
+and dZ one each at S = d_head).
 
     python benchmarks/layers_table.py            # the MAML benchmark's shapes (T=16, 128 rows, D=128 / 512)
     python benchmarks/layers_table.py --quick    # small shapes, a smoke run
@@ -193,7 +193,7 @@ def attention_rows(args, device, gen, rate, bandwidth) -> list[list[str]]:
     return [_row("causal attention", pass_name, i, results,
                  max(products * product_flops / rate, moved * out_bytes / bandwidth) / 1e6)
             for i, (pass_name, products, moved) in enumerate((("forward", 2, 5), ("backward", 4, 8),
-                                                               ("double backward", 12, 24)))]
+                                                               ("double backward", 10, 14)))]
 
 
 def _row(name, pass_name, i, results, floor):
