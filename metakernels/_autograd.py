@@ -102,8 +102,10 @@ def apply(function, *args):
     functorch reaches the rule through a Python higher-order-operator dispatch that flattens and rebuilds
     the operands and outputs as pytrees and binds the arguments twice: ~150-200 us a call, for ~110 calls
     of a meta-step's forward passes.  The direct path does what that dispatch does for this case: unwrap
-    the operands batched at the vmap's level, run the rule one level down, wrap the outputs.  Any other
-    transform stack (nested vmaps, grad, jvp) goes through functorch itself."""
+    the operands batched at the vmap's level, run the rule one level down, wrap the outputs.  The rule runs
+    without ``__torch_function__`` handling: a torch function mode of the caller (such as the inner loop's
+    TaskLinearMode) would otherwise see each of the op's internal reshapes and products (~1.4 us each).
+    Any other transform stack (nested vmaps, grad, jvp) goes through functorch itself."""
     stack = _functorch.get_interpreter_stack()
     if stack is None or len(stack) != 1 or stack[0].key() != TransformType.Vmap:
         return function.apply(*args)
@@ -116,7 +118,7 @@ def apply(function, *args):
         in_dims.append(dim)
     if all(dim is None for dim in in_dims):
         return function.apply(*args)
-    with interpreter.lower():
+    with interpreter.lower(), torch._C.DisableTorchFunction():  # the rule's internals, not the caller's modes
         outputs, out_dims = function.vmap(VmapInfo(interpreter.batch_size(), interpreter.randomness()),
                                           tuple(in_dims), *plain)
 
