@@ -50,16 +50,26 @@ def test_values_and_two_derivatives_equal_pytorch(backend, shape, heads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
 
 
-def test_float32_and_bfloat16_against_float64(backend):
+def _two_derivatives(fn, qkv, g, probe):
+    y = fn(qkv)
+    (d,) = torch.autograd.grad(y, qkv, g.to(y.dtype), create_graph=True)
+    (dd,) = torch.autograd.grad((d * probe.to(d.dtype)).sum(), qkv)
+    return y, d, dd
+
+
+def test_float32_and_bfloat16_against_float64_to_second_order(backend):
     name, device = backend
     dtypes = [torch.float32] if triton_interpreted(name) else [torch.float32, torch.bfloat16]
     qkv = _qkv((2, 3, 33, 24), device, 5)
-    want = _attention_torch(qkv, 2).detach()
-    for dtype, tol in zip(dtypes, (1e-5, 3e-2)):
-        got = mk.ops.causal_attention(qkv.detach().to(dtype), 2)
-        assert got.dtype == dtype
-        err = (got.double() - want).abs().max().item()
-        assert err <= tol * (want.abs().max().item() + 1), (dtype, err)
+    g, probe = _qkv((2, 3, 33, 8), device, 6).detach(), _qkv((2, 3, 33, 24), device, 7).detach()
+    want = _two_derivatives(lambda t: _attention_torch(t, 2), qkv, g, probe)
+    for dtype, tol in zip(dtypes, (1e-5, 2e-2)):
+        got = _two_derivatives(lambda t: mk.ops.causal_attention(t, 2), qkv.detach().to(dtype).requires_grad_(),
+                               g, probe)
+        for what, a, b in zip(("values", "first derivative", "second derivative"), got, want):
+            assert a.dtype == dtype
+            err = (a.double() - b).abs().max().item()
+            assert err <= tol * (b.abs().max().item() + 1), (dtype, what, err)
 
 
 def test_gradcheck_and_gradgradcheck(backend):
