@@ -33,6 +33,7 @@ import torch
 from .._autograd import apply, cached_signature, twice_differentiable
 from . import _checks, softmax
 from ._task_batch import run_kernel, shaped, task_vmap
+from .softmax import _rows  # [..., S_q, S_k] -> the softmax kernels' contiguous [N, S_q, S_k]
 
 
 # ---------------------------------------------------------------------------------------- layout
@@ -60,11 +61,6 @@ def _merged(per_head: torch.Tensor, shape) -> torch.Tensor:
     H = shape[-1] // (parts * d)
     out.view(-1, S, parts, H, d).copy_(per_head.view(parts, -1, H, S, d).permute(1, 3, 0, 2, 4))
     return out
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., H, S, S] -> the softmax kernels' contiguous [M H, S, S]."""
-    return t.reshape(-1, *t.shape[-2:]).contiguous()
 
 
 def _softmax(name: str, device, *args):
@@ -111,7 +107,7 @@ class _CausalAttentionBackward(torch.autograd.Function):
     @staticmethod
     def forward(do, qkv, p, n_heads, scale):
         q, k, v = _split_heads(qkv, n_heads)
-        do3, p3 = _heads(do, n_heads), _rows(p)
+        do3, (p3,) = _heads(do, n_heads), _rows(p)
         g = torch.bmm(do3, v.transpose(1, 2))
         dz = _softmax("backward", qkv.device, g, p3, scale)
         grads = torch.empty((3, *q.shape), dtype=q.dtype, device=q.device)
@@ -135,7 +131,7 @@ class _CausalAttentionBackward(torch.autograd.Function):
         H = ctx.n_heads
         q, k, v = _split_heads(qkv, H)
         aq, ak, av = _split_heads(a, H)
-        do3, p3, g3, dz3 = _heads(do, H), _rows(p), _rows(g), _rows(dz)
+        do3, (p3, g3, dz3) = _heads(do, H), _rows(p, g, dz)
         big_a = torch.baddbmm(torch.bmm(aq, k.transpose(1, 2)), q, ak.transpose(1, 2))
         dg, dp = _softmax("double_backward", qkv.device, big_a, g3, p3, ctx.scale)
         dz_p = _softmax("backward", qkv.device, torch.baddbmm(dp, do3, av.transpose(1, 2)), p3, ctx.scale)
