@@ -18,6 +18,14 @@
 #define MK_CPU_CLONES_FMA __attribute__((noinline))
 #endif
 
+// Helpers of a cloned function: inlined into it, so that each clone compiles them for its own target (a
+// helper left out of line is compiled once, for the baseline ISA).
+#if defined(__GNUC__)
+#define MK_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define MK_CPU_INLINE inline
+#endif
+
 // The learned optimizer's MLP also has an instance with 512-bit vectors, compiled for x86-64-v4 and
 // called where the CPU has AVX-512 F, BW, CD, DQ and VL (chosen at run time, csrc/cpu/lopt.cpp) unless
 // switched off (metakernels._C.set_cpu_avx512, so that tests reach the AVX2 instance on any machine).

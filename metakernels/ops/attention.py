@@ -17,12 +17,17 @@ Per sequence and head, with q, k, v [S, d_head] and s = ``scale`` (default d_hea
                       and P's own backward carries dP to the scores, dZp = s P (dP - rowsum(P dP)):
                       d(do) = P av + dG v,   dq = dZ ak + dZp k,   dk = dZ^T aq + dZp^T q,   dv = dG^T do
 
-Every product is a ``torch.bmm`` over (sequences x heads) at once; every per-row chain is one of the causal
-softmax's fused kernels (metakernels.ops.softmax: C++ CPU, CUDA, Triton, reference).  The op records one
-autograd node per pass: the head split and merge, which a model would otherwise write as views and
-transposes (a node each in every pass, and copies in the products), happen inside.  The forward stores
-only P besides its input (what PyTorch's composition stores too); the backward keeps G and dZ for the
-double backward.  The triple derivative raises (``_autograd.twice_differentiable``).
+On the cpu backend each pass is one C++ kernel (csrc/cpu/attention.cpp): per (sequence, head) block, the
+products register-blocked over the visible (causal) entries only, the softmax's reductions over the keys
+vectorised across queries, q, k, v read from and the gradients written into the fused rows.  On the
+other backends every product is a ``torch.bmm`` over (sequences x heads) at once and every per-row chain
+one of the causal softmax's fused kernels (metakernels.ops.softmax: CUDA, Triton, reference).  The op
+records one autograd node per pass: the head split and merge, which a model would otherwise write as
+views and transposes (a node each in every pass, and copies in the products), happen inside.  The
+forward stores only P besides its input (what PyTorch's composition stores too); a backward that can be
+differentiated again keeps G and dZ for the double backward (the cpu kernel writes G's entries above the
+diagonal as 0: P multiplies every use of them).  The triple derivative raises
+(``_autograd.twice_differentiable``).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import math
 
 import torch
 
+from .. import _backend
 from .._autograd import apply, cached_signature, twice_differentiable
 from . import _checks, softmax
 from ._task_batch import run_kernel, shaped, task_vmap
@@ -67,6 +73,18 @@ def _softmax(name: str, device, *args):
     return run_kernel(f"softmax_{name}", getattr(softmax, f"reference_{name}"), device, *args)
 
 
+def _fused_kernels(device):
+    """The compiled extension where the cpu backend runs the call: its kernels compute the forward and the
+    backward of the whole core per (sequence, head) block (csrc/cpu/attention.cpp).  None elsewhere: the
+    other backends compose batched products with the causal softmax's kernels of that backend."""
+    return _backend.extension() if _backend.select(device, "attention") == "cpu" else None
+
+
+def _sequences(t: torch.Tensor, last: int) -> torch.Tensor:
+    """t [..., S, last] as the kernels' contiguous [M, S, last]."""
+    return t.reshape(-1, t.shape[-2], last).contiguous()
+
+
 # ---------------------------------------------------------------------------------- autograd wiring
 
 @cached_signature
@@ -76,6 +94,10 @@ class _CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(qkv, n_heads, scale):
+        kernels = _fused_kernels(qkv.device)
+        if kernels is not None:
+            o, p = kernels.attention_forward(_sequences(qkv, qkv.shape[-1]), n_heads, scale)
+            return o.view(*qkv.shape[:-1], o.shape[-1]), p.view(*qkv.shape[:-2], *p.shape[1:])
         q, k, v = _split_heads(qkv, n_heads)
         p = _softmax("forward", qkv.device, torch.bmm(q, k.transpose(1, 2)), scale)
         o = _merged(torch.bmm(p, v), (*qkv.shape[:-1], qkv.shape[-1] // 3))
@@ -91,6 +113,13 @@ class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dp):
         qkv, p = ctx.saved_tensors
+        kernels = _fused_kernels(qkv.device)
+        if kernels is not None and not torch.is_grad_enabled():  # no double backward can follow: no G, dZ
+            S = qkv.shape[-2]
+            dqkv, _, _ = kernels.attention_backward(_sequences(do, do.shape[-1]), _sequences(qkv, qkv.shape[-1]),
+                                                    p.reshape(-1, ctx.n_heads, S, S).contiguous(), ctx.n_heads,
+                                                    ctx.scale, False)
+            return dqkv.view(qkv.shape), None, None
         return _CausalAttentionBackward.apply(do, qkv, p, ctx.n_heads, ctx.scale)[0], None, None
 
     @staticmethod
@@ -106,6 +135,12 @@ class _CausalAttentionBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(do, qkv, p, n_heads, scale):
+        kernels = _fused_kernels(qkv.device)
+        if kernels is not None:
+            S = qkv.shape[-2]
+            dqkv, g, dz = kernels.attention_backward(_sequences(do, do.shape[-1]), _sequences(qkv, qkv.shape[-1]),
+                                                     p.reshape(-1, n_heads, S, S).contiguous(), n_heads, scale, True)
+            return dqkv.view(qkv.shape), g.view(p.shape), dz.view(p.shape)
         q, k, v = _split_heads(qkv, n_heads)
         do3, (p3,) = _heads(do, n_heads), _rows(p)
         g = torch.bmm(do3, v.transpose(1, 2))
@@ -129,6 +164,13 @@ class _CausalAttentionBackward(torch.autograd.Function):
     def backward(ctx, a, _g, _dz):
         do, qkv, p, g, dz = ctx.saved_tensors
         H = ctx.n_heads
+        kernels = _fused_kernels(qkv.device)
+        if kernels is not None:
+            S = qkv.shape[-2]
+            squares = (t.reshape(-1, H, S, S).contiguous() for t in (p, g, dz))
+            ddo, dqkv = kernels.attention_double_backward(_sequences(a, a.shape[-1]), _sequences(do, do.shape[-1]),
+                                                          _sequences(qkv, qkv.shape[-1]), *squares, H, ctx.scale)
+            return ddo.view(do.shape), dqkv.view(qkv.shape), None, None, None
         q, k, v = _split_heads(qkv, H)
         aq, ak, av = _split_heads(a, H)
         do3, (p3, g3, dz3) = _heads(do, H), _rows(p, g, dz)
