@@ -271,6 +271,16 @@ MK_CPU_INLINE acc_t* load_part(const void* fused, const Block& b, int part, Scra
   return dst;
 }
 
+// The three parts of a fused [M, S, 3 D] tensor's block: q, k, v (or their cotangents).
+template <typename acc_t>
+struct Parts {
+  const acc_t *q, *k, *v;
+};
+template <typename scalar_t, typename acc_t>
+MK_CPU_INLINE Parts<acc_t> load_parts(const void* fused, const Block& b, Scratch<acc_t>& s) {
+  return {load_part<scalar_t>(fused, b, 0, s), load_part<scalar_t>(fused, b, 1, s), load_part<scalar_t>(fused, b, 2, s)};
+}
+
 template <typename scalar_t, typename acc_t>
 MK_CPU_INLINE acc_t* load_merged(const void* merged, const Block& b, Scratch<acc_t>& s) {
   acc_t* dst = s.take(b.S * b.d);
@@ -298,9 +308,7 @@ MK_CPU_CLONES_FMA void forward_block(const AttentionArgs& a, int64_t block, Scra
   using acc_t = acc_of<scalar_t>;
   const Block b(a, block);
   const int64_t S = b.S, d = b.d;
-  const acc_t* q = load_part<scalar_t>(a.qkv, b, 0, s);
-  const acc_t* k = load_part<scalar_t>(a.qkv, b, 1, s);
-  const acc_t* v = load_part<scalar_t>(a.qkv, b, 2, s);
+  const auto [q, k, v] = load_parts<scalar_t>(a.qkv, b, s);
   acc_t *pT = s.take(S * S), *o = s.take(S * d);
   causal_products(k, transposed(q, b, s), S, d, pT, false);
   for (int64_t j = 0; j < S; ++j) {
@@ -320,9 +328,7 @@ MK_CPU_CLONES_FMA void backward_block(const AttentionArgs& a, int64_t block, Scr
   using acc_t = acc_of<scalar_t>;
   const Block b(a, block);
   const int64_t S = b.S, d = b.d;
-  const acc_t* q = load_part<scalar_t>(a.qkv, b, 0, s);
-  const acc_t* k = load_part<scalar_t>(a.qkv, b, 1, s);
-  const acc_t* v = load_part<scalar_t>(a.qkv, b, 2, s);
+  const auto [q, k, v] = load_parts<scalar_t>(a.qkv, b, s);
   const acc_t* dout = load_merged<scalar_t>(a.dout, b, s);
   const acc_t* pT = load_square<scalar_t>(a.p, b, a.H, s);
   acc_t *gT = s.take(S * S), *dzT = s.take(S * S), *grad = s.take(S * d);
@@ -348,12 +354,8 @@ MK_CPU_CLONES_FMA void double_backward_block(const AttentionArgs& a, int64_t blo
   const Block b(a, block);
   const int64_t S = b.S, d = b.d;
   const acc_t scale = static_cast<acc_t>(a.scale);
-  const acc_t* q = load_part<scalar_t>(a.qkv, b, 0, s);
-  const acc_t* k = load_part<scalar_t>(a.qkv, b, 1, s);
-  const acc_t* v = load_part<scalar_t>(a.qkv, b, 2, s);
-  const acc_t* aq = load_part<scalar_t>(a.grad_grads, b, 0, s);
-  const acc_t* ak = load_part<scalar_t>(a.grad_grads, b, 1, s);
-  const acc_t* av = load_part<scalar_t>(a.grad_grads, b, 2, s);
+  const auto [q, k, v] = load_parts<scalar_t>(a.qkv, b, s);
+  const auto [aq, ak, av] = load_parts<scalar_t>(a.grad_grads, b, s);
   const acc_t* dout = load_merged<scalar_t>(a.dout, b, s);
   const acc_t* pT = load_square<scalar_t>(a.p, b, a.H, s);
   const acc_t* gT = load_square<scalar_t>(a.g, b, a.H, s);
@@ -388,35 +390,33 @@ MK_CPU_CLONES_FMA void double_backward_block(const AttentionArgs& a, int64_t blo
   store_rows(grad, S, d, dqkv + b.fused(2), 3 * b.D);
 }
 
-template <typename scalar_t, typename BlockFn>
-void for_each_block(const AttentionArgs& a, BlockFn block_fn) {
-  at::parallel_for(0, a.M * a.H, grain_for(a.S * a.S * a.d), [&](int64_t begin, int64_t end) {
-    Scratch<acc_of<scalar_t>> scratch(a.S, a.d);
-    for (int64_t block = begin; block < end; ++block) {
-      scratch.reset();
-      block_fn(a, block, scratch);
-    }
+// Runs block_fn(tag) (the pass's block function for the dtype of `tag`) on every (sequence, head) block.
+template <typename BlockFnFor>
+void for_each_block(DType dtype, const AttentionArgs& a, BlockFnFor block_fn) {
+  with_dtype<float, double, c10::BFloat16, c10::Half>(dtype, [&](auto tag) {
+    const auto run = block_fn(tag);
+    at::parallel_for(0, a.M * a.H, grain_for(a.S * a.S * a.d), [&](int64_t begin, int64_t end) {
+      Scratch<acc_of<decltype(tag)>> scratch(a.S, a.d);
+      for (int64_t block = begin; block < end; ++block) {
+        scratch.reset();
+        run(a, block, scratch);
+      }
+    });
   });
 }
 
 }  // namespace
 
 void attention_forward_cpu(DType dtype, const AttentionArgs& a) {
-  with_dtype<float, double, c10::BFloat16, c10::Half>(dtype, [&](auto tag) {
-    for_each_block<decltype(tag)>(a, forward_block<decltype(tag)>);
-  });
+  for_each_block(dtype, a, [](auto tag) { return forward_block<decltype(tag)>; });
 }
 
 void attention_backward_cpu(DType dtype, const AttentionArgs& a) {
-  with_dtype<float, double, c10::BFloat16, c10::Half>(dtype, [&](auto tag) {
-    for_each_block<decltype(tag)>(a, backward_block<decltype(tag)>);
-  });
+  for_each_block(dtype, a, [](auto tag) { return backward_block<decltype(tag)>; });
 }
 
 void attention_double_backward_cpu(DType dtype, const AttentionArgs& a) {
-  with_dtype<float, double, c10::BFloat16, c10::Half>(dtype, [&](auto tag) {
-    for_each_block<decltype(tag)>(a, double_backward_block<decltype(tag)>);
-  });
+  for_each_block(dtype, a, [](auto tag) { return double_backward_block<decltype(tag)>; });
 }
 
 }  // namespace mk

@@ -80,9 +80,10 @@ def _fused_kernels(device):
     return _backend.extension() if _backend.select(device, "attention") == "cpu" else None
 
 
-def _sequences(t: torch.Tensor, last: int) -> torch.Tensor:
-    """t [..., S, last] as the kernels' contiguous [M, S, last]."""
-    return t.reshape(-1, t.shape[-2], last).contiguous()
+def _flat(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """t with its leading dimensions before the last ``dims`` folded into one, contiguous: the kernels'
+    [M, S, width] sequences (dims=2) and [M, H, S, S] blocks (dims=3)."""
+    return t.reshape(-1, *t.shape[t.dim() - dims:]).contiguous()
 
 
 # ---------------------------------------------------------------------------------- autograd wiring
@@ -96,7 +97,7 @@ class _CausalAttention(torch.autograd.Function):
     def forward(qkv, n_heads, scale):
         kernels = _fused_kernels(qkv.device)
         if kernels is not None:
-            o, p = kernels.attention_forward(_sequences(qkv, qkv.shape[-1]), n_heads, scale)
+            o, p = kernels.attention_forward(_flat(qkv, 2), n_heads, scale)
             return o.view(*qkv.shape[:-1], o.shape[-1]), p.view(*qkv.shape[:-2], *p.shape[1:])
         q, k, v = _split_heads(qkv, n_heads)
         p = _softmax("forward", qkv.device, torch.bmm(q, k.transpose(1, 2)), scale)
@@ -115,10 +116,8 @@ class _CausalAttention(torch.autograd.Function):
         qkv, p = ctx.saved_tensors
         kernels = _fused_kernels(qkv.device)
         if kernels is not None and not torch.is_grad_enabled():  # no double backward can follow: no G, dZ
-            S = qkv.shape[-2]
-            dqkv, _, _ = kernels.attention_backward(_sequences(do, do.shape[-1]), _sequences(qkv, qkv.shape[-1]),
-                                                    p.reshape(-1, ctx.n_heads, S, S).contiguous(), ctx.n_heads,
-                                                    ctx.scale, False)
+            dqkv, _, _ = kernels.attention_backward(_flat(do, 2), _flat(qkv, 2), _flat(p, 3), ctx.n_heads, ctx.scale,
+                                                    False)
             return dqkv.view(qkv.shape), None, None
         return _CausalAttentionBackward.apply(do, qkv, p, ctx.n_heads, ctx.scale)[0], None, None
 
@@ -137,9 +136,7 @@ class _CausalAttentionBackward(torch.autograd.Function):
     def forward(do, qkv, p, n_heads, scale):
         kernels = _fused_kernels(qkv.device)
         if kernels is not None:
-            S = qkv.shape[-2]
-            dqkv, g, dz = kernels.attention_backward(_sequences(do, do.shape[-1]), _sequences(qkv, qkv.shape[-1]),
-                                                     p.reshape(-1, n_heads, S, S).contiguous(), n_heads, scale, True)
+            dqkv, g, dz = kernels.attention_backward(_flat(do, 2), _flat(qkv, 2), _flat(p, 3), n_heads, scale, True)
             return dqkv.view(qkv.shape), g.view(p.shape), dz.view(p.shape)
         q, k, v = _split_heads(qkv, n_heads)
         do3, (p3,) = _heads(do, n_heads), _rows(p)
@@ -166,10 +163,8 @@ class _CausalAttentionBackward(torch.autograd.Function):
         H = ctx.n_heads
         kernels = _fused_kernels(qkv.device)
         if kernels is not None:
-            S = qkv.shape[-2]
-            squares = (t.reshape(-1, H, S, S).contiguous() for t in (p, g, dz))
-            ddo, dqkv = kernels.attention_double_backward(_sequences(a, a.shape[-1]), _sequences(do, do.shape[-1]),
-                                                          _sequences(qkv, qkv.shape[-1]), *squares, H, ctx.scale)
+            ddo, dqkv = kernels.attention_double_backward(_flat(a, 2), _flat(do, 2), _flat(qkv, 2), _flat(p, 3),
+                                                          _flat(g, 3), _flat(dz, 3), H, ctx.scale)
             return ddo.view(do.shape), dqkv.view(qkv.shape), None, None, None
         q, k, v = _split_heads(qkv, H)
         aq, ak, av = _split_heads(a, H)
