@@ -1,5 +1,6 @@
-// The fused causal self-attention core on the CPU (metakernels/ops/attention.py has the derivation and the
-// double backward, which stays a composition of products and the causal softmax's kernels).
+// The fused causal self-attention core on the CPU: forward, backward and double backward, one kernel each
+// (metakernels/ops/attention.py has the derivation and, for the other backends, the composition of batched
+// products and the causal softmax's kernels).
 //
 // Layout: qkv is a contiguous [M, S, 3 D] fused projection, q | k | v along the last dimension, each with
 // H heads of d = D / H contiguous features; o and do are [M, S, D] (heads merged); P, G and dZ are

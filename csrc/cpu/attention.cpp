@@ -288,6 +288,17 @@ MK_CPU_INLINE acc_t* load_merged(const void* merged, const Block& b, Scratch<acc
   return dst;
 }
 
+// Stores an [S, d] result into part `part` of a fused [M, S, 3 D] tensor's block, or into a merged [M, S, D]
+// tensor's block.
+template <typename acc_t, typename scalar_t>
+MK_CPU_INLINE void store_part(const acc_t* rows, const Block& b, int part, scalar_t* fused) {
+  store_rows(rows, b.S, b.d, fused + b.fused(part), 3 * b.D);
+}
+template <typename acc_t, typename scalar_t>
+MK_CPU_INLINE void store_merged(const acc_t* rows, const Block& b, scalar_t* merged) {
+  store_rows(rows, b.S, b.d, merged + b.merged(), b.D);
+}
+
 template <typename acc_t>
 MK_CPU_INLINE acc_t* transposed(const acc_t* rows, const Block& b, Scratch<acc_t>& s) {
   acc_t* dst = s.take(b.d * b.S);
@@ -317,7 +328,7 @@ MK_CPU_CLONES_FMA void forward_block(const AttentionArgs& a, int64_t block, Scra
   }
   causal_softmax_columns(pT, S, s.take(S), s.take(S));
   sum_over_keys(pT, v, S, d, o, false);
-  store_rows(o, S, d, out<scalar_t>(a.out) + b.merged(), b.D);
+  store_merged(o, b, out<scalar_t>(a.out));
   store_transposed(pT, S, out<scalar_t>(a.out_p) + b.square(a.H));
 }
 
@@ -338,11 +349,11 @@ MK_CPU_CLONES_FMA void backward_block(const AttentionArgs& a, int64_t block, Scr
   if (a.out_dz != nullptr) store_transposed(dzT, S, out<scalar_t>(a.out_dz) + b.square(a.H));
   scalar_t* dqkv = out<scalar_t>(a.out);
   sum_over_keys(dzT, k, S, d, grad, false);
-  store_rows(grad, S, d, dqkv + b.fused(0), 3 * b.D);
+  store_part(grad, b, 0, dqkv);
   sum_over_queries(dzT, q, S, d, grad, false);
-  store_rows(grad, S, d, dqkv + b.fused(1), 3 * b.D);
+  store_part(grad, b, 1, dqkv);
   sum_over_queries(pT, dout, S, d, grad, false);
-  store_rows(grad, S, d, dqkv + b.fused(2), 3 * b.D);
+  store_part(grad, b, 2, dqkv);
 }
 
 // double backward, for the cotangents (aq, ak, av) of (dq, dk, dv): A = aq k^T + q ak^T,
@@ -378,16 +389,16 @@ MK_CPU_CLONES_FMA void double_backward_block(const AttentionArgs& a, int64_t blo
   softmax_backward_columns(pT, dpT, S, scale, c, dzpT);
   sum_over_keys(pT, av, S, d, grad, false);
   sum_over_keys(dgT, v, S, d, grad, true);
-  store_rows(grad, S, d, out<scalar_t>(a.out_ddout) + b.merged(), b.D);
+  store_merged(grad, b, out<scalar_t>(a.out_ddout));
   scalar_t* dqkv = out<scalar_t>(a.out);
   sum_over_keys(dzT, ak, S, d, grad, false);
   sum_over_keys(dzpT, k, S, d, grad, true);
-  store_rows(grad, S, d, dqkv + b.fused(0), 3 * b.D);
+  store_part(grad, b, 0, dqkv);
   sum_over_queries(dzT, aq, S, d, grad, false);
   sum_over_queries(dzpT, q, S, d, grad, true);
-  store_rows(grad, S, d, dqkv + b.fused(1), 3 * b.D);
+  store_part(grad, b, 1, dqkv);
   sum_over_queries(dgT, dout, S, d, grad, false);
-  store_rows(grad, S, d, dqkv + b.fused(2), 3 * b.D);
+  store_part(grad, b, 2, dqkv);
 }
 
 // Runs block_fn(tag) (the pass's block function for the dtype of `tag`) on every (sequence, head) block.
