@@ -10,6 +10,7 @@ weights (``create_graph=True`` for second order); the update is a fused op of me
 meta-gradients about 1% off."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -20,6 +21,7 @@ from torch.func import functional_call
 from . import ops
 from .layout import ParamLayout
 from .ops.linear import TaskLinearMode
+from .saved_views import saved_as_copies, storage_held_only_by
 from .tasks import select_tasks
 
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -43,10 +45,16 @@ class InnerOptimizer:
         zeros = torch.zeros(P, dtype=like.dtype, device=like.device)
         return {"sgd": (), "momentum": (zeros,), "adam": (zeros, zeros)}[self.name]
 
-    def descend(self, params, views, losses, state, lr, step: int, layout: ParamLayout, create_graph: bool = False):
+    def descend(self, params, views, losses, state, lr, step: int, layout: ParamLayout, create_graph: bool = False,
+                reuse_holders: int | None = None):
         """(params', state') after update number ``step`` (1-based) of ``params`` ([T, P], or [P] shared by
         the tasks) by the gradient of the summed ``losses`` with respect to ``views``, the per-parameter
         [T, *shape] fast weights the losses were computed from (``layout.unflatten_for_update``).
+
+        reuse_holders: the number of tensors the caller knows to hold ``params``' storage (``params``,
+        ``views`` and the caller's own); when nothing else holds it (no saved tensor: see
+        :mod:`metakernels.saved_views`), plain SGD writes params' into params' memory instead of a new
+        [T, P] tensor, which lowers the step's peak by one [T, P].
 
         Plain SGD with a number as its rate differentiates ``-lr * sum(losses)`` and adds the result onto
         ``params`` while packing it into the flat layout (one pass): the rate rides on the backward's seed,
@@ -62,7 +70,9 @@ class InnerOptimizer:
             raise ValueError(f"the inner loss does not depend on any adapted parameter (inner step {step}); "
                              "check loss_fn, or what 'adapt' selects")
         if plain_sgd:
-            return layout.pack(parts, onto=params), ()
+            in_place = (reuse_holders is not None and params.dim() == 2 and params.is_contiguous()
+                        and storage_held_only_by(params, reuse_holders))
+            return layout.pack(parts, onto=params, in_place=in_place), ()
         return self.step(params, layout.pack(parts, onto=None), state, lr, step)
 
     def step(self, fast, grads, state, lr, step: int):
@@ -161,9 +171,12 @@ def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_f
                    nan_policy: str = "raise", first_task: int = 0) -> torch.Tensor:
     """Fast weights [T, P] after ``steps`` updates from the shared initialisation ``theta0`` [P].
 
-    create_graph: record the inner gradients' graph (second order).  keep_graph=False detaches the
-    weights after every step (adaptation for evaluation, no meta-gradient).  first_task: the index of
-    this batch's first task in the caller's, for error messages."""
+    create_graph: record the inner gradients' graph (second order).  Each step from the second on then
+    saves copies of just the weights its ops read back, not views that pin its whole [T, P] fast weights
+    (:mod:`metakernels.saved_views`), and plain SGD writes the next weights into the memory of the
+    previous ones where nothing else holds it.  keep_graph=False detaches the weights after every step
+    (adaptation for evaluation, no meta-gradient).  first_task: the index of this batch's first task in
+    the caller's, for error messages."""
     if not keep_graph:
         theta0 = theta0.detach()
     params = theta0
@@ -172,10 +185,14 @@ def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_f
         if not params.requires_grad:  # a frozen or detached initialisation still needs inner gradients
             params = (params.expand(T, -1) if params.dim() == 1 else params).detach().requires_grad_()
         views, base = evaluator.layout.unflatten_for_update(params, T)
-        losses = evaluator.losses_of(loss_fn, views, support, T)
-        if nan_policy == "raise":
-            check_finite(losses, "inner (support)", k, first_task)
-        params, state = optimizer.descend(base, views, losses, state, lr, k, evaluator.layout, create_graph)
+        compact = create_graph and keep_graph and k > 1  # step 1's [P] weights are shared, not copied per task
+        with saved_as_copies(params) if compact else contextlib.nullcontext():
+            losses = evaluator.losses_of(loss_fn, views, support, T)
+            if nan_policy == "raise":
+                check_finite(losses, "inner (support)", k, first_task)
+            holders = len(views) + 2 if compact else None  # params, base and the views hold its storage
+            params, state = optimizer.descend(base, views, losses, state, lr, k, evaluator.layout, create_graph,
+                                              reuse_holders=holders)
         if not keep_graph:
             params = params.detach()
             state = tuple(s.detach() for s in state)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._autograd import cached_signature
+from .saved_views import storage_held_only_by
 
 AdaptSpec = None | Callable[[str, nn.Parameter], bool] | Iterable[str]
 
@@ -73,17 +74,32 @@ class ParamLayout:
         *views, same = _Unflatten.apply(params, self._spec, True)
         return dict(zip(self.names, views)), same
 
-    def pack(self, parts, onto: torch.Tensor | None) -> torch.Tensor:
+    def pack(self, parts, onto: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
         """``onto`` ([..., P], or [P] broadcast over the parts' leading dimensions) plus the per-parameter
         tensors ``parts`` [..., *shape] (model order, None: zeros) in the flat layout, in one pass;
-        ``onto=None`` packs onto zeros (a [..., P] copy of the parts)."""
-        return _Pack.apply(onto, self._spec, *parts)
+        ``onto=None`` packs onto zeros (a [..., P] copy of the parts).
+
+        in_place: write the result into ``onto``'s memory (contiguous, of the result's shape) and return
+        a new tensor on it, unknown to autograd as an alias.  Only for an ``onto`` whose values nothing
+        reads again: no backward needs them (the backward of this op does not), and no other tensor
+        holds its storage (see :func:`metakernels.saved_views.storage_held_only_by`)."""
+        if in_place and (onto is None or not onto.is_contiguous() or onto.shape[:-1] != _lead(parts, self._spec)):
+            raise ValueError("pack(in_place=True) needs a contiguous onto of the result's shape")
+        return _Pack.apply(onto, self._spec, in_place, *parts)
 
 
 def _views(flat: torch.Tensor, spec) -> tuple[torch.Tensor, ...]:
     numels, shapes = spec
     lead = flat.shape[:-1]
     return tuple(chunk.view((*lead, *s)) for s, chunk in zip(shapes, flat.split(numels, dim=-1)))
+
+
+def _lead(parts, spec):
+    """The leading (task) dimensions of the first present part; None when all are None."""
+    for part, shape in zip(parts, spec[1]):
+        if part is not None:
+            return part.shape[:part.dim() - len(shape)]
+    return None
 
 
 @cached_signature
@@ -102,7 +118,11 @@ class _Unflatten(torch.autograd.Function):
         parts, onto = (grads[:-1], grads[-1]) if ctx.keep_flat else (grads, None)
         if all(g is None for g in parts):
             return onto, None, None
-        return _Pack.apply(onto, ctx.spec, *parts), None, None
+        # Packs into flat's cotangent when nothing else holds it (an inner step's [T, P] cotangent in the
+        # meta-backward): one [T, P] less at the pass's peak.
+        in_place = (onto is not None and onto.is_contiguous()
+                    and onto.shape[:-1] == _lead(parts, ctx.spec) and storage_held_only_by(onto, 1))
+        return _Pack.apply(onto, ctx.spec, in_place, *parts), None, None
 
 
 @cached_signature
@@ -113,16 +133,21 @@ class _Pack(torch.autograd.Function):
     _Unflatten for the parts."""
 
     @staticmethod
-    def forward(ctx, onto, spec, *parts):
+    def forward(ctx, onto, spec, in_place, *parts):
         ctx.spec, ctx.present = spec, [p is not None for p in parts]
         ctx.onto_shape = None if onto is None else onto.shape
-        leads = [p.shape[:p.dim() - len(shape)] for p, shape in zip(parts, spec[1]) if p is not None]
-        lead = leads[0] if leads else onto.shape[:-1]
-        flat = (onto if onto is not None else next(p for p in parts if p is not None)).new_empty(*lead, sum(spec[0]))
+        lead = _lead(parts, spec)
+        if lead is None:
+            lead = onto.shape[:-1]
+        if in_place:  # onto's memory under a tensor autograd does not see as a view of onto
+            flat = onto.new_empty(0).set_(onto.untyped_storage(), onto.storage_offset(), onto.shape, onto.stride())
+        else:
+            flat = (onto if onto is not None else next(p for p in parts if p is not None)).new_empty(*lead, sum(spec[0]))
         base = (None,) * len(parts) if onto is None else _views(onto, spec)
         for view, part, under in zip(_views(flat, spec), parts, base):
             if part is None:
-                view.zero_() if under is None else view.copy_(under)
+                if not in_place:
+                    view.zero_() if under is None else view.copy_(under)
             elif under is None:
                 view.copy_(part)
             else:
@@ -133,5 +158,5 @@ class _Pack(torch.autograd.Function):
     def backward(ctx, grad_flat):
         views = _Unflatten.apply(grad_flat, ctx.spec, False)
         onto = None if ctx.onto_shape is None else grad_flat.sum_to_size(ctx.onto_shape)
-        return (onto, None,
+        return (onto, None, None,
                 *(v if present else None for v, present in zip(views, ctx.present)))

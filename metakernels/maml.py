@@ -20,6 +20,7 @@ from .inner_loop import NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_fi
 from .layout import AdaptSpec, ParamLayout
 from .nn import fuse_layers
 from .reverse_sweep import add_optional, chunk_meta_gradients
+from .saved_views import saved_as_copies
 from .tasks import select_tasks, task_count
 
 MEMORY_MODES = ("fast", "low")
@@ -165,7 +166,8 @@ class MAML(nn.Module):
         )
         if second_order and not self._second_order_checked:
             self._check_twice_differentiable(fast)
-        losses = self._evaluator.losses(loss_fn, fast, query, T)
+        with saved_as_copies(fast):
+            losses = self._evaluator.losses(loss_fn, fast, query, T)
         if self.nan_policy == "raise":
             check_finite(losses, "query", self.inner_steps, first_task)
         return losses.mean()
