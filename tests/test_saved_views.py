@@ -187,8 +187,8 @@ def test_weights_a_loss_fn_keeps_are_never_overwritten(monkeypatch):
 
 def test_a_meta_gradient_differentiated_again_is_unchanged():
     """A meta-backward with create_graph (its cotangents packed into where nothing else holds them) gives
-    the meta-loss's Hessian-vector product of the sequential reference.  The task loop, not vmap: through vmap's
-    batching rules this third derivative is ~0.4% off, with or without this module (see the MAML docs)."""
+    the meta-loss's Hessian-vector product of the sequential reference.  The task loop, not vmap: through vmap,
+    PyTorch's LayerNorm gets this third derivative ~0.4% off (pytorch/pytorch#175754; see the README)."""
     model = _lm()
     support, query = _tasks(2)
     params = list(model.parameters())
