@@ -12,6 +12,7 @@ void register_gelu_ops(pybind11::module_& m);
 void register_softmax_ops(pybind11::module_& m);
 void register_xent_ops(pybind11::module_& m);
 void register_attention_ops(pybind11::module_& m);
+void register_matmul_ops(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -36,4 +37,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   mk::register_softmax_ops(m);
   mk::register_xent_ops(m);
   mk::register_attention_ops(m);
+  mk::register_matmul_ops(m);
 }

@@ -46,8 +46,11 @@ def triton_interpreted(backend_name: str) -> bool:
 
 def ops_run(fn):
     """fn's result and, in order, every ATen op it ran as (name of its overload packet, the OpOverload, its
-    tensor outputs): what tests count products, allocations and written elements with."""
+    tensor outputs): what tests count products, allocations and written elements with.  Products run as
+    torch.bmm / torch.baddbmm here (metakernels.ops.matmul's "blas" policy), so that they are counted."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from metakernels.ops.matmul import use_policy
 
     ran = []
 
@@ -58,7 +61,7 @@ def ops_run(fn):
             ran.append((func.overloadpacket.__name__, func, outputs))
             return out
 
-    with Record():
+    with use_policy("blas"), Record():
         result = fn()
     return result, ran
 

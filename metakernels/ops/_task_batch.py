@@ -12,6 +12,7 @@ import math
 import torch
 
 from .. import _backend
+from .matmul import task_bmm
 
 
 def _kernels(backend: str, family: str):
@@ -57,18 +58,15 @@ def shaped(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def bmm_shaped(shape, a: torch.Tensor, b: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-    """The batched product a @ b (plus ``start``, broadcast, as ``torch.baddbmm``) as a tensor of ``shape``
+    """The batched product a @ b (plus ``start``, broadcast, as ``torch.baddbmm``; run by
+    :func:`metakernels.ops.matmul.task_bmm`) as a tensor of ``shape``
     (same elements).  Where autograd does not record, the product is written into a new tensor of that
     shape, which is returned itself rather than as a view of the product, so that autograd can add
     further gradients into it in place; where it records, the differentiable product is reshaped."""
     if torch.is_grad_enabled():
-        return shaped(torch.bmm(a, b) if start is None else torch.baddbmm(start, a, b), shape)
+        return shaped(task_bmm(a, b, start), shape)
     out = torch.empty(shape, dtype=a.dtype, device=a.device)
-    product = out.view(a.shape[0], a.shape[1], b.shape[2])
-    if start is None:
-        torch.bmm(a, b, out=product)
-    else:
-        torch.baddbmm(start, a, b, out=product)
+    task_bmm(a, b, start, out=out.view(a.shape[0], a.shape[1], b.shape[2]))
     return out
 
 

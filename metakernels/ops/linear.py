@@ -12,8 +12,8 @@ into one batched matmul).  Per task, with R rows of x:
     double backward:  for cotangents (a, A, c) of (dx, dW, db):
                       dg = a W^T + x A^T + c,   dx = g A,   dW = g^T a
 
-Every product is a ``torch.bmm`` (the vendor BLAS is the kernel); what the op fixes is the order of each
-product's operands.  PyTorch's own batched-matmul backward computes the weight's gradient as x^T g, an
+Every product is a batched matmul (the vendor BLAS, or where it is faster metakernels' float32 kernel:
+metakernels.ops.matmul); what the op fixes is the order of each product's operands.  PyTorch's own batched-matmul backward computes the weight's gradient as x^T g, an
 [I, O] matrix that reaches the weight as a transposed view: the inner loop then copies it transposed into
 the flat fast-weight rows, and adds it to the double backward's [O, I] terms with mismatched strides.
 Here every weight cotangent (dW above, in both derivatives) is computed as an [O, I] product directly.
@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from .._autograd import apply, cached_signature
 from . import _checks
 from ._task_batch import as_tasks, bmm_shaped, shaped, task_count, task_vmap
+from .matmul import task_bmm
 
 
 @cached_signature
@@ -87,7 +88,7 @@ class _TaskLinearBackward(torch.autograd.Function):
         big_a3 = None if big_a is None else big_a.reshape(w3.shape)
         dg = None if c is None else c.reshape(N, 1, w3.shape[1])  # broadcast over the rows by the products
         if a3 is not None and big_a3 is not None:
-            dg = torch.bmm(a3, w3.transpose(1, 2)) if dg is None else torch.baddbmm(dg, a3, w3.transpose(1, 2))
+            dg = task_bmm(a3, w3.transpose(1, 2), dg)
             dg = bmm_shaped(g.shape, x3, big_a3.transpose(1, 2), dg)
         elif a3 is not None or big_a3 is not None:
             left, right = (a3, w3) if a3 is not None else (x3, big_a3)
