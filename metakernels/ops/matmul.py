@@ -116,7 +116,8 @@ def _kernel_applies(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor | None
 def task_bmm(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """``start + a @ b`` per batch item (``torch.baddbmm``; ``torch.bmm`` without start), written into
-    ``out`` ([B, M, N], rows contiguous, not overlapping the operands) when given."""
+    ``out`` ([B, M, N], rows contiguous) when given.  ``out`` may be ``start`` itself (accumulation in
+    place); it must not overlap ``a`` or ``b``."""
     if _kernel_applies(a, b, start):
         if out is None:
             out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
@@ -124,4 +125,6 @@ def task_bmm(a: torch.Tensor, b: torch.Tensor, start: torch.Tensor | None = None
         return out
     if start is None:
         return torch.bmm(a, b) if out is None else torch.bmm(a, b, out=out)
+    if out is start:
+        return out.baddbmm_(a, b)
     return torch.baddbmm(start, a, b) if out is None else torch.baddbmm(start, a, b, out=out)

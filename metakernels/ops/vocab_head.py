@@ -22,7 +22,7 @@ backward: the logits and their tangent u).  A chunk holds whole tasks where they
 so that each task's weight gradient is written once; a task with more rows than that is cut into pieces
 of rows; an explicit ``chunk_rows`` takes that many rows of every task per chunk.  A vmap rule stacks the
 tasks of ``torch.vmap`` into one batched call, reading per-task weights where they are (views into the
-flat fast weights are not copied).  The passes are batched matrix products (the vendor BLAS) and, for
+flat fast weights are not copied).  The passes are batched matrix products (metakernels.ops.matmul) and, for
 the element-wise work on each chunk of logits, the fused row kernels of metakernels.ops.xent (C++ CPU,
 CUDA, Triton, reference; one or two reads of a row where the PyTorch composition made four to eight
 passes); the triple derivative raises (_autograd.twice_differentiable).
@@ -34,6 +34,7 @@ import torch
 from .._autograd import apply, cached_signature, twice_differentiable
 from . import _checks, xent
 from ._task_batch import task_vmap
+from .matmul import task_bmm
 
 # NOTE: 2^24 logits (64 MB in fp32) per chunk.  Chunks of rows across all tasks (32 rows per task at V = 32k
 # and 16 tasks) made every chunk read and rewrite the whole [N, V, D] weight gradient: 16 tasks x 128 rows,
@@ -60,7 +61,7 @@ def _chunks(N: int, R: int, V: int, chunk_rows: int) -> list[tuple[slice, slice]
 def _product_into(out, first: bool, a, b):
     """out = a @ b for a task's first chunk of rows, out += a @ b for its next ones (out: the chunk's tasks'
     slice of a weight gradient, summed over rows)."""
-    return torch.bmm(a, b, out=out) if first else out.baddbmm_(a, b)
+    return task_bmm(a, b, out=out) if first else task_bmm(a, b, out, out=out)
 
 
 def _row_sum_into(out, first: bool, x):
@@ -70,9 +71,7 @@ def _row_sum_into(out, first: bool, x):
 
 def _logits(h, w, b):
     """One chunk's logits [n, r, V] from its rows h [n, r, D], weights w [n, V, D] and bias b [n, V] or None."""
-    if b is None:
-        return torch.bmm(h, w.transpose(1, 2))
-    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+    return task_bmm(h, w.transpose(1, 2), None if b is None else b.unsqueeze(1))
 
 
 def _row_weights(targets, ignore_index):
@@ -116,7 +115,7 @@ def _backward(g, h, w, b, targets, lse, rows, ignore_index):
     dh, dw, db = h.new_empty((N, R, D)), h.new_empty((N, V, D)), h.new_empty((N, V))
     for t, r in _chunks(N, R, V, rows):
         delta = xent.backward_(_logits(h[t, r], w[t], _of(b, t)), *_row_operands(lse, targets, c, t, r))
-        torch.bmm(delta, w[t], out=dh[t, r])
+        task_bmm(delta, w[t], out=dh[t, r])
         _product_into(dw[t], r.start == 0, delta.transpose(1, 2), h[t, r])
         _row_sum_into(db[t], r.start == 0, delta)
     return dh, dw, db
@@ -127,9 +126,9 @@ def _logit_tangent(a_h, a_w, a_b, h, w):
     buffer; a None cotangent's term is zero, and its product is skipped (at least one is given)."""
     if a_h is None and a_w is None:
         return a_b.unsqueeze(1).repeat(1, h.shape[1], 1)
-    u = torch.bmm(a_h, w.transpose(1, 2)) if a_h is not None else None
+    u = task_bmm(a_h, w.transpose(1, 2)) if a_h is not None else None
     if a_w is not None:
-        u = torch.bmm(h, a_w.transpose(1, 2)) if u is None else u.baddbmm_(h, a_w.transpose(1, 2))
+        u = task_bmm(h, a_w.transpose(1, 2), u, out=u)
     return u if a_b is None else u.add_(a_b.unsqueeze(1))
 
 
@@ -147,12 +146,12 @@ def _double_backward(a_h, a_w, a_b, g, h, w, b, targets, lse, rows, ignore_index
         s = _logit_tangent(_of(a_h, (t, r)), _of(a_w, t), _of(a_b, t), h[t, r], w[t])
         pu_minus_u_y = xent.double_backward_(delta, s, *_row_operands(lse, targets, c, t, r))
         d_g[t] += (weights[t, r] * pu_minus_u_y.view(delta.shape[:-1])).sum(1)
-        torch.bmm(s, w[t], out=d_h[t, r])
+        task_bmm(s, w[t], out=d_h[t, r])
         if a_w is not None:
-            d_h[t, r].baddbmm_(delta, a_w[t])
+            task_bmm(delta, a_w[t], d_h[t, r], out=d_h[t, r])
         _product_into(d_w[t], first, s.transpose(1, 2), h[t, r])
         if a_h is not None:
-            d_w[t].baddbmm_(delta.transpose(1, 2), a_h[t, r])
+            task_bmm(delta.transpose(1, 2), a_h[t, r], d_w[t], out=d_w[t])
         _row_sum_into(d_b[t], first, s)
     return d_g, d_h, d_w, d_b
 
