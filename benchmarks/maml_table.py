@@ -225,6 +225,20 @@ def matmul_rate(device):
     return 2 * x.shape[0] * 128 * 512 / mlp / 1e6, 2 * q.shape[0] * 32**3 / att / 1e6, harness.matmul_gflops(device)
 
 
+def kernel_rate(device):
+    """GFLOP/s of metakernels' float32 product kernel on the MLP's [16, 128, 128] x [16, 128, 512] product,
+    None where this process does not run it (metakernels.ops.matmul): where it runs, it and not the BLAS
+    sets the products' ceiling."""
+    import torch
+
+    from metakernels.ops import matmul
+
+    if device.type != "cpu" or not matmul.kernel_chosen():
+        return None
+    a, b = torch.randn(16, 128, 128), torch.randn(16, 128, 512)
+    return 2 * 16 * 128 * 128 * 512 / harness.median_ms(lambda: matmul.task_bmm(a, b), device, 20) / 1e6
+
+
 def main():
     args = parse_args()
     if args.child:
@@ -246,11 +260,14 @@ def main():
     results = [_summary(variant, rounds) for variant, rounds in runs.items()]
     flops = count_flops(args)
     mlp_rate, att_rate, big_rate = matmul_rate(torch.device(args.device))
+    own_rate = kernel_rate(torch.device(args.device))
     print(f"torch {torch.__version__}, device={args.device}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, vocab={args.vocab}, "
           f"second order, median of {args.repeats} meta-steps in each of {args.rounds} round(s); allocator: {allocator}"
           + (f"; task_chunk={args.task_chunk} for the metakernels variants" if args.task_chunk else ""))
     print(f"FLOPs per meta-step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); fp32 matmul rate this run: "
-          f"{big_rate:.0f} GFLOP/s at 1024^2, {mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's")
+          f"{big_rate:.0f} GFLOP/s at 1024^2, {mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's"
+          + ("" if own_rate is None else f"; metakernels' product kernel {own_rate:.0f} at the MLP's shape "
+                                         "(the products' ceiling here; the % column divides by the 1024^2 rate)"))
     ref = next((r for r in results if r["variant"] == "metakernels" and "seconds" in r), None)
     l2l = next((r for r in results if r["variant"] == "learn2learn" and "seconds" in r), None)
     header = ["variant", "s / meta-step", "peak MB", "GFLOP/s", "% of matmul rate", "speed vs metakernels",
