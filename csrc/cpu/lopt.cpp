@@ -17,11 +17,13 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "../dispatch.h"
 #include "../lopt_kernels.h"
 #include "clones.h"
+#include "lopt_element_major.h"
 #include "vector_math.h"
 
 namespace mk {
@@ -82,14 +84,12 @@ struct Block {
     lopt_features<kLanes>(c, p, g, s, s_new, f);
   }
 
-  // Loads elements [i, i + n) and runs the MLP (VB-byte vectors) on their normalised features x = f * norm.
-  template <int VB>
-  MK_LANES_INLINE void load_and_forward(const LoptConsts<acc_t>& c, const Rows<scalar_t>& r, int64_t i, int64_t n,
-                        const acc_t* norm, const acc_t* w, int H, int layers, acc_t* act) {
+  // Loads elements [i, i + n) and their normalised features x = f * norm.
+  MK_LANES_INLINE void load_normalised(const LoptConsts<acc_t>& c, const Rows<scalar_t>& r, int64_t i, int64_t n,
+                                       const acc_t* norm) {
     load(c, r, i, n);
     for (int k = 0; k < F; ++k)
       for (int l = 0; l < kLanes; ++l) x[k * kLanes + l] = f[k * kLanes + l] * norm[k];
-    lopt_mlp_forward<kLanes, VB>(w, H, layers, x, act, out);
   }
 };
 
@@ -125,7 +125,8 @@ MK_LANES_INLINE void forward_job(const LoptConsts<acc_t> c, const acc_t* __restr
   alignas(64) acc_t e[kLanes];
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, n - i);
-    b.template load_and_forward<VB>(c, r, i, m, norm, w, H, layers, act);
+    b.load_normalised(c, r, i, m, norm);
+    lopt_mlp_forward<kLanes, VB>(w, H, layers, b.x, act, b.out);
     lopt_exp_lanes(c, b.out + kLanes, e);
     for (int l = 0; l < m; ++l) {
       po[i + l] = static_cast<scalar_t>(b.p[l] - c.step_mult * b.out[l] * e[l]);
@@ -189,14 +190,16 @@ struct BackwardScratch {
 };
 
 // Pass A of the backward for one job; returns c_k = sum_i dx_ik f_ik in c_out and accumulates the
-// weight gradient into dw (double, nw weights) through the partial sums of scratch.dw_lanes, reduced
-// once at the end of the job.
-template <int VB, typename acc_t, typename scalar_t>
-MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
-                                const acc_t* __restrict__ norm, const Rows<scalar_t> r, const OutCotangents<scalar_t> cot,
-                                const LoptArgs& a, const Job& j, int64_t nw, double* __restrict__ dw,
-                                double* __restrict__ c_out, BackwardScratch<acc_t>* scratch) {
-  constexpr int VL = kLoptVecLanes<acc_t, VB>;
+// weight gradient into dw (double, nw weights), once at the end of the job, from acc_t partial sums in
+// scratch.dw_lanes.  kElementMajor: the MLP of lopt_element_major.h (activations [L][H], the weight
+// gradient's sums one per weight; `packed` its weights), else the lanes MLP of lopt_math.h (activations
+// [H][L], kLoptVecLanes partial sums per weight; `packed` unused).
+template <int VB, bool kElementMajor, typename acc_t, typename scalar_t>
+MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, const EmWeights<acc_t>* packed,
+                                  int H, int layers, const acc_t* __restrict__ norm, const Rows<scalar_t> r,
+                                  const OutCotangents<scalar_t> cot, const LoptArgs& a, const Job& j, int64_t nw,
+                                  double* __restrict__ dw, double* __restrict__ c_out, BackwardScratch<acc_t>* scratch) {
+  constexpr int VL = kElementMajor ? 1 : kLoptVecLanes<acc_t, VB>;
   acc_t* __restrict__ dw_lanes = scratch->dw_lanes.data();
   std::fill(dw_lanes, dw_lanes + nw * VL, acc_t(0));
   Block<acc_t, scalar_t> b;
@@ -211,7 +214,9 @@ MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __rest
     acc_t* x = scratch->x.data() + slot * scratch->x_stride;
     acc_t* act = scratch->act.data() + slot * scratch->act_stride;
     acc_t* dz = scratch->dz.data() + slot * scratch->dz_stride;
-    b.template load_and_forward<VB>(c, r, i, m, norm, w, H, layers, act);
+    b.load_normalised(c, r, i, m, norm);
+    if constexpr (kElementMajor) em_mlp_forward<kLanes, VB>(w, *packed, H, layers, b.x, act, b.out);
+    else lopt_mlp_forward<kLanes, VB>(w, H, layers, b.x, act, b.out);
     std::copy(b.x, b.x + F * kLanes, x);
     const acc_t* out = b.out;
     if (cot.gp) load_lanes(cot.gp + i, m, gp);
@@ -225,10 +230,16 @@ MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __rest
       dout[l] = dstep;
       dout[kLanes + l] = dstep * out[l] * c.exp_mult;
     }
-    lopt_mlp_backward<kLanes, VB>(w, H, layers, x, act, dout, dz, dx);
+    if constexpr (kElementMajor) em_mlp_backward<kLanes, VB>(w, *packed, H, layers, act, dout, dz, dx);
+    else lopt_mlp_backward<kLanes, VB>(w, H, layers, x, act, dout, dz, dx);
     if (++slot == kOuterBlocks || i + kLanes >= n) {
-      lopt_mlp_weight_grad<kLanes, VB>(H, layers, slot, scratch->x.data(), scratch->x_stride, scratch->act.data(),
-                                       scratch->act_stride, scratch->dz.data(), scratch->dz_stride, dw_lanes);
+      BackwardScratch<acc_t>& q = *scratch;
+      if constexpr (kElementMajor)
+        em_mlp_weight_grad<kLanes, VB>(H, layers, slot, q.x.data(), q.x_stride, q.act.data(), q.act_stride, q.dz.data(),
+                                       q.dz_stride, dw_lanes);
+      else
+        lopt_mlp_weight_grad<kLanes, VB>(H, layers, slot, q.x.data(), q.x_stride, q.act.data(), q.act_stride,
+                                         q.dz.data(), q.dz_stride, dw_lanes);
       slot = 0;
     }
     for (int k = 0; k < F; ++k)
@@ -248,10 +259,14 @@ MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __rest
     for (int l = 0; l < kLanes; ++l) sum += static_cast<double>(csum[k * kLanes + l]);
     c_out[k] = sum;
   }
-  for (int64_t q = 0; q < nw; ++q) {
-    double sum = 0;
-    for (int i = 0; i < VL; ++i) sum += static_cast<double>(dw_lanes[q * VL + i]);
-    dw[q] += sum;
+  if constexpr (kElementMajor) {
+    em_add_weight_grad(dw_lanes, H, nw, dw);
+  } else {
+    for (int64_t q = 0; q < nw; ++q) {
+      double sum = 0;
+      for (int i = 0; i < VL; ++i) sum += static_cast<double>(dw_lanes[q * VL + i]);
+      dw[q] += sum;
+    }
   }
 }
 
@@ -261,18 +276,18 @@ template <typename... Args>
 MK_CPU_CLONES_FMA void forward_job_256(Args... args) {
   forward_job<kAvx2VectorBytes>(args...);
 }
-template <typename... Args>
+template <bool kElementMajor, typename... Args>
 MK_CPU_CLONES_FMA void backward_job_256(Args... args) {
-  backward_job<kAvx2VectorBytes>(args...);
+  backward_job<kAvx2VectorBytes, kElementMajor>(args...);
 }
 #if MK_CPU_AVX512_PATH
 template <typename... Args>
 MK_CPU_AVX512 void forward_job_512(Args... args) {
   forward_job<kAvx512VectorBytes>(args...);
 }
-template <typename... Args>
+template <bool kElementMajor, typename... Args>
 MK_CPU_AVX512 void backward_job_512(Args... args) {
-  backward_job<kAvx512VectorBytes>(args...);
+  backward_job<kAvx512VectorBytes, kElementMajor>(args...);
 }
 #endif
 
@@ -284,12 +299,23 @@ void run_forward_job(Args... args) {
   forward_job_256(args...);
 }
 
-template <typename... Args>
-void run_backward_job(Args... args) {
+// The vector width of the backward instance that run_backward_job calls.
+inline int backward_vector_bytes() {
 #if MK_CPU_AVX512_PATH
-  if (cpu_uses_avx512()) return backward_job_512(args...);
+  if (cpu_uses_avx512()) return kAvx512VectorBytes;
 #endif
-  backward_job_256(args...);
+  return kAvx2VectorBytes;
+}
+
+// The element-major MLP where the hidden size fills whole vectors of the instance (element_major), the
+// lanes MLP otherwise (small hidden sizes: hidden=4 would fill a quarter of each vector).
+template <typename... Args>
+void run_backward_job(bool element_major, Args... args) {
+#if MK_CPU_AVX512_PATH
+  if (backward_vector_bytes() == kAvx512VectorBytes)
+    return element_major ? backward_job_512<true>(args...) : backward_job_512<false>(args...);
+#endif
+  element_major ? backward_job_256<true>(args...) : backward_job_256<false>(args...);
 }
 
 // Pass B for one job: adds the normaliser's term df_ik = coef_k f_ik.
@@ -364,6 +390,8 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
   const acc_t* w = static_cast<const acc_t*>(a.weights);
   const acc_t* norms = static_cast<const acc_t*>(a.norms);
   std::vector<double> dw_groups(groups * nw, 0.0), c_partial(njobs * F);
+  const bool element_major = a.H % (backward_vector_bytes() / static_cast<int>(sizeof(acc_t))) == 0;
+  const std::unique_ptr<EmWeights<acc_t>> packed(element_major ? new EmWeights<acc_t>(w, a.H, a.layers) : nullptr);
   at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
     BackwardScratch<acc_t> scratch(a.H, a.layers, nw);
     for (int64_t g = gbegin; g < gend; ++g) {
@@ -373,7 +401,7 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
         const OutCotangents<scalar_t> cot{
             a.grad_param_out ? static_cast<const scalar_t*>(a.grad_param_out) + off : nullptr,
             a.grad_state_out ? static_cast<const scalar_t*>(a.grad_state_out) + off : nullptr};
-        run_backward_job(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j), cot, a, j,
+        run_backward_job(element_major, c, w, static_cast<const EmWeights<acc_t>*>(packed.get()), a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j), cot, a, j,
                          nw, &dw_groups[g * nw], &c_partial[k * F], &scratch);
       }
     }

@@ -1,0 +1,317 @@
+// The learned optimizer's MLP on one block of L elements with element-major activations (CPU backward,
+// hidden sizes that fill whole vectors): a[e * H + h] for element e < L and unit h < H.
+//
+// Why: the lanes layout of csrc/lopt_math.h (a[h * L + e]) vectorises over elements, so its weight
+// gradient dW[r][c] = sum_e dz[r][e] a[c][e] keeps one vector of partial sums per weight in memory (92 KB
+// at hidden=32, beyond L1) and reloads it for every few FMAs: ~0.65x the rate of the matvecs.  Element-major,
+// dW[r][c:c+VL] += dz(e, r) a[e][c:c+VL] is a rank-1 update whose register tile stays put over every element
+// of a job, and each layer becomes out[e][o:o+VL] += in(e, k) M[k][o:o+VL]: the input is broadcast one scalar
+// at a time, so it may come in either layout.
+//
+// Every function works on VB-byte vectors of acc_t (VL = VB / sizeof(acc_t) lanes); output widths O are
+// multiples of VL.  Register tiles are kTile elements (or rows) x 2 vectors: 16 accumulators of the 32
+// AVX-512 registers, 8 of the 16 AVX2 ones (enough to cover the FMA latency).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../lopt_math.h"
+
+namespace mk {
+
+template <typename acc_t, int VB>
+struct EmVec {
+  using V = typename LaneVec<acc_t, VB>::type;
+  using Index = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
+  typedef Index IV __attribute__((vector_size(VB)));
+  static constexpr int VL = VB / static_cast<int>(sizeof(acc_t));
+  static constexpr int kTile = VB == 64 ? 8 : 4;
+  static MK_LANES_INLINE V load(const acc_t* p) { return *reinterpret_cast<const V*>(p); }
+};
+
+// out[e * O + o] = epilogue(bias[o] + sum_{k < K} in[e * es + k * ks] M[k * O + o]) for e < L, o < O
+// (bias may be nullptr; kLoptReluMask reads the mask at mask[e * O + o]).  A dense layer is M = W^T; the input
+// cotangent of a dense layer is M = W itself (k the layer's output, o its input).
+template <int L, int VB, LoptEpilogue kEpilogue, typename acc_t>
+MK_LANES_INLINE void em_dense(const acc_t* in, int64_t es, int64_t ks, int K, const acc_t* M, int O,
+                              const acc_t* bias, acc_t* out, const acc_t* mask = nullptr) {
+  using E = EmVec<acc_t, VB>;
+  using V = typename E::V;
+  constexpr int VL = E::VL, kE = E::kTile;
+  static_assert(L % kE == 0, "a block holds whole tiles");
+  const auto tile = [&](auto vectors, int e0, int o0) {
+    constexpr int TV = decltype(vectors)::value;
+    V a[kE][TV];
+#pragma GCC unroll 16
+    for (int i = 0; i < kE; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < TV; ++j) a[i][j] = bias ? E::load(bias + o0 + j * VL) : V{};
+    for (int k = 0; k < K; ++k) {
+      V m[TV];
+#pragma GCC unroll 16
+      for (int j = 0; j < TV; ++j) m[j] = E::load(M + static_cast<int64_t>(k) * O + o0 + j * VL);
+#pragma GCC unroll 16
+      for (int i = 0; i < kE; ++i) {
+        const acc_t x = in[(e0 + i) * es + k * ks];
+#pragma GCC unroll 16
+        for (int j = 0; j < TV; ++j) a[i][j] += x * m[j];
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kE; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < TV; ++j)
+        lopt_store<kEpilogue>(reinterpret_cast<V*>(out), a[i][j], reinterpret_cast<const V*>(mask),
+                              (static_cast<int64_t>(e0 + i) * O + o0) / VL + j);
+  };
+  int o0 = 0;
+  for (; o0 + 2 * VL <= O; o0 += 2 * VL)
+    for (int e0 = 0; e0 < L; e0 += kE) tile(std::integral_constant<int, 2>{}, e0, o0);
+  if (o0 < O)
+    for (int e0 = 0; e0 < L; e0 += kE) tile(std::integral_constant<int, 1>{}, e0, o0);
+}
+
+// Lane j of the result of em_fold_all holds the sum of input vector em_fold_order()[j].
+template <int VL>
+constexpr std::array<int, VL> em_fold_order() {
+  std::array<std::array<int, VL>, VL> id{};  // id[v][lane]: which input vector's sum the lane carries
+  for (int v = 0; v < VL; ++v)
+    for (int l = 0; l < VL; ++l) id[v][l] = v;
+  int n = VL;
+  for (int G = VL; G > 1; G /= 2, n /= 2)
+    for (int m = 0; m < n / 2; ++m) {
+      std::array<int, VL> z{};
+      for (int l = 0; l < VL; ++l) {
+        const int p = l / G, i = l % G;
+        z[l] = i < G / 2 ? id[2 * m][p * G + i] : id[2 * m + 1][p * G + i - G / 2];
+      }
+      id[m] = z;
+    }
+  return id[0];
+}
+
+// Shuffle mask of one fold of group size G: lanes [pG, pG + G/2) from x's group p, [pG + G/2, pG + G) from
+// y's group p, each starting at offset `half` (0 or G/2) within the group.
+template <typename IV, typename Index, int VL, int G, int kHalf, size_t... I>
+constexpr IV em_fold_mask(std::index_sequence<I...>) {
+  return IV{static_cast<Index>(
+      (static_cast<int>(I) % G) < G / 2 ? (static_cast<int>(I) / G) * G + static_cast<int>(I) % G + kHalf
+                                        : VL + (static_cast<int>(I) / G) * G + static_cast<int>(I) % G - G / 2 + kHalf)...};
+}
+
+// The horizontal sums of VL vectors at once: lane j of the result is the sum of the lanes of v[order[j]]
+// (em_fold_order).  log2(VL) levels that each add two shuffles of a pair: VL - 1 additions in all, instead
+// of a shuffle-and-add chain per vector.
+template <typename acc_t, int VB, int G = EmVec<acc_t, VB>::VL>
+MK_LANES_INLINE typename EmVec<acc_t, VB>::V em_fold_all(typename EmVec<acc_t, VB>::V* v) {
+  using E = EmVec<acc_t, VB>;
+  constexpr int VL = E::VL;
+  if constexpr (G == 1) {
+    return v[0];
+  } else {
+    using IV = typename E::IV;
+    constexpr IV lo = em_fold_mask<IV, typename E::Index, VL, G, 0>(std::make_index_sequence<VL>{});
+    constexpr IV hi = em_fold_mask<IV, typename E::Index, VL, G, G / 2>(std::make_index_sequence<VL>{});
+    constexpr int n = G;  // vectors at this level, each holding VL / G groups of G lanes
+#pragma GCC unroll 16
+    for (int m = 0; m < n / 2; ++m)
+      v[m] = __builtin_shuffle(v[2 * m], v[2 * m + 1], lo) + __builtin_shuffle(v[2 * m], v[2 * m + 1], hi);
+    return em_fold_all<acc_t, VB, G / 2>(v);
+  }
+}
+
+// The output layer from element-major activations to lanes: out[k * L + e] = b[k] + sum_h Wo[k * H + h] a[e * H + h],
+// k < 2.
+template <int L, int VB, typename acc_t>
+MK_LANES_INLINE void em_output_layer(const acc_t* Wo, const acc_t* bo, int H, const acc_t* a, acc_t* out) {
+  using E = EmVec<acc_t, VB>;
+  using V = typename E::V;
+  constexpr int VL = E::VL;
+  constexpr std::array<int, VL> order = em_fold_order<VL>();
+  for (int k = 0; k < 2; ++k)
+    for (int e0 = 0; e0 < L; e0 += VL) {
+      V v[VL];
+#pragma GCC unroll 16
+      for (int t = 0; t < VL; ++t) {
+        v[t] = V{};
+        for (int h = 0; h < H; h += VL) v[t] += E::load(a + static_cast<int64_t>(e0 + t) * H + h) * E::load(Wo + k * H + h);
+      }
+      const V sums = em_fold_all<acc_t, VB>(v);
+#pragma GCC unroll 16
+      for (int j = 0; j < VL; ++j) out[k * L + e0 + order[j]] = bo[k] + sums[j];
+    }
+}
+
+// The rank-1 updates of a weight gradient over nb blocks: acc[i * O + o] += sum_b sum_{e < L} P_b(e, i) Q_b[e * O + o]
+// for i < rows, o < O, where P_b(e, i) = P[b * p_stride + e * p_es + i * p_is] and Q_b = Q + b * q_stride.  The
+// tile's accumulators are loaded once and stored once per call.
+template <int L, int VB, typename acc_t>
+MK_LANES_INLINE void em_outer(const acc_t* P, int64_t p_stride, int64_t p_es, int64_t p_is, int rows, const acc_t* Q,
+                              int64_t q_stride, int O, int nb, acc_t* acc) {
+  using E = EmVec<acc_t, VB>;
+  using V = typename E::V;
+  constexpr int VL = E::VL, kE = E::kTile;
+  const auto tile = [&](auto tile_rows, auto vectors, int r0, int o0) {
+    constexpr int TR = decltype(tile_rows)::value, TV = decltype(vectors)::value;
+    V s[TR][TV];
+    V* at = reinterpret_cast<V*>(acc);
+#pragma GCC unroll 16
+    for (int i = 0; i < TR; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < TV; ++j) s[i][j] = at[(static_cast<int64_t>(r0 + i) * O + o0) / VL + j];
+    for (int b = 0; b < nb; ++b) {
+      const acc_t* p = P + b * p_stride + r0 * p_is;
+      const acc_t* q = Q + b * q_stride + o0;
+      for (int e = 0; e < L; ++e) {
+        V x[TV];
+#pragma GCC unroll 16
+        for (int j = 0; j < TV; ++j) x[j] = E::load(q + static_cast<int64_t>(e) * O + j * VL);
+#pragma GCC unroll 16
+        for (int i = 0; i < TR; ++i) {
+          const acc_t w = p[e * p_es + i * p_is];
+#pragma GCC unroll 16
+          for (int j = 0; j < TV; ++j) s[i][j] += w * x[j];
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < TR; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < TV; ++j) at[(static_cast<int64_t>(r0 + i) * O + o0) / VL + j] = s[i][j];
+  };
+  using Two = std::integral_constant<int, 2>;
+  using One = std::integral_constant<int, 1>;
+  using Rows = std::integral_constant<int, kE>;
+  int o0 = 0;
+  const auto column = [&](auto vectors, int o) {
+    int r = 0;
+    for (; r + kE <= rows; r += kE) tile(Rows{}, vectors, r, o);
+    for (; r < rows; ++r) tile(One{}, vectors, r, o);
+  };
+  for (; o0 + 2 * VL <= O; o0 += 2 * VL) column(Two{}, o0);
+  if (o0 < O) column(One{}, o0);
+}
+
+// A bias gradient over nb blocks: acc[o] += sum_b sum_{e < L} Q[b * q_stride + e * O + o], o < O.
+template <int L, int VB, typename acc_t>
+MK_LANES_INLINE void em_column_sums(const acc_t* Q, int64_t q_stride, int O, int nb, acc_t* acc) {
+  using E = EmVec<acc_t, VB>;
+  using V = typename E::V;
+  static_assert(L % 4 == 0, "four partial sums");
+  for (int o = 0; o < O; o += E::VL) {
+    V s[4] = {};  // four partial sums over elements (the add latency)
+    for (int b = 0; b < nb; ++b)
+      for (int e = 0; e < L; e += 4)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) s[u] += E::load(Q + b * q_stride + static_cast<int64_t>(e + u) * O + o);
+    *reinterpret_cast<V*>(acc + o) += (s[0] + s[1]) + (s[2] + s[3]);
+  }
+}
+
+// The feature count padded to whole vectors: the width of em_mlp_backward's element-major input cotangent.
+constexpr int kEmFeaturePad = 16;
+static_assert(kEmFeaturePad >= kLoptFeatures, "the padding holds every feature");
+
+// The MLP weights rearranged for em_dense, built once per call: each hidden layer's W^T ([n_in][H]), then W_1
+// ([H][F]) zero-padded to [H][kEmFeaturePad].
+template <typename acc_t>
+class EmWeights {
+ public:
+  EmWeights(const acc_t* w, int H, int layers)
+      : H_(H), packed_(static_cast<size_t>(offset(layers)) + static_cast<size_t>(H) * kEmFeaturePad, acc_t(0)) {
+    for (int layer = 0; layer < layers; ++layer) {
+      const int n_in = layer == 0 ? kLoptFeatures : H;
+      const acc_t* W = w + lopt_layer_offset(H, layer);
+      acc_t* WT = packed_.data() + offset(layer);
+      for (int r = 0; r < H; ++r)
+        for (int c = 0; c < n_in; ++c) WT[static_cast<int64_t>(c) * H + r] = W[static_cast<int64_t>(r) * n_in + c];
+    }
+    acc_t* padded = packed_.data() + offset(layers);
+    for (int r = 0; r < H; ++r)
+      for (int c = 0; c < kLoptFeatures; ++c) padded[r * kEmFeaturePad + c] = w[r * kLoptFeatures + c];
+  }
+  const acc_t* transposed(int layer) const { return packed_.data() + offset(layer); }
+  const acc_t* first_padded(int layers) const { return packed_.data() + offset(layers); }
+
+ private:
+  int64_t offset(int layer) const {
+    return layer == 0 ? 0 : static_cast<int64_t>(H_) * kLoptFeatures + static_cast<int64_t>(layer - 1) * H_ * H_;
+  }
+  int H_;
+  std::vector<acc_t> packed_;
+};
+
+// MLP forward (the math of lopt_mlp_forward): x [F][L] (lanes) -> act [layers][L][H] (element-major), out [2][L].
+template <int L, int VB, typename acc_t>
+MK_LANES_INLINE void em_mlp_forward(const acc_t* w, const EmWeights<acc_t>& packed, int H, int layers, const acc_t* x,
+                                    acc_t* act, acc_t* out) {
+  const int64_t HL = static_cast<int64_t>(H) * L;
+  const acc_t* in = x;
+  int64_t es = 1, ks = L;
+  int n_in = kLoptFeatures;
+  for (int layer = 0; layer < layers; ++layer) {
+    const acc_t* bias = w + lopt_layer_offset(H, layer) + static_cast<int64_t>(H) * n_in;
+    em_dense<L, VB, kLoptRelu>(in, es, ks, n_in, packed.transposed(layer), H, bias, act + layer * HL);
+    in = act + layer * HL;
+    es = H, ks = 1, n_in = H;
+  }
+  const acc_t* Wo = w + lopt_layer_offset(H, layers);
+  em_output_layer<L, VB>(Wo, Wo + 2 * H, H, act + (layers - 1) * HL, out);
+}
+
+// MLP backward (the math of lopt_mlp_backward): dout [2][L] -> the pre-activation cotangents dz [layers][L][H]
+// (element-major) and dx [F][L] (lanes).
+template <int L, int VB, typename acc_t>
+MK_LANES_INLINE void em_mlp_backward(const acc_t* w, const EmWeights<acc_t>& packed, int H, int layers, const acc_t* act,
+                                     const acc_t* dout, acc_t* dz, acc_t* dx) {
+  const int64_t HL = static_cast<int64_t>(H) * L;
+  em_dense<L, VB, kLoptReluMask>(dout, 1, L, 2, w + lopt_layer_offset(H, layers), H, static_cast<const acc_t*>(nullptr),
+                                 dz + (layers - 1) * HL, act + (layers - 1) * HL);
+  for (int layer = layers - 1; layer >= 1; --layer)
+    em_dense<L, VB, kLoptReluMask>(dz + layer * HL, H, 1, H, w + lopt_layer_offset(H, layer), H,
+                                   static_cast<const acc_t*>(nullptr), dz + (layer - 1) * HL, act + (layer - 1) * HL);
+  alignas(64) acc_t dx_rows[L * kEmFeaturePad];
+  em_dense<L, VB, kLoptLinear>(dz, H, 1, H, packed.first_padded(layers), kEmFeaturePad,
+                               static_cast<const acc_t*>(nullptr), dx_rows);
+  for (int k = 0; k < kLoptFeatures; ++k)
+    for (int e = 0; e < L; ++e) dx[k * L + e] = dx_rows[e * kEmFeaturePad + k];
+}
+
+// The MLP's weight gradient over nb blocks, accumulated into dw (acc_t, the flat weight layout except W_1's
+// gradient, stored transposed as [F][H]: see em_add_weight_grad).  Block b has x at x + b * x_stride [F][L],
+// act at act + b * act_stride [layers][L][H], and dz at dz + b * dz_stride: [layers][L][H] then dout [2][L].
+template <int L, int VB, typename acc_t>
+MK_LANES_INLINE void em_mlp_weight_grad(int H, int layers, int nb, const acc_t* x, int64_t x_stride, const acc_t* act,
+                                        int64_t act_stride, const acc_t* dz, int64_t dz_stride, acc_t* dw) {
+  const int64_t HL = static_cast<int64_t>(H) * L;
+  acc_t* dwo = dw + lopt_layer_offset(H, layers);
+  const acc_t* dout = dz + layers * HL;
+  em_outer<L, VB>(dout, dz_stride, 1, L, 2, act + (layers - 1) * HL, act_stride, H, nb, dwo);
+  for (int k = 0; k < 2; ++k)
+    for (int b = 0; b < nb; ++b) {
+      acc_t sum = 0;
+      for (int e = 0; e < L; ++e) sum += dout[b * dz_stride + k * L + e];
+      dwo[2 * H + k] += sum;
+    }
+  for (int layer = layers - 1; layer >= 1; --layer) {
+    acc_t* dW = dw + lopt_layer_offset(H, layer);
+    em_outer<L, VB>(dz + layer * HL, dz_stride, H, 1, H, act + (layer - 1) * HL, act_stride, H, nb, dW);
+    em_column_sums<L, VB>(dz + layer * HL, dz_stride, H, nb, dW + static_cast<int64_t>(H) * H);
+  }
+  em_outer<L, VB>(x, x_stride, 1, L, kLoptFeatures, dz, dz_stride, H, nb, dw);
+  em_column_sums<L, VB>(dz, dz_stride, H, nb, dw + static_cast<int64_t>(H) * kLoptFeatures);
+}
+
+// total[q] += dw[q] over the nw weights of the flat layout, un-transposing W_1's gradient (em_mlp_weight_grad).
+template <typename acc_t>
+inline void em_add_weight_grad(const acc_t* dw, int H, int64_t nw, double* total) {
+  for (int r = 0; r < H; ++r)
+    for (int c = 0; c < kLoptFeatures; ++c) total[r * kLoptFeatures + c] += static_cast<double>(dw[c * H + r]);
+  for (int64_t q = static_cast<int64_t>(H) * kLoptFeatures; q < nw; ++q) total[q] += static_cast<double>(dw[q]);
+}
+
+}  // namespace mk
