@@ -7,11 +7,15 @@ import metakernels as mk
 from conftest import triton_interpreted
 from metakernels.ops.learned_update import LoptHyper, num_weights
 
-# (T, segments, hidden, layers): odd sizes, a one-element tensor, tails shorter than a lane block.
+# (T, segments, hidden, layers): odd sizes, a one-element tensor, tails shorter than a lane block.  The CPU
+# backward's element-major MLP (hidden a multiple of the vector width) in both register tiles: 32 (two
+# vectors per tile), 48 and 24 (a one-vector tile left over with 512-bit and 256-bit vectors).
 CASES = [
     (1, [37], 4, 1),
     (3, [185, 1037, 1], 32, 2),
     (2, [5, 70], 8, 3),
+    (1, [70], 48, 2),
+    (2, [45, 19], 24, 1),
 ]
 # Larger multipliers than the defaults so the step is not negligible next to p (the test sees errors).
 HYPER = LoptHyper(step_mult=0.1, exp_mult=0.5)
