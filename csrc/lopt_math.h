@@ -31,10 +31,14 @@
 
 // Always inlined, so that the CPU's AVX2/FMA clone of each job function compiles them for its target
 // (NOTE: left to GCC, lopt_mlp_forward stayed a separate baseline-SSE function: 4.4 GFLOP/s).
+// The lambdas inside them too (MK_LAMBDA_INLINE after the parameter list): GCC may otherwise emit a lambda
+// as its own baseline function (at hidden=32 it did for em_outer's tiles: the backward ran 5x slower).
 #if defined(__CUDACC__)
 #define MK_LANES_INLINE __forceinline__
+#define MK_LAMBDA_INLINE
 #else
 #define MK_LANES_INLINE inline __attribute__((always_inline))
+#define MK_LAMBDA_INLINE __attribute__((always_inline))
 #endif
 
 namespace mk {
@@ -270,7 +274,7 @@ inline __attribute__((always_inline)) void lopt_lanes_outer_tile(const acc_t* dz
   using V = typename LaneVec<acc_t, VB>::type;
   constexpr int R = static_cast<int>(L * sizeof(acc_t) / VB);
   V* acc = reinterpret_cast<V*>(dW_lanes);
-  const auto slot = [&](int i, int k) -> V& {
+  const auto slot = [&](int i, int k) MK_LAMBDA_INLINE -> V& {
     return kBias ? acc[static_cast<int64_t>(rows) * cols + r0 + i] : acc[static_cast<int64_t>(r0 + i) * cols + c0 + k];
   };
   V s[TR][TC];
@@ -314,7 +318,7 @@ inline __attribute__((always_inline)) void lopt_lanes_outer(const acc_t* dz, int
   // accumulators cover the FMA latency.  The other columns and the biases: 8 x 1 tiles down the rows.
   constexpr int kTileRows = VB == 64 ? 2 : 1, kTileCols = 8, kThinRows = 8;
   const int wide_cols = cols - cols % kTileCols;
-  const auto tile = [&](auto tr, auto tc, auto bias, int r0, int c0) {
+  const auto tile = [&](auto tr, auto tc, auto bias, int r0, int c0) MK_LAMBDA_INLINE {
     lopt_lanes_outer_tile<L, VB, decltype(tr)::value, decltype(tc)::value, decltype(bias)::value>(
         dz, dz_stride, in, in_stride, nb, rows, cols, r0, c0, dW_lanes);
   };
@@ -326,7 +330,7 @@ inline __attribute__((always_inline)) void lopt_lanes_outer(const acc_t* dz, int
       tile(std::integral_constant<int, kTileRows>{}, std::integral_constant<int, kTileCols>{}, No{}, r, c);
   for (; r < rows; ++r)
     for (int c = 0; c < wide_cols; c += kTileCols) tile(One{}, std::integral_constant<int, kTileCols>{}, No{}, r, c);
-  const auto thin = [&](auto bias, int c) {
+  const auto thin = [&](auto bias, int c) MK_LAMBDA_INLINE {
     int r = 0;
     for (; r + kThinRows <= rows; r += kThinRows) tile(std::integral_constant<int, kThinRows>{}, One{}, bias, r, c);
     for (; r < rows; ++r) tile(One{}, One{}, bias, r, c);

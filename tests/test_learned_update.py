@@ -16,6 +16,9 @@ CASES = [
     (2, [5, 70], 8, 3),
     (1, [70], 48, 2),
     (2, [45, 19], 24, 1),
+    # hidden=32 has its own compiled instance of the CPU jobs: every layer count through it
+    (1, [70], 32, 1),
+    (2, [33, 64], 32, 3),
 ]
 # Larger multipliers than the defaults so the step is not negligible next to p (the test sees errors).
 HYPER = LoptHyper(step_mult=0.1, exp_mult=0.5)

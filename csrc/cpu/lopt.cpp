@@ -117,16 +117,20 @@ MK_CPU_CLONES_FMA void moments_job(const LoptConsts<acc_t> c, const Rows<scalar_
   }
 }
 
-template <int VB, typename acc_t, typename scalar_t>
-MK_LANES_INLINE void forward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, int H, int layers,
-                                 const acc_t* __restrict__ norm, const Rows<scalar_t> r, int64_t n,
-                                 scalar_t* __restrict__ po, scalar_t* __restrict__ so, acc_t* __restrict__ act) {
+// kElementMajor: the MLP of lopt_element_major.h with the weights `packed`, else the lanes MLP (`packed` unused).
+template <int VB, bool kElementMajor, int kHidden, typename acc_t, typename scalar_t>
+MK_LANES_INLINE void forward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, const EmWeights<acc_t>* packed,
+                                 int hidden, int layers, const acc_t* __restrict__ norm, const Rows<scalar_t> r,
+                                 int64_t n, scalar_t* __restrict__ po, scalar_t* __restrict__ so,
+                                 acc_t* __restrict__ act) {
+  const int H = kHidden ? kHidden : hidden;
   Block<acc_t, scalar_t> b;
   alignas(64) acc_t e[kLanes];
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, n - i);
     b.load_normalised(c, r, i, m, norm);
-    lopt_mlp_forward<kLanes, VB>(w, H, layers, b.x, act, b.out);
+    if constexpr (kElementMajor) em_mlp_forward<kLanes, VB>(w, *packed, H, layers, b.x, act, b.out);
+    else lopt_mlp_forward<kLanes, VB>(w, H, layers, b.x, act, b.out);
     lopt_exp_lanes(c, b.out + kLanes, e);
     for (int l = 0; l < m; ++l) {
       po[i + l] = static_cast<scalar_t>(b.p[l] - c.step_mult * b.out[l] * e[l]);
@@ -194,11 +198,12 @@ struct BackwardScratch {
 // scratch.dw_lanes.  kElementMajor: the MLP of lopt_element_major.h (activations [L][H], the weight
 // gradient's sums one per weight; `packed` its weights), else the lanes MLP of lopt_math.h (activations
 // [H][L], kLoptVecLanes partial sums per weight; `packed` unused).
-template <int VB, bool kElementMajor, typename acc_t, typename scalar_t>
+template <int VB, bool kElementMajor, int kHidden, typename acc_t, typename scalar_t>
 MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, const EmWeights<acc_t>* packed,
-                                  int H, int layers, const acc_t* __restrict__ norm, const Rows<scalar_t> r,
+                                  int hidden, int layers, const acc_t* __restrict__ norm, const Rows<scalar_t> r,
                                   const OutCotangents<scalar_t> cot, const LoptArgs& a, const Job& j, int64_t nw,
                                   double* __restrict__ dw, double* __restrict__ c_out, BackwardScratch<acc_t>* scratch) {
+  const int H = kHidden ? kHidden : hidden;
   constexpr int VL = kElementMajor ? 1 : kLoptVecLanes<acc_t, VB>;
   acc_t* __restrict__ dw_lanes = scratch->dw_lanes.data();
   std::fill(dw_lanes, dw_lanes + nw * VL, acc_t(0));
@@ -271,51 +276,73 @@ MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __rest
 }
 
 // The MLP jobs as compiled functions: 256-bit vectors in the AVX2 and baseline clones, 512-bit vectors
-// in the AVX-512 instance, which run_forward_job / run_backward_job call where the CPU has AVX-512.
-template <typename... Args>
+// in the AVX-512 instance, which run_job calls where the CPU has AVX-512.
+// kHidden > 0 compiles a job for that hidden size (every stride of the MLP a constant: at hidden=32 the
+// runtime strides left GCC short of registers, reloading them from the stack inside the FMA loops);
+// kHidden = 0 takes the hidden size at run time.
+template <bool kElementMajor, int kHidden, typename... Args>
 MK_CPU_CLONES_FMA void forward_job_256(Args... args) {
-  forward_job<kAvx2VectorBytes>(args...);
+  forward_job<kAvx2VectorBytes, kElementMajor, kHidden>(args...);
 }
-template <bool kElementMajor, typename... Args>
+template <bool kElementMajor, int kHidden, typename... Args>
 MK_CPU_CLONES_FMA void backward_job_256(Args... args) {
-  backward_job<kAvx2VectorBytes, kElementMajor>(args...);
+  backward_job<kAvx2VectorBytes, kElementMajor, kHidden>(args...);
 }
 #if MK_CPU_AVX512_PATH
-template <typename... Args>
+template <bool kElementMajor, int kHidden, typename... Args>
 MK_CPU_AVX512 void forward_job_512(Args... args) {
-  forward_job<kAvx512VectorBytes>(args...);
+  forward_job<kAvx512VectorBytes, kElementMajor, kHidden>(args...);
 }
-template <bool kElementMajor, typename... Args>
+template <bool kElementMajor, int kHidden, typename... Args>
 MK_CPU_AVX512 void backward_job_512(Args... args) {
-  backward_job<kAvx512VectorBytes, kElementMajor>(args...);
+  backward_job<kAvx512VectorBytes, kElementMajor, kHidden>(args...);
 }
 #endif
 
-template <typename... Args>
-void run_forward_job(Args... args) {
-#if MK_CPU_AVX512_PATH
-  if (cpu_uses_avx512()) return forward_job_512(args...);
-#endif
-  forward_job_256(args...);
-}
+// The hidden size compiled in its own instance of the jobs: the default one (LearnedOptimizer's hidden=32).
+constexpr int kCompiledHidden = 32;
 
-// The vector width of the backward instance that run_backward_job calls.
-inline int backward_vector_bytes() {
+// The vector width of the job instances that run_job calls.
+inline int job_vector_bytes() {
 #if MK_CPU_AVX512_PATH
   if (cpu_uses_avx512()) return kAvx512VectorBytes;
 #endif
   return kAvx2VectorBytes;
 }
 
-// The element-major MLP where the hidden size fills whole vectors of the instance (element_major), the
-// lanes MLP otherwise (small hidden sizes: hidden=4 would fill a quarter of each vector).
-template <typename... Args>
-void run_backward_job(bool element_major, Args... args) {
+// The element-major MLP where the hidden size fills whole vectors of the instance, the lanes MLP otherwise
+// (small hidden sizes: hidden=4 would fill a quarter of each vector).
+template <typename acc_t>
+bool use_element_major(int H) {
+  return H % (job_vector_bytes() / static_cast<int>(sizeof(acc_t))) == 0;
+}
+
+// The MLP's weights packed for the element-major jobs, or nullptr where the lanes MLP runs.
+template <typename acc_t>
+std::unique_ptr<const EmWeights<acc_t>> pack_for_jobs(const acc_t* w, int H, int layers) {
+  return use_element_major<acc_t>(H) ? std::make_unique<const EmWeights<acc_t>>(w, H, layers) : nullptr;
+}
+
+// Calls the instance of a job (forward or backward) for this CPU's vector width, the MLP's layout and the
+// hidden size.
+template <bool kBackward, bool kElementMajor, int kHidden, typename... Args>
+void call_job(Args... args) {
 #if MK_CPU_AVX512_PATH
-  if (backward_vector_bytes() == kAvx512VectorBytes)
-    return element_major ? backward_job_512<true>(args...) : backward_job_512<false>(args...);
+  if (job_vector_bytes() == kAvx512VectorBytes) {
+    if constexpr (kBackward) return backward_job_512<kElementMajor, kHidden>(args...);
+    else return forward_job_512<kElementMajor, kHidden>(args...);
+  }
 #endif
-  element_major ? backward_job_256<true>(args...) : backward_job_256<false>(args...);
+  if constexpr (kBackward) backward_job_256<kElementMajor, kHidden>(args...);
+  else forward_job_256<kElementMajor, kHidden>(args...);
+}
+
+// A job with the element-major MLP where `packed` holds its weights (use_element_major), else the lanes one.
+template <bool kBackward, typename acc_t, typename... Args>
+void run_job(const LoptConsts<acc_t> c, const acc_t* w, const EmWeights<acc_t>* packed, int H, Args... args) {
+  if (!packed) return call_job<kBackward, false, 0>(c, w, packed, H, args...);
+  if (H == kCompiledHidden) return call_job<kBackward, true, kCompiledHidden>(c, w, packed, H, args...);
+  call_job<kBackward, true, 0>(c, w, packed, H, args...);
 }
 
 // Pass B for one job: adds the normaliser's term df_ik = coef_k f_ik.
@@ -367,14 +394,15 @@ void forward_impl(const LoptHyper& h, const LoptArgs& a) {
     }
   }
   const acc_t* w = static_cast<const acc_t*>(a.weights);
+  const std::unique_ptr<const EmWeights<acc_t>> packed = pack_for_jobs(w, a.H, a.layers);
   at::parallel_for(0, njobs, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes);
     for (int64_t k = begin; k < end; ++k) {
       const Job& j = jobs[k];
       const int64_t off = j.t * a.P + j.begin;
-      run_forward_job(c, w, a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j),
-                      j.end - j.begin, static_cast<scalar_t*>(a.param_out) + off,
-                      static_cast<scalar_t*>(a.state_out) + off, act.data());
+      run_job<false>(c, w, packed.get(), a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j),
+                     j.end - j.begin, static_cast<scalar_t*>(a.param_out) + off,
+                     static_cast<scalar_t*>(a.state_out) + off, act.data());
     }
   });
 }
@@ -390,8 +418,7 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
   const acc_t* w = static_cast<const acc_t*>(a.weights);
   const acc_t* norms = static_cast<const acc_t*>(a.norms);
   std::vector<double> dw_groups(groups * nw, 0.0), c_partial(njobs * F);
-  const bool element_major = a.H % (backward_vector_bytes() / static_cast<int>(sizeof(acc_t))) == 0;
-  const std::unique_ptr<EmWeights<acc_t>> packed(element_major ? new EmWeights<acc_t>(w, a.H, a.layers) : nullptr);
+  const std::unique_ptr<const EmWeights<acc_t>> packed = pack_for_jobs(w, a.H, a.layers);
   at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
     BackwardScratch<acc_t> scratch(a.H, a.layers, nw);
     for (int64_t g = gbegin; g < gend; ++g) {
@@ -401,8 +428,8 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
         const OutCotangents<scalar_t> cot{
             a.grad_param_out ? static_cast<const scalar_t*>(a.grad_param_out) + off : nullptr,
             a.grad_state_out ? static_cast<const scalar_t*>(a.grad_state_out) + off : nullptr};
-        run_backward_job(element_major, c, w, static_cast<const EmWeights<acc_t>*>(packed.get()), a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j), cot, a, j,
-                         nw, &dw_groups[g * nw], &c_partial[k * F], &scratch);
+        run_job<true>(c, w, packed.get(), a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j), cot,
+                      a, j, nw, &dw_groups[g * nw], &c_partial[k * F], &scratch);
       }
     }
   });

@@ -43,20 +43,24 @@ MK_LANES_INLINE void em_dense(const acc_t* in, int64_t es, int64_t ks, int K, co
   using V = typename E::V;
   constexpr int VL = E::VL, kE = E::kTile;
   static_assert(L % kE == 0, "a block holds whole tiles");
-  const auto tile = [&](auto vectors, int e0, int o0) {
+  const auto tile = [&](auto vectors, int e0, int o0) MK_LAMBDA_INLINE {
     constexpr int TV = decltype(vectors)::value;
     V a[kE][TV];
 #pragma GCC unroll 16
     for (int i = 0; i < kE; ++i)
 #pragma GCC unroll 16
       for (int j = 0; j < TV; ++j) a[i][j] = bias ? E::load(bias + o0 + j * VL) : V{};
-    for (int k = 0; k < K; ++k) {
+    // NOTE: one pointer per operand stepped along k, so that with constant strides every element's input
+    // is a constant offset from it (indexed from `in`, GCC kept one offset per element, spilled to the stack).
+    const acc_t* xk = in + e0 * es;
+    const acc_t* mk = M + o0;
+    for (int k = 0; k < K; ++k, xk += ks, mk += O) {
       V m[TV];
 #pragma GCC unroll 16
-      for (int j = 0; j < TV; ++j) m[j] = E::load(M + static_cast<int64_t>(k) * O + o0 + j * VL);
+      for (int j = 0; j < TV; ++j) m[j] = E::load(mk + j * VL);
 #pragma GCC unroll 16
       for (int i = 0; i < kE; ++i) {
-        const acc_t x = in[(e0 + i) * es + k * ks];
+        const acc_t x = xk[i * es];
 #pragma GCC unroll 16
         for (int j = 0; j < TV; ++j) a[i][j] += x * m[j];
       }
@@ -68,11 +72,11 @@ MK_LANES_INLINE void em_dense(const acc_t* in, int64_t es, int64_t ks, int K, co
         lopt_store<kEpilogue>(reinterpret_cast<V*>(out), a[i][j], reinterpret_cast<const V*>(mask),
                               (static_cast<int64_t>(e0 + i) * O + o0) / VL + j);
   };
-  int o0 = 0;
-  for (; o0 + 2 * VL <= O; o0 += 2 * VL)
+  const int pairs_end = O / (2 * VL) * (2 * VL);  // the columns in tiles of two vectors
+  for (int o0 = 0; o0 < pairs_end; o0 += 2 * VL)
     for (int e0 = 0; e0 < L; e0 += kE) tile(std::integral_constant<int, 2>{}, e0, o0);
-  if (o0 < O)
-    for (int e0 = 0; e0 < L; e0 += kE) tile(std::integral_constant<int, 1>{}, e0, o0);
+  if (pairs_end < O)
+    for (int e0 = 0; e0 < L; e0 += kE) tile(std::integral_constant<int, 1>{}, e0, pairs_end);
 }
 
 // Lane j of the result of em_fold_all holds the sum of input vector em_fold_order()[j].
@@ -155,7 +159,7 @@ MK_LANES_INLINE void em_outer(const acc_t* P, int64_t p_stride, int64_t p_es, in
   using E = EmVec<acc_t, VB>;
   using V = typename E::V;
   constexpr int VL = E::VL, kE = E::kTile;
-  const auto tile = [&](auto tile_rows, auto vectors, int r0, int o0) {
+  const auto tile = [&](auto tile_rows, auto vectors, int r0, int o0) MK_LAMBDA_INLINE {
     constexpr int TR = decltype(tile_rows)::value, TV = decltype(vectors)::value;
     V s[TR][TV];
     V* at = reinterpret_cast<V*>(acc);
@@ -164,15 +168,15 @@ MK_LANES_INLINE void em_outer(const acc_t* P, int64_t p_stride, int64_t p_es, in
 #pragma GCC unroll 16
       for (int j = 0; j < TV; ++j) s[i][j] = at[(static_cast<int64_t>(r0 + i) * O + o0) / VL + j];
     for (int b = 0; b < nb; ++b) {
-      const acc_t* p = P + b * p_stride + r0 * p_is;
+      const acc_t* p = P + b * p_stride + r0 * p_is;  // stepped along e as em_dense's operands along k
       const acc_t* q = Q + b * q_stride + o0;
-      for (int e = 0; e < L; ++e) {
+      for (int e = 0; e < L; ++e, p += p_es, q += O) {
         V x[TV];
 #pragma GCC unroll 16
-        for (int j = 0; j < TV; ++j) x[j] = E::load(q + static_cast<int64_t>(e) * O + j * VL);
+        for (int j = 0; j < TV; ++j) x[j] = E::load(q + j * VL);
 #pragma GCC unroll 16
         for (int i = 0; i < TR; ++i) {
-          const acc_t w = p[e * p_es + i * p_is];
+          const acc_t w = p[i * p_is];
 #pragma GCC unroll 16
           for (int j = 0; j < TV; ++j) s[i][j] += w * x[j];
         }
@@ -186,14 +190,15 @@ MK_LANES_INLINE void em_outer(const acc_t* P, int64_t p_stride, int64_t p_es, in
   using Two = std::integral_constant<int, 2>;
   using One = std::integral_constant<int, 1>;
   using Rows = std::integral_constant<int, kE>;
-  int o0 = 0;
-  const auto column = [&](auto vectors, int o) {
-    int r = 0;
-    for (; r + kE <= rows; r += kE) tile(Rows{}, vectors, r, o);
-    for (; r < rows; ++r) tile(One{}, vectors, r, o);
+  // NOTE: loop bounds computed up front, so that with constant sizes the compiler sees the leftover loops
+  // empty (carried over from the tiled loops, it warned of a signed overflow in them).
+  const int tiles_end = rows / kE * kE, pairs_end = O / (2 * VL) * (2 * VL);
+  const auto column = [&](auto vectors, int o) MK_LAMBDA_INLINE {
+    for (int r = 0; r < tiles_end; r += kE) tile(Rows{}, vectors, r, o);
+    for (int r = tiles_end; r < rows; ++r) tile(One{}, vectors, r, o);
   };
-  for (; o0 + 2 * VL <= O; o0 += 2 * VL) column(Two{}, o0);
-  if (o0 < O) column(One{}, o0);
+  for (int o0 = 0; o0 < pairs_end; o0 += 2 * VL) column(Two{}, o0);
+  if (pairs_end < O) column(One{}, pairs_end);
 }
 
 // A bias gradient over nb blocks: acc[o] += sum_b sum_{e < L} Q[b * q_stride + e * O + o], o < O.
@@ -250,15 +255,13 @@ template <int L, int VB, typename acc_t>
 MK_LANES_INLINE void em_mlp_forward(const acc_t* w, const EmWeights<acc_t>& packed, int H, int layers, const acc_t* x,
                                     acc_t* act, acc_t* out) {
   const int64_t HL = static_cast<int64_t>(H) * L;
-  const acc_t* in = x;
-  int64_t es = 1, ks = L;
-  int n_in = kLoptFeatures;
-  for (int layer = 0; layer < layers; ++layer) {
-    const acc_t* bias = w + lopt_layer_offset(H, layer) + static_cast<int64_t>(H) * n_in;
-    em_dense<L, VB, kLoptRelu>(in, es, ks, n_in, packed.transposed(layer), H, bias, act + layer * HL);
-    in = act + layer * HL;
-    es = H, ks = 1, n_in = H;
-  }
+  // The first layer reads x in lanes, the others element-major activations: two calls, so that each has
+  // constant strides.
+  em_dense<L, VB, kLoptRelu>(x, 1, L, kLoptFeatures, packed.transposed(0), H, w + static_cast<int64_t>(H) * kLoptFeatures,
+                             act);
+  for (int layer = 1; layer < layers; ++layer)
+    em_dense<L, VB, kLoptRelu>(act + (layer - 1) * HL, H, 1, H, packed.transposed(layer), H,
+                               w + lopt_layer_offset(H, layer) + static_cast<int64_t>(H) * H, act + layer * HL);
   const acc_t* Wo = w + lopt_layer_offset(H, layers);
   em_output_layer<L, VB>(Wo, Wo + 2 * H, H, act + (layers - 1) * HL, out);
 }
