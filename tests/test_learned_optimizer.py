@@ -193,12 +193,15 @@ def test_optimizer_refuses_a_state_from_another_optimizer():
         opt.load_state_dict(adam.state_dict())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("policy", ["raise", "skip"])
-def test_optimizer_nan_gradient_policy(policy):
-    w, v = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3))
+def test_optimizer_nan_gradient_policy(policy, dtype, bad):
+    w = torch.nn.Parameter(torch.randn(4, dtype=dtype))
+    v = torch.nn.Parameter(torch.randn(3, dtype=dtype))
     opt = mk.LearnedOptimizer(hidden=4, layers=1).optimizer([w, v], nan_policy=policy)
-    w.grad = torch.tensor([1.0, float("nan"), 0.0, 1.0])
-    v.grad = torch.ones(3)
+    w.grad = torch.tensor([1.0, bad, 0.0, 1.0], dtype=dtype)
+    v.grad = torch.ones(3, dtype=dtype)
     w0, v0 = w.detach().clone(), v.detach().clone()
     if policy == "raise":
         with pytest.raises(FloatingPointError, match="parameter 0"):
@@ -207,6 +210,15 @@ def test_optimizer_nan_gradient_policy(policy):
     else:
         opt.step()
         assert torch.equal(w.detach(), w0) and not torch.equal(v.detach(), v0)
+
+
+def test_optimizer_steps_an_empty_parameter():
+    empty, w = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.randn(5))
+    opt = mk.LearnedOptimizer(hidden=4, layers=1).optimizer([empty, w])
+    empty.grad, w.grad = torch.zeros(0), torch.ones(5)
+    w0 = w.detach().clone()
+    opt.step()
+    assert empty.numel() == 0 and not torch.equal(w.detach(), w0)
 
 
 def test_learned_optimizer_bad_arguments():
