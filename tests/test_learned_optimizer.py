@@ -1,6 +1,10 @@
 """LearnedOptimizer: meta-gradients of K-step unrolls against a sequential create_graph oracle (float64,
 transformer LM with LayerNorm, attention, embeddings, GELU), the torch.optim.Optimizer it returns, and
 its initial rule."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -212,6 +216,96 @@ def test_optimizer_nan_gradient_policy(policy, dtype, bad):
         assert torch.equal(w.detach(), w0) and not torch.equal(v.detach(), v0)
 
 
+def _step_alone(lopt, params, grads_per_step, **kwargs):
+    """Steps each parameter with its own optimizer (one fused call each): the oracle of the packed step."""
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opts = [lopt.optimizer([p], **kwargs) for p in alone]
+    for grads in grads_per_step:
+        for p, opt, g in zip(alone, opts, grads):
+            p.grad = None if g is None else g.clone()
+            opt.step()
+    return alone, opts
+
+
+@pytest.mark.parametrize("hidden", [4, 32])
+def test_optimizer_packs_small_tensors_with_the_per_tensor_result(hidden):
+    """Small tensors of one step count and dtype step in one fused call, each its own segment: the same
+    parameters and state, bit for bit, as stepping each alone; a large tensor, an empty one, a float64 one
+    and one that missed a step (another step count) are stepped apart."""
+    from metakernels.lopt_optim import PACK_UP_TO
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (5,), (33,), (PACK_UP_TO + 5,), (0,), (16, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    params.append(torch.nn.Parameter(torch.randn(9, generator=gen, dtype=torch.float64)))
+    steps = []
+    for k in range(4):
+        grads = [0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        if k == 0:
+            grads[1] = None  # parameter 1 then lags one step behind the others
+        if k == 3:  # parameter 0 alone: its state, a view of the last pack's, steps on its own
+            grads = [g if i in (0, 3) else None for i, g in enumerate(grads)]
+        steps.append(grads)
+    lopt = mk.LearnedOptimizer(hidden=hidden, layers=2, seed=0)
+    want, want_opts = _step_alone(lopt, params, steps)
+    opt = lopt.optimizer(params)
+    for grads in steps:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    for p, q, q_opt in zip(params, want, want_opts):
+        assert torch.equal(p.detach(), q.detach())
+        assert opt.state[p]["step"] == q_opt.state[q]["step"]
+        assert torch.equal(opt.state[p]["lopt_state"], q_opt.state[q]["lopt_state"])
+    assert opt.state[params[1]]["step"] == 2 and opt.state[params[0]]["step"] == 4
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_optimizer_nan_gradient_inside_a_pack(policy):
+    """A bad gradient among packed tensors: raise names it and updates nothing; skip steps the rest of the
+    pack as if it were absent."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (6, 4, 5)]
+    grads = [torch.randn(n, generator=gen) for n in (6, 4, 5)]
+    grads[1][2] = float("nan")
+    lopt = mk.LearnedOptimizer(hidden=4, layers=1, seed=0)
+    opt = lopt.optimizer(params, nan_policy=policy)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="parameter 1 "):
+            opt.step()
+        assert all(torch.equal(p.detach(), b) for p, b in zip(params, before)) and not opt.state
+        return
+    opt.step()
+    assert torch.equal(params[1].detach(), before[1]) and not opt.state[params[1]]
+    want, _ = _step_alone(lopt, [before[0], before[2]], [[grads[0], grads[2]]])
+    assert torch.equal(params[0].detach(), want[0].detach()) and torch.equal(params[2].detach(), want[1].detach())
+
+
+def test_optimizer_packed_state_saves_and_resumes(tmp_path):
+    """The packed step keeps each tensor's state as a view of the call's output; saved with torch.save and
+    loaded into a fresh optimizer, it resumes exactly."""
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (8, 3, 12)]
+    lopt = mk.LearnedOptimizer(hidden=4, layers=2, seed=0)
+    opt = lopt.optimizer(params)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = lopt.optimizer(copies)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt"))
+    for p, q in zip(params, copies):
+        q.grad = p.grad.clone()
+    opt.step()
+    resumed.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(opt.state[p]["lopt_state"], resumed.state[q]["lopt_state"])
+
+
 def test_optimizer_steps_an_empty_parameter():
     empty, w = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.randn(5))
     opt = mk.LearnedOptimizer(hidden=4, layers=1).optimizer([empty, w])
@@ -230,3 +324,15 @@ def test_learned_optimizer_bad_arguments():
         mk.LearnedOptimizer(init="zeros")
     with pytest.raises(ValueError, match="step"):
         mk.LearnedOptimizer(hidden=4).update(torch.zeros(3), torch.zeros(3), torch.zeros(4, 3), -1)
+
+
+def test_many_tensor_step_benchmark_runs():
+    """benchmarks/lopt_step_tensors.py --quick: the table of the packed step prints (a smoke run)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "lopt_step_tensors.py"), "--quick",
+                           "--hidden", "4"], capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": repo})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if "learned, small tensors packed" in line]
+    assert len(rows) == 2 and "GPT d=64 x2, V=512" in done.stdout
