@@ -29,6 +29,14 @@ def reexec_with_malloc_tunables(enabled: bool) -> str:
     return f"glibc malloc with GLIBC_TUNABLES={tunables}" if tunables else "glibc malloc defaults (mmap per large tensor)"
 
 
+def add_table_arguments(ap, device: str = "cpu") -> None:
+    """The options of the learned-optimizer table scripts: --device, --quick, --system-malloc, --markdown."""
+    ap.add_argument("--device", default=device)
+    ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    ap.add_argument("--system-malloc", action="store_true", help="keep glibc's defaults (see harness.py)")
+    ap.add_argument("--markdown", action="store_true")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

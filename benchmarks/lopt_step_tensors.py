@@ -28,11 +28,8 @@ def gpt_shapes(d: int, blocks: int, vocab: int, context: int) -> list[tuple[int,
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
+    harness.add_table_arguments(ap)
     ap.add_argument("--hidden", nargs="+", type=int, default=[4, 32])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--system-malloc", action="store_true", help="keep glibc's defaults (see harness.py)")
-    ap.add_argument("--markdown", action="store_true")
     return ap.parse_args()
 
 

@@ -44,14 +44,11 @@ def physical_memory_bytes() -> int:
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cpu")
+    harness.add_table_arguments(ap)
     ap.add_argument("--sizes", nargs="+", default=None, help="TxP entries, e.g. 16x1000000")
     ap.add_argument("--hidden", nargs="+", type=int, default=[4, 32])
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--system-malloc", action="store_true", help="keep glibc's defaults (see harness.py)")
-    ap.add_argument("--markdown", action="store_true")
     return ap.parse_args()
 
 
