@@ -62,18 +62,15 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        packs, singles = self._plan()
         weights = {}
-        for group in packs:
-            self._update(group, weights)
-        for p in singles:
-            self._update([p], weights)
+        for params, grads in self._plan():
+            self._update(params, grads, weights)
         return loss
 
     def _plan(self):
-        """Checks every gradient (nothing is updated before all pass) and splits the parameters to step into
-        packs of small tensors (same step count, dtype and device) and tensors stepped alone."""
-        small, singles = {}, []
+        """Checks every gradient (nothing is updated before all pass) and returns the fused calls to make:
+        (params, their gradients joined), small tensors packed by step count, dtype and device."""
+        small, calls = {}, []
         for index, p in self._named_params():
             if p.grad is None:
                 continue
@@ -84,14 +81,16 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             if 0 < p.numel() <= PACK_UP_TO:
                 small.setdefault((step, p.dtype, p.device), []).append((index, p))
             elif self._finite(index, p):
-                singles.append(p)
-        packs = []
+                calls.append(([p], p.grad.reshape(-1)))
         for members in small.values():
-            if _all_finite(torch.cat([p.grad.reshape(-1) for _, p in members])):
-                packs.append([p for _, p in members])
-            else:  # find (raise) or drop (skip) the offending tensors
-                packs.append([p for index, p in members if self._finite(index, p)])
-        return [group for group in packs if len(group) > 1], singles + [g[0] for g in packs if len(g) == 1]
+            grads = _joined([p.grad.reshape(-1) for _, p in members])
+            if not _all_finite(grads):  # find (raise) or drop (skip) the offending tensors
+                members = [(index, p) for index, p in members if self._finite(index, p)]
+                if not members:
+                    continue
+                grads = _joined([p.grad.reshape(-1) for _, p in members])
+            calls.append(([p for _, p in members], grads))
+        return calls
 
     def _finite(self, index, p) -> bool:
         if _all_finite(p.grad):
@@ -102,8 +101,9 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
                 "nothing was updated (pass nan_policy='skip' to skip such parameters)")
         return False
 
-    def _update(self, params, weights):
-        """One fused call for params (same step count, dtype and device), each tensor one segment."""
+    def _update(self, params, grads, weights):
+        """One fused call for params (same step count, dtype and device; grads: their gradients joined),
+        each tensor one segment."""
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if not state:
@@ -114,7 +114,7 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             weights[step] = self.lopt.flat_weights(step).detach()
         sizes = [p.numel() for p in params]
         new_p, new_state = ops.learned_update(
-            _joined([p.detach().reshape(-1) for p in params]), _joined([p.grad.reshape(-1) for p in params]),
+            _joined([p.detach().reshape(-1) for p in params]), grads,
             _joined([state["lopt_state"] for state in states], dim=1), weights[step].to(params[0].device),
             hidden=self.lopt.hidden, layers=self.lopt.layers, segments=sizes if len(params) > 1 else None,
             hyper=self.lopt.hyper)
