@@ -89,12 +89,14 @@ void launch(const at::Tensor& ref, const std::vector<int64_t>& seg_offsets, Lopt
   });
 }
 
-// Returns (params', state', norms).
+// Returns (params', state', norms).  in_place: params' and state' are written over params and state (each
+// element is read before it is written, and no pass reads them after the one that writes them).
 std::vector<at::Tensor> lopt_forward(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state,
                                      const at::Tensor& weights, const std::vector<int64_t>& seg_offsets, int64_t H,
-                                     int64_t layers, const std::vector<double>& hyper) {
+                                     int64_t layers, const std::vector<double>& hyper, bool in_place) {
   LoptArgs a = common_args(param, grad, state, weights, seg_offsets, H, layers);
-  std::vector<at::Tensor> outs{new_output(param, param.sizes()), new_output(state, state.sizes()),
+  std::vector<at::Tensor> outs{in_place ? param : new_output(param, param.sizes()),
+                               in_place ? state : new_output(state, state.sizes()),
                                new_output(weights, {a.T, a.nseg, kLoptFeatures})};
   a.param_out = outs[0].data_ptr();
   a.state_out = outs[1].data_ptr();
@@ -144,7 +146,8 @@ std::vector<OptTensor> lopt_backward(const at::Tensor& param, const at::Tensor& 
 void register_lopt_ops(pybind11::module_& m) {
   m.def("lopt_forward", &lopt_forward, "Fused learned-optimizer step, forward (see metakernels.ops.learned_update)",
         pybind11::arg("param"), pybind11::arg("grad"), pybind11::arg("state"), pybind11::arg("weights"),
-        pybind11::arg("seg_offsets"), pybind11::arg("hidden"), pybind11::arg("layers"), pybind11::arg("hyper"));
+        pybind11::arg("seg_offsets"), pybind11::arg("hidden"), pybind11::arg("layers"), pybind11::arg("hyper"),
+        pybind11::arg("in_place") = false);
   m.def("lopt_backward", &lopt_backward, "Fused learned-optimizer step, backward", pybind11::arg("param"),
         pybind11::arg("grad"), pybind11::arg("state"), pybind11::arg("weights"), pybind11::arg("norms"),
         pybind11::arg("seg_offsets"), pybind11::arg("hidden"), pybind11::arg("layers"), pybind11::arg("hyper"),

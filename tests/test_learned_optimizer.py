@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call
 
 import metakernels as mk
-from conftest import triton_interpreted
+from conftest import ops_run, triton_interpreted
 from metakernels.models import TransformerLM, lm_loss
 
 VOCAB, SEQ = 11, 7
@@ -304,6 +304,46 @@ def test_optimizer_packed_state_saves_and_resumes(tmp_path):
     for p, q in zip(params, copies):
         assert torch.equal(p.detach(), q.detach())
         assert torch.equal(opt.state[p]["lopt_state"], resumed.state[q]["lopt_state"])
+
+
+def _sized_like(ran, p):
+    """The names of the ATen ops in ran with an output of at least p's size."""
+    return {name for name, _, outs in ran if any(o.numel() >= p.numel() for o in outs)}
+
+
+def test_optimizer_writes_in_place_like_torch_optimizers():
+    """A lone contiguous parameter and its state are overwritten by the kernel itself (same memory over
+    three steps, the values of the out-of-place op); a non-contiguous parameter steps through a copy to
+    the same values (one copy there); the version counter moves, so a graph that saved the parameter refuses to
+    backpropagate afterwards, as it does after torch.optim.Adam's step."""
+    gen = torch.Generator().manual_seed(2)
+    lopt = mk.LearnedOptimizer(hidden=32, layers=2, seed=0)
+    w = torch.nn.Parameter(torch.randn(60, 50, generator=gen))  # more elements than the MLP's weights
+    wt = torch.nn.Parameter(w.detach().clone().t().contiguous().t())  # the same values, column-major
+    opt, opt_t = lopt.optimizer([w]), lopt.optimizer([wt])
+    p, s = w.detach().clone().reshape(-1), lopt.initial_state(w.detach().reshape(-1))
+    ptr, state_ptrs = w.data_ptr(), set()
+    for k in range(3):
+        g = torch.randn(60, 50, generator=gen)
+        w.grad, wt.grad = g.clone(), g.clone()
+        _, ran = ops_run(opt.step)
+        _, ran_t = ops_run(opt_t.step)
+        if k > 0:  # after the first step, which allocates the state: views only, nothing written twice
+            assert _sized_like(ran, w) <= {"detach", "view", "unsqueeze", "split_with_sizes"}
+            assert sorted(_sized_like(ran_t, w) - _sized_like(ran, w)) == ["_unsafe_view", "clone"]
+        with torch.no_grad():
+            p, s = lopt.update(p, g.reshape(-1), s, k)
+        state_ptrs.add(opt.state[w]["lopt_state"].data_ptr())
+        assert w.data_ptr() == ptr and len(state_ptrs) == 1
+        assert torch.equal(w.detach().reshape(-1), p) and torch.equal(opt.state[w]["lopt_state"], s)
+        assert torch.equal(wt.detach(), w.detach()) and not wt.is_contiguous()
+    w.grad = torch.randn(60, 50, generator=gen)
+    x = torch.randn(50, requires_grad=True)
+    saved = (w @ x).sum()  # saves w for the gradient of x
+    opt.step()
+    assert opt.state[w]["lopt_state"].data_ptr() in state_ptrs
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
 
 
 def test_optimizer_steps_an_empty_parameter():

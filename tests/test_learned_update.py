@@ -186,9 +186,74 @@ def test_zero_gradients_stay_finite(backend):
     (lambda a: a.update(layers=9), "layers"),
     (lambda a: a.update(params=a["params"][None]), "params"),
 ])
-def test_bad_input_names_the_argument(change, match):
+@pytest.mark.parametrize("op", [mk.ops.learned_update, mk.ops.learned_update_], ids=["learned_update", "in_place"])
+def test_bad_input_names_the_argument(change, match, op):
     params, grads, state, weights = make(2, [20], 4, 2, torch.float64, "cpu")
     args = dict(params=params, grads=grads, state=state, weights=weights, segments=[20], hidden=4, layers=2)
     change(args)
     with pytest.raises((ValueError, TypeError), match=match):
-        mk.ops.learned_update(args.pop("params"), args.pop("grads"), args.pop("state"), args.pop("weights"), **args)
+        op(args.pop("params"), args.pop("grads"), args.pop("state"), args.pop("weights"), **args)
+
+
+def step_(params, grads, state, weights, segments, hidden, layers, hyper=HYPER):
+    return mk.ops.learned_update_(params, grads, state, weights, hidden=hidden, layers=layers, segments=segments,
+                                  hyper=hyper)
+
+
+@pytest.mark.parametrize("T,segments,hidden,layers", [CASES[1], CASES[2], CASES[5]])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_in_place_form_writes_the_step_over_its_operands(backend, T, segments, hidden, layers, dtype):
+    """learned_update_ overwrites params and state with learned_update's result (bit for bit: the same
+    kernel, or the reference copied back), returns those tensors, bumps their version counters and leaves
+    grads and weights as they were."""
+    _, device = backend
+    params, grads, state, weights = make(T, segments, hidden, layers, dtype, device)
+    want_p, want_s = step(params, grads, state, weights, segments, hidden, layers)
+    grads0, weights0 = grads.clone(), weights.clone()
+    ptrs, versions = (params.data_ptr(), state.data_ptr()), (params._version, state._version)
+    got_p, got_s = step_(params, grads, state, weights, segments, hidden, layers)
+    assert got_p is params and got_s is state and (params.data_ptr(), state.data_ptr()) == ptrs
+    assert params._version > versions[0] and state._version > versions[1]
+    assert torch.equal(params, want_p) and torch.equal(state, want_s)
+    assert torch.equal(grads, grads0) and torch.equal(weights, weights0)
+
+
+def test_in_place_form_of_one_task_and_of_nothing(backend):
+    """The [P] form writes through its [1, P] view; an empty tensor is left as it is."""
+    _, device = backend
+    params, grads, state, weights = make(1, [50], 4, 2, torch.float64, device)
+    want_p, want_s = step(params[0], grads[0], state[:, 0], weights, None, 4, 2)
+    p, s = params[0].clone(), state[:, 0].clone()
+    step_(p, grads[0], s, weights, None, 4, 2)
+    assert torch.equal(p, want_p) and torch.equal(s, want_s)
+    empty = torch.empty(0, dtype=torch.float64, device=device)
+    got_p, got_s = step_(empty, empty.clone(), torch.empty(4, 0, dtype=torch.float64, device=device), weights,
+                         None, 4, 2)
+    assert got_p.shape == (0,) and got_s.shape == (4, 0)
+
+
+def test_in_place_form_refuses_what_it_cannot_write():
+    """Autograd would record it (an input requires grad), a non-contiguous params or state, and operands
+    that share memory with what is written: a clear error, and nothing written."""
+    params, grads, state, weights = make(2, [20], 4, 2, torch.float64, "cpu")
+    kw = dict(segments=[20], hidden=4, layers=2)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        step_(params, grads, state, weights.clone().requires_grad_(), **kw)
+    with torch.no_grad():  # allowed without grad mode, as torch.optim's in-place steps are
+        step_(params.clone().requires_grad_(), grads, state.clone(), weights.clone().requires_grad_(), **kw)
+    wide = torch.zeros(2, 40, dtype=torch.float64)
+    with pytest.raises(ValueError, match="'params' must be contiguous"):
+        step_(wide[:, ::2], grads, state, weights, **kw)
+    with pytest.raises(ValueError, match="'state' must be contiguous"):
+        step_(params, grads, state.transpose(1, 2).contiguous().transpose(1, 2), weights, **kw)
+    joined = torch.cat([params[0], grads[0]])
+    with pytest.raises(ValueError, match="'grads' and 'params' share memory"):
+        step_(joined[:20], joined[5:25], state[:, 0].contiguous(), weights, **kw)
+    both = torch.cat([state, params[None]])
+    with pytest.raises(ValueError, match="'params' and 'state' share memory"):
+        step_(both[3], grads, both[:4], weights, **kw)
+    before = (params.clone(), state.clone())
+    with pytest.raises(ValueError, match="segments"):
+        step_(params, grads, state, weights, segments=[5, 5], hidden=4, layers=2)
+    assert torch.equal(params, before[0]) and torch.equal(state, before[1])
+    assert torch.equal(joined[20:], grads[0]) and torch.equal(both[:4], state)

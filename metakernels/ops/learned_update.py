@@ -174,11 +174,9 @@ def _check_segments(segments, P: int) -> list[int]:
     return sizes
 
 
-def learned_update(params: torch.Tensor, grads: torch.Tensor, state: torch.Tensor, weights: torch.Tensor, *,
-                   hidden: int, layers: int, segments=None, hyper: LoptHyper = LoptHyper()):
-    """One learned-optimizer step for every task: returns ``(params', state')``; see the module
-    docstring for the math and shapes.  ``weights`` is float32 or float64; it is cast to the
-    accumulation dtype (float64 for float64 params, else float32)."""
+def _operands(params, grads, state, weights, hidden, layers, segments, hyper):
+    """Validates the operands of learned_update / learned_update_; returns them as [T, P] (state
+    [4, T, P]) views, the weights in the accumulation dtype, the segment sizes and whether params was [P]."""
     params = _checks.require_tensor(_OP, "params", params)
     grads = _checks.require_tensor(_OP, "grads", grads)
     state = _checks.require_tensor(_OP, "state", state)
@@ -206,20 +204,84 @@ def learned_update(params: torch.Tensor, grads: torch.Tensor, state: torch.Tenso
     single = params.dim() == 1
     if single:
         params, grads, state = params.unsqueeze(0), grads.unsqueeze(0), state.unsqueeze(1)
-    P = params.shape[1]
-    sizes = _check_segments(segments, P)
-    weights = weights.to(acc_dtype(params.dtype))
+    sizes = _check_segments(segments, params.shape[1])
+    return params, grads, state, weights.to(acc_dtype(params.dtype)), sizes, single
+
+
+def learned_update(params: torch.Tensor, grads: torch.Tensor, state: torch.Tensor, weights: torch.Tensor, *,
+                   hidden: int, layers: int, segments=None, hyper: LoptHyper = LoptHyper()):
+    """One learned-optimizer step for every task: returns ``(params', state')``; see the module
+    docstring for the math and shapes.  ``weights`` is float32 or float64; it is cast to the
+    accumulation dtype (float64 for float64 params, else float32)."""
+    params, grads, state, weights, sizes, single = _operands(params, grads, state, weights, hidden, layers,
+                                                             segments, hyper)
     backend = _backend.select(params.device, _OP)
     if backend == "reference" or params.numel() == 0:
         p_new, s_new = reference_learned_update(params, grads, state, weights, sizes, hidden, layers, hyper)
     else:
-        offsets = [0, *itertools.accumulate(sizes)]
-        spec = (backend, offsets, hidden, layers, hyper)
+        spec = (backend, _offsets(sizes), hidden, layers, hyper)
         p_new, s_new = _FusedLearnedUpdate.apply(spec, params.contiguous(), grads.contiguous(), state.contiguous(),
                                                  weights.contiguous())
     if single:
         return p_new.squeeze(0), s_new.squeeze(1)
     return p_new, s_new
+
+
+@torch.no_grad()
+def _reference_in_place(params, grads, state, weights, sizes, hidden, layers, hyper):
+    p_new, s_new = reference_learned_update(params, grads, state, weights, sizes, hidden, layers, hyper)
+    params.copy_(p_new)
+    state.copy_(s_new)
+
+
+def learned_update_(params: torch.Tensor, grads: torch.Tensor, state: torch.Tensor, weights: torch.Tensor, *,
+                    hidden: int, layers: int, segments=None, hyper: LoptHyper = LoptHyper()):
+    """:func:`learned_update` written over ``params`` and ``state``, which it returns: an optimizer's step
+    without two new tensors and the copy back (the fused kernels read each element before they write it).
+    Not differentiable: raises where autograd would record it (use :func:`learned_update` for
+    meta-gradients).  ``params`` and ``state`` must be contiguous and share no memory with each other,
+    ``grads`` or ``weights``."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (params, grads, state, weights)):
+        raise RuntimeError(f"{_OP}_: writes params and state in place and records nothing for autograd; an input "
+                           f"requires grad: call {_OP} for a meta-gradient, or run under torch.no_grad()")
+    p, g, s, w, sizes, _ = _operands(params, grads, state, weights, hidden, layers, segments, hyper)
+    for name, t in (("params", p), ("state", s)):
+        if not t.is_contiguous():
+            raise ValueError(f"{_OP}_: argument '{name}' must be contiguous (it is written in place), got strides "
+                             f"{tuple(t.stride())} for shape {_checks.shape_str(t.shape)}")
+    for (name_a, a), (name_b, b) in (((("params", p), ("state", s))), (("grads", g), ("params", p)),
+                                     (("grads", g), ("state", s)), (("weights", w), ("params", p)),
+                                     (("weights", w), ("state", s))):
+        if _shares_memory(a, b):
+            raise ValueError(f"{_OP}_: arguments '{name_a}' and '{name_b}' share memory; '{name_b}' is written in place")
+    backend = _backend.select(p.device, _OP)
+    if backend == "reference" or p.numel() == 0:
+        _reference_in_place(p, g, s, w, sizes, hidden, layers, hyper)
+    else:
+        _kernels(backend).lopt_forward(p, g.contiguous(), s, w.contiguous(), _offsets(sizes), hidden, layers,
+                                       hyper.values(), True)
+        for t in (params, state):  # as torch's own in-place ops do: a graph that saved them now refuses to run
+            torch.autograd.graph.increment_version(t)
+    return params, state
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes a and b can address intersect (same storage, overlapping extents)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def extent(t):
+        start = t.storage_offset() * t.element_size()
+        last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) * t.element_size()
+        return start, start + last + t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    return [0, *itertools.accumulate(sizes)]
 
 
 def flops_per_element(hidden: int, layers: int) -> dict[str, int]:

@@ -336,13 +336,14 @@ def _hp(H: int) -> int:
     return max(16, triton.next_power_of_2(H))
 
 
-def lopt_forward(param, grad, state, weights, offsets, hidden, layers, hyper):
-    """Same contract as metakernels._C.lopt_forward: returns (params', state', norms)."""
+def lopt_forward(param, grad, state, weights, offsets, hidden, layers, hyper, in_place=False):
+    """Same contract as metakernels._C.lopt_forward: returns (params', state', norms); in_place writes
+    params' and state' over param and state (each program reads its elements before it writes them)."""
     T, P = param.shape
     acc, acc_tl, hp = _common(param, hyper)
     jobs = _Jobs(T, offsets, param.device)
     nseg = len(offsets) - 1
-    p_new, s_new = new_output(param, param.shape), new_output(state, state.shape)
+    p_new, s_new = (param, state) if in_place else (new_output(param, param.shape), new_output(state, state.shape))
     partial = torch.empty(jobs.count, NUM_FEATURES, dtype=acc, device=param.device)
     _moments_kernel[(jobs.count,)](jobs.table, jobs.offsets, param, grad, state, hp, partial, P, T * P,
                                    ACC=acc_tl, BLOCK=_BLOCK, FP=_FP)
