@@ -13,7 +13,7 @@ from the concatenation's copies (benchmarks/RESULTS.md).  The state of a packed 
 pack's output.
 Like torch.optim's optimizers, the step writes in place: a contiguous parameter that goes alone and its
 state are overwritten by the fused kernel itself (``ops.learned_update_``), without new tensors or a copy
-back: at 1e7 elements 0.4x (hidden=4) and 0.65x (hidden=32) the out-of-place step's time under glibc's
+back: at 1e7 elements 0.41x (hidden=4) and 0.66x (hidden=32) the out-of-place step's time under glibc's
 default malloc, which maps and faults in every large new tensor (benchmarks/RESULTS.md).
 
 NaN or Inf gradients: ``nan_policy="raise"`` (default) raises FloatingPointError naming the parameter
