@@ -120,7 +120,10 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             weights[step] = self.lopt.flat_weights(step).detach()
         sizes = [p.numel() for p in params]
         in_place = len(params) == 1 and params[0].is_contiguous()
-        flat = params[0].detach().view(-1) if in_place else _joined([p.detach().reshape(-1) for p in params]).contiguous()
+        if in_place:
+            flat = params[0].detach().view(-1)
+        else:
+            flat = _joined([p.detach().reshape(-1) for p in params]).contiguous()
         joined_state = _joined([state["lopt_state"] for state in states], dim=1).contiguous()
         ops.learned_update_(flat, grads, joined_state, weights[step].to(params[0].device), hidden=self.lopt.hidden,
                             layers=self.lopt.layers, segments=sizes if len(params) > 1 else None, hyper=self.lopt.hyper)

@@ -9,5 +9,6 @@ from .softmax import causal_softmax
 from .update import adam_update, momentum_update, sgd_update
 from .vocab_head import linear_cross_entropy
 
-__all__ = ["sgd_update", "momentum_update", "adam_update", "learned_update", "learned_update_", "LoptHyper", "layer_norm", "rms_norm",
-           "bias_gelu", "causal_softmax", "causal_attention", "task_linear", "linear_cross_entropy"]
+__all__ = ["sgd_update", "momentum_update", "adam_update", "learned_update", "learned_update_", "LoptHyper",
+           "layer_norm", "rms_norm", "bias_gelu", "causal_softmax", "causal_attention", "task_linear",
+           "linear_cross_entropy"]

@@ -250,11 +250,12 @@ def learned_update_(params: torch.Tensor, grads: torch.Tensor, state: torch.Tens
         if not t.is_contiguous():
             raise ValueError(f"{_OP}_: argument '{name}' must be contiguous (it is written in place), got strides "
                              f"{tuple(t.stride())} for shape {_checks.shape_str(t.shape)}")
-    for (name_a, a), (name_b, b) in (((("params", p), ("state", s))), (("grads", g), ("params", p)),
-                                     (("grads", g), ("state", s)), (("weights", w), ("params", p)),
-                                     (("weights", w), ("state", s))):
-        if _shares_memory(a, b):
-            raise ValueError(f"{_OP}_: arguments '{name_a}' and '{name_b}' share memory; '{name_b}' is written in place")
+    named = {"params": p, "grads": g, "state": s, "weights": w}
+    for read, written in (("params", "state"), ("grads", "params"), ("grads", "state"), ("weights", "params"),
+                          ("weights", "state")):
+        if _shares_memory(named[read], named[written]):
+            raise ValueError(f"{_OP}_: arguments '{read}' and '{written}' share memory; '{written}' is written in "
+                             "place")
     backend = _backend.select(p.device, _OP)
     if backend == "reference" or p.numel() == 0:
         _reference_in_place(p, g, s, w, sizes, hidden, layers, hyper)
