@@ -118,10 +118,12 @@ MK_CPU_CLONES_FMA void moments_job(const LoptConsts<acc_t> c, const Rows<scalar_
 }
 
 // kElementMajor: the MLP of lopt_element_major.h with the weights `packed`, else the lanes MLP (`packed` unused).
+// po and so may be r.p and r.s themselves (the in-place step): each block is loaded into `b` before its
+// elements are stored, so they are not __restrict__.
 template <int VB, bool kElementMajor, int kHidden, typename acc_t, typename scalar_t>
 MK_LANES_INLINE void forward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, const EmWeights<acc_t>* packed,
                                  int hidden, int layers, const acc_t* __restrict__ norm, const Rows<scalar_t> r,
-                                 int64_t n, scalar_t* __restrict__ po, scalar_t* __restrict__ so,
+                                 int64_t n, scalar_t* po, scalar_t* so,
                                  acc_t* __restrict__ act) {
   const int H = kHidden ? kHidden : hidden;
   Block<acc_t, scalar_t> b;
