@@ -24,12 +24,13 @@ def main():
     if algo == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(module)
         grads = meta_gradients(algo, module, *local, forward=wrapped)
+        del wrapped  # its reducer holds the process group, which must die in destroy_process_group, not at exit
     else:
         grads = meta_gradients(algo, module, *local)
         distributed.all_reduce_gradients(grads["params"], weight=(share.stop - share.start) / T)
     if dist.get_rank() == 0:
         torch.save([p.grad for p in grads["params"]], out)
-    dist.barrier()  # NOTE: a rank tearing gloo down while the other is still connected sometimes aborts it
+    dist.barrier()  # a rank tearing gloo down while the other is still connected sometimes aborts it
     dist.destroy_process_group()
 
 
