@@ -117,9 +117,24 @@ MK_CPU_CLONES_FMA void moments_job(const LoptConsts<acc_t> c, const Rows<scalar_
   }
 }
 
+// dst[l] = v[l] (kAdd: dst[l] += v[l]) for the m <= kLanes elements of one block.  NOTE: a full block is a
+// fixed-count loop that vectorises; one loop over all outputs with a branch per output per element stayed
+// scalar (~7% of the hidden=4 backward's samples).
+template <bool kAdd, typename acc_t, typename scalar_t>
+MK_LANES_INLINE void store_lanes(scalar_t* __restrict__ dst, const acc_t* __restrict__ v, int64_t m) {
+  const auto put = [&](int l) { dst[l] = static_cast<scalar_t>(kAdd ? static_cast<acc_t>(dst[l]) + v[l] : v[l]); };
+  if (m == kLanes) {
+    MK_SIMD
+    for (int l = 0; l < kLanes; ++l) put(l);
+  } else {
+    for (int l = 0; l < m; ++l) put(l);
+  }
+}
+
 // kElementMajor: the MLP of lopt_element_major.h with the weights `packed`, else the lanes MLP (`packed` unused).
 // po and so may be r.p and r.s themselves (the in-place step): each block is loaded into `b` before its
-// elements are stored, so they are not __restrict__.
+// elements are stored, so they are not __restrict__ here; each output plane is stored from scratch by its
+// own store_lanes, whose full-block loop vectorises without knowing that the planes do not overlap.
 template <int VB, bool kElementMajor, int kHidden, typename acc_t, typename scalar_t>
 MK_LANES_INLINE void forward_job(const LoptConsts<acc_t> c, const acc_t* __restrict__ w, const EmWeights<acc_t>* packed,
                                  int hidden, int layers, const acc_t* __restrict__ norm, const Rows<scalar_t> r,
@@ -127,17 +142,17 @@ MK_LANES_INLINE void forward_job(const LoptConsts<acc_t> c, const acc_t* __restr
                                  acc_t* __restrict__ act) {
   const int H = kHidden ? kHidden : hidden;
   Block<acc_t, scalar_t> b;
-  alignas(64) acc_t e[kLanes];
+  alignas(64) acc_t e[kLanes], p_new[kLanes];
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t m = std::min<int64_t>(kLanes, n - i);
     b.load_normalised(c, r, i, m, norm);
     if constexpr (kElementMajor) em_mlp_forward<kLanes, VB>(w, *packed, H, layers, b.x, act, b.out);
     else lopt_mlp_forward<kLanes, VB>(w, H, layers, b.x, act, b.out);
     lopt_exp_lanes(c, b.out + kLanes, e);
-    for (int l = 0; l < m; ++l) {
-      po[i + l] = static_cast<scalar_t>(b.p[l] - c.step_mult * b.out[l] * e[l]);
-      for (int j = 0; j < kLoptStates; ++j) so[j * r.plane + i + l] = static_cast<scalar_t>(b.s_new[j * kLanes + l]);
-    }
+    MK_SIMD
+    for (int l = 0; l < kLanes; ++l) p_new[l] = b.p[l] - c.step_mult * b.out[l] * e[l];
+    store_lanes<false>(po + i, p_new, m);
+    for (int j = 0; j < kLoptStates; ++j) store_lanes<false>(so + j * r.plane + i, b.s_new + j * kLanes, m);
   }
 }
 
@@ -153,20 +168,6 @@ template <typename acc_t>
 struct BlockGrads {
   alignas(64) acc_t dp[kLanes], dg[kLanes], ds[kLoptStates * kLanes];
 };
-
-// dst[l] = v[l] (kAdd: dst[l] += v[l]) for the m <= kLanes elements of one block.  NOTE: a full block is a
-// fixed-count loop that vectorises; one loop over all outputs with a branch per output per element stayed
-// scalar (~7% of the hidden=4 backward's samples).
-template <bool kAdd, typename acc_t, typename scalar_t>
-MK_LANES_INLINE void store_lanes(scalar_t* __restrict__ dst, const acc_t* __restrict__ v, int64_t m) {
-  const auto put = [&](int l) { dst[l] = static_cast<scalar_t>(kAdd ? static_cast<acc_t>(dst[l]) + v[l] : v[l]); };
-  if (m == kLanes) {
-    MK_SIMD
-    for (int l = 0; l < kLanes; ++l) put(l);
-  } else {
-    for (int l = 0; l < m; ++l) put(l);
-  }
-}
 
 // Stores (kAdd: adds to) the requested input cotangents of one block.
 template <bool kAdd, typename acc_t, typename scalar_t>
