@@ -22,6 +22,7 @@
 
 #include "../dispatch.h"
 #include "../lopt_kernels.h"
+#include "aligned_buffer.h"
 #include "clones.h"
 #include "lopt_element_major.h"
 #include "vector_math.h"
@@ -185,7 +186,7 @@ MK_LANES_INLINE void store_grads(const LoptArgs& a, const Job& j, int64_t i, int
 template <typename acc_t>
 struct BackwardScratch {
   int64_t x_stride, act_stride, dz_stride;
-  std::vector<acc_t> x, act, dz, dw_lanes;
+  AlignedVector<acc_t> x, act, dz, dw_lanes;
   BackwardScratch(int H, int layers, int64_t nw)
       : x_stride(F * kLanes),
         act_stride(static_cast<int64_t>(layers) * H * kLanes),
@@ -399,7 +400,7 @@ void forward_impl(const LoptHyper& h, const LoptArgs& a) {
   const acc_t* w = static_cast<const acc_t*>(a.weights);
   const std::unique_ptr<const EmWeights<acc_t>> packed = pack_for_jobs(w, a.H, a.layers);
   at::parallel_for(0, njobs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes);
+    AlignedVector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes);
     for (int64_t k = begin; k < end; ++k) {
       const Job& j = jobs[k];
       const int64_t off = j.t * a.P + j.begin;

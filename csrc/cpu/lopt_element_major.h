@@ -17,9 +17,9 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "../lopt_math.h"
+#include "aligned_buffer.h"
 
 namespace mk {
 
@@ -247,7 +247,7 @@ class EmWeights {
     return layer == 0 ? 0 : static_cast<int64_t>(H_) * kLoptFeatures + static_cast<int64_t>(layer - 1) * H_ * H_;
   }
   int H_;
-  std::vector<acc_t> packed_;
+  AlignedVector<acc_t> packed_;
 };
 
 // MLP forward (the math of lopt_mlp_forward): x [F][L] (lanes) -> act [layers][L][H] (element-major), out [2][L].
