@@ -11,9 +11,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "../matmul_kernels.h"
+#include "aligned_buffer.h"
 #include "clones.h"
 
 namespace mk {
@@ -119,7 +119,7 @@ void task_matmul_cpu(const TaskMatmulArgs& args) {
   if (args.batch == 0 || args.M == 0 || args.N == 0) return;
   const int64_t panels = (args.N + kCols - 1) / kCols;
   at::parallel_for(0, args.batch * panels, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> panel(static_cast<size_t>(std::max<int64_t>(args.K, 1)) * kCols);
+    AlignedVector<float> panel(static_cast<size_t>(std::max<int64_t>(args.K, 1)) * kCols);
     matmul_items(args, panels, lo, hi, panel.data());
   });
 #endif
