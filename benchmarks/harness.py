@@ -64,11 +64,59 @@ def copy_bandwidth_gbs(device: torch.device, n_elements: int = 16_000_000, repea
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def matmul_gflops(device: torch.device, n: int = 1024, dtype=torch.float32, repeats: int = 10) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = median_ms(lambda: a @ b, device, repeats)
-    return 2 * n**3 / ms / 1e6
+def _cpu_products(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """The fp32 CPU implementations of a @ b besides torch.mm that this process can run, by name."""
+    products = {}
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        b_t = b.t().contiguous()  # the linear's weight is [out, in]
+        products["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+    from metakernels._backend import extension
+
+    ext = extension()
+    if ext is not None and ext.task_matmul_available():
+        out = torch.empty(1, *a.shape[:1], b.shape[1])
+
+        def kernel():
+            ext.task_matmul(a[None], b[None], None, out)
+            return out[0]
+
+        products["metakernels kernel"] = kernel
+    return products
+
+
+def matmul_rates(device: torch.device, n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of an fp32 n x n product by each implementation this process can run: torch.mm (the
+    BLAS) and, on the CPU, oneDNN (torch.ops.mkldnn._linear_pointwise, where torch has it) and
+    metakernels' own product kernel (where this CPU runs it).  They can differ by 2x: on the Zen 5 hosts
+    here MKL runs 256-bit code (170-240 GFLOP/s on two threads) where oneDNN and the kernel use the
+    512-bit FMA units (400-550; RESULTS.md, eleventh and twentieth sessions).  An implementation whose
+    product disagrees with torch.mm's is not counted."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    products = {"torch.mm": lambda: a @ b}
+    if device.type == "cpu":
+        reference = a @ b
+        for name, product in _cpu_products(a, b).items():
+            if torch.allclose(product(), reference, rtol=1e-4, atol=1e-3 * n**0.5):
+                products[name] = product
+    return {name: 2 * n**3 / median_ms(product, device, repeats) / 1e6 for name, product in products.items()}
+
+
+def matmul_ceiling(rates: dict[str, float]) -> tuple[str, float]:
+    """The fastest of matmul_rates' implementations and its GFLOP/s: the ceiling of a FLOP-bound kernel."""
+    return max(rates.items(), key=lambda item: item[1])
+
+
+def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 10) -> float:
+    """The fp32 matmul ceiling measured now (matmul_ceiling of matmul_rates), GFLOP/s."""
+    return matmul_ceiling(matmul_rates(device, n, repeats))[1]
+
+
+def describe_matmul(rates: dict[str, float]) -> str:
+    """'fp32 matmul 426 GFLOP/s (metakernels kernel; torch.mm 185, oneDNN 401)': the ceiling and the others."""
+    best, rate = matmul_ceiling(rates)
+    others = ", ".join(f"{name} {r:.0f}" for name, r in rates.items() if name != best)
+    return f"fp32 matmul {rate:.0f} GFLOP/s ({best}" + (f"; {others})" if others else ")")
 
 
 def machine_line(device: torch.device) -> str:

@@ -107,12 +107,13 @@ def backward_and_pack_ms(fn, x, w, b, device, repeats):
                              device, repeats)
 
 
-def linear_rows(args, device, gen) -> tuple[list[list[str]], float]:
+def linear_rows(args, device, gen) -> tuple[list[list[str]], dict[str, float]]:
     import torch
 
     import metakernels as mk
 
-    rate = harness.matmul_gflops(device)
+    rates = harness.matmul_rates(device)
+    rate = harness.matmul_ceiling(rates)[1]
     rows = []
     for name, (I, O) in linear_shapes(args.width).items():
         x = torch.randn(args.tasks, args.rows, I, generator=gen).to(device).requires_grad_()
@@ -127,7 +128,7 @@ def linear_rows(args, device, gen) -> tuple[list[list[str]], float]:
         for i, (pass_name, products) in enumerate((("forward", 1), ("backward", 2), ("double backward", 4),
                                                    ("backward + dW into flat rows", 2))):
             rows.append(_row(name, pass_name, i, results, products * product_flops / rate / 1e6))
-    return rows, rate
+    return rows, rates
 
 
 def _eager_head(targets):
@@ -254,8 +255,9 @@ def main():
         for i, pass_name in enumerate(("forward", "backward", "double backward")):
             rows.append(_row(name, pass_name, i, results, moved[i] * x.numel() * 4 / bandwidth / 1e6))
     harness.print_table(header, rows, args.markdown, title="fused twice-differentiable layers")
-    rows, rate = linear_rows(args, device, gen)
-    print(f"\ntask-batched linear: fp32 matmul rate this run {rate:.0f} GFLOP/s (the floor: FLOPs over it)")
+    rows, rates = linear_rows(args, device, gen)
+    rate = harness.matmul_ceiling(rates)[1]
+    print(f"\ntask-batched linear: {harness.describe_matmul(rates)} this run (the floor: FLOPs over the fastest)")
     header[-1] = "% of matmul rate"
     harness.print_table(header, rows, args.markdown, title="task-batched linear")
     print(f"\nvocabulary head with cross-entropy, V={args.vocab}, median of {args.head_repeats}")

@@ -2,7 +2,9 @@
 available compiled backend against eager PyTorch (the reference composition and its autograd) and
 ``torch.compile`` of it, forward and forward + meta-backward, and the optimizer step alone
 (``lopt.optimizer([p]).step()``), with the FLOP rate against the fp32 matmul rate and the bytes against
-the copy bandwidth, both measured in the same run.
+the copy bandwidth, both measured in the same run.  The matmul rate is the fastest fp32 product the process
+can run (harness.matmul_rates: torch.mm, oneDNN, metakernels' product kernel), not the BLAS's alone: on
+the Zen 5 hosts here MKL reaches less than half the rate of the other two.
 
 FLOPs: 2 per multiply-add of the per-parameter MLP; forward 2 M, forward + backward 6 M per element
 (M = 9 H + (layers - 1) H^2 + 2 H multiply-adds; the fused backward's recomputed forward is not counted).
@@ -64,10 +66,11 @@ def main():
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     repeats = 3 if args.quick else 7
     fused = "cuda" if device.type == "cuda" else "cpu"
-    matmul = harness.matmul_gflops(device)
+    rates = harness.matmul_rates(device)
+    matmul = harness.matmul_ceiling(rates)[1]
     copy = harness.copy_bandwidth_gbs(device)
     print(harness.machine_line(device))
-    print(f"{allocator}; fp32 matmul {matmul:.0f} GFLOP/s, copy {copy:.1f} GB/s (same run); medians of {repeats}")
+    print(f"{allocator}; {harness.describe_matmul(rates)}, copy {copy:.1f} GB/s (same run); medians of {repeats}")
 
     rows = []
     for hidden in args.hidden:

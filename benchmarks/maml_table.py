@@ -213,7 +213,8 @@ def count_flops(args):
 
 
 def matmul_rate(device):
-    """fp32 GFLOP/s of the model's own batched matmuls (MLP of 16x4x32 tokens, attention bmm)."""
+    """fp32 GFLOP/s of torch's products at the model's own shapes (MLP of 16x4x32 tokens, attention bmm),
+    and harness.matmul_rates at 1024^2."""
     import torch
 
     x = torch.randn(16 * 4 * 32, 128, device=device)
@@ -222,7 +223,7 @@ def matmul_rate(device):
     q = torch.randn(16 * 4 * 4, 32, 32, device=device)
     k = torch.randn(16 * 4 * 4, 32, 32, device=device)
     att = harness.median_ms(lambda: q @ k, device, 20)
-    return 2 * x.shape[0] * 128 * 512 / mlp / 1e6, 2 * q.shape[0] * 32**3 / att / 1e6, harness.matmul_gflops(device)
+    return 2 * x.shape[0] * 128 * 512 / mlp / 1e6, 2 * q.shape[0] * 32**3 / att / 1e6, harness.matmul_rates(device)
 
 
 def kernel_rate(device):
@@ -259,15 +260,16 @@ def main():
             runs[variant].append(json.loads(line))
     results = [_summary(variant, rounds) for variant, rounds in runs.items()]
     flops = count_flops(args)
-    mlp_rate, att_rate, big_rate = matmul_rate(torch.device(args.device))
+    mlp_rate, att_rate, big_rates = matmul_rate(torch.device(args.device))
+    big_rate = harness.matmul_ceiling(big_rates)[1]
     own_rate = kernel_rate(torch.device(args.device))
     print(f"torch {torch.__version__}, device={args.device}, threads={torch.get_num_threads()}, T={args.tasks}, K={args.steps}, vocab={args.vocab}, "
           f"second order, median of {args.repeats} meta-steps in each of {args.rounds} round(s); allocator: {allocator}"
           + (f"; task_chunk={args.task_chunk} for the metakernels variants" if args.task_chunk else ""))
-    print(f"FLOPs per meta-step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); fp32 matmul rate this run: "
-          f"{big_rate:.0f} GFLOP/s at 1024^2, {mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's"
-          + ("" if own_rate is None else f"; metakernels' product kernel {own_rate:.0f} at the MLP's shape "
-                                         "(the products' ceiling here; the % column divides by the 1024^2 rate)"))
+    print(f"FLOPs per meta-step: {flops / 1e9:.1f} GFLOP (FlopCounterMode); this run: "
+          f"{harness.describe_matmul(big_rates)} at 1024^2 (the % column's ceiling); torch.mm "
+          f"{mlp_rate:.0f} at the MLP's shape, {att_rate:.0f} at attention's"
+          + ("" if own_rate is None else f"; metakernels' product kernel {own_rate:.0f} at the MLP's shape"))
     ref = next((r for r in results if r["variant"] == "metakernels" and "seconds" in r), None)
     l2l = next((r for r in results if r["variant"] == "learn2learn" and "seconds" in r), None)
     header = ["variant", "s / meta-step", "peak MB", "GFLOP/s", "% of matmul rate", "speed vs metakernels",
