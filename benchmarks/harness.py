@@ -107,11 +107,6 @@ def matmul_ceiling(rates: dict[str, float]) -> tuple[str, float]:
     return max(rates.items(), key=lambda item: item[1])
 
 
-def matmul_gflops(device: torch.device, n: int = 1024, repeats: int = 10) -> float:
-    """The fp32 matmul ceiling measured now (matmul_ceiling of matmul_rates), GFLOP/s."""
-    return matmul_ceiling(matmul_rates(device, n, repeats))[1]
-
-
 def describe_matmul(rates: dict[str, float]) -> str:
     """'fp32 matmul 426 GFLOP/s (metakernels kernel; torch.mm 185, oneDNN 401)': the ceiling and the others."""
     best, rate = matmul_ceiling(rates)
