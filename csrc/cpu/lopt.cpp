@@ -69,15 +69,16 @@ struct Rows {
         to_end(a.T * a.P - (j.t * a.P + j.begin)) {}
 };
 
-// Software prefetch of the cache lines of elements [i, i + kLanes) in `count` planes `plane` elements
-// apart from base, those before `end`.  NOTE: on the Zen 5 hosts here the hardware prefetcher alone left
-// every pass over P = 1e6 elements waiting on memory: the hidden=4 forward ran 14.5 ms on one thread
-// against 7.2 ms with a prefetch kPrefetchAhead elements ahead (RESULTS.md, twentieth session).
-template <typename scalar_t>
+// Software prefetch (kForWrite: for writing) of the cache lines of elements [i, i + kLanes) in `count`
+// planes `plane` elements apart from base, those before `end`.  NOTE: on the Zen 5 hosts here the hardware
+// prefetcher alone left every pass over P = 1e6 elements waiting on memory: the hidden=4 forward ran
+// 14.5 ms on one thread against 7.2 ms with its input planes prefetched kPrefetchAhead elements ahead, and
+// 5.2-7.4 ms with its output planes too (RESULTS.md, twentieth session).
+template <int kForWrite = 0, typename scalar_t>
 MK_LANES_INLINE void prefetch_lanes(const scalar_t* base, int64_t plane, int count, int64_t i, int64_t end) {
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   for (int j = 0; j < count; ++j)
-    for (int64_t q = i; q < std::min(i + kLanes, end); q += kLine) __builtin_prefetch(base + j * plane + q);
+    for (int64_t q = i; q < std::min(i + kLanes, end); q += kLine) __builtin_prefetch(base + j * plane + q, kForWrite);
 }
 
 // Loads up to kLanes elements into lane slots, zero-padding the tail.
@@ -169,6 +170,8 @@ MK_LANES_INLINE void forward_job(const LoptConsts<acc_t> c, const acc_t* __restr
     lopt_exp_lanes(c, b.out + kLanes, e);
     MK_SIMD
     for (int l = 0; l < kLanes; ++l) p_new[l] = b.p[l] - c.step_mult * b.out[l] * e[l];
+    prefetch_lanes<1>(po, 0, 1, i + kPrefetchAhead, r.to_end);
+    prefetch_lanes<1>(so, r.plane, kLoptStates, i + kPrefetchAhead, r.to_end);
     store_lanes<false>(po + i, p_new, m);
     for (int j = 0; j < kLoptStates; ++j) store_lanes<false>(so + j * r.plane + i, b.s_new + j * kLanes, m);
   }
@@ -190,12 +193,15 @@ struct BlockGrads {
 // Stores (kAdd: adds to) the requested input cotangents of one block.
 template <bool kAdd, typename acc_t, typename scalar_t>
 MK_LANES_INLINE void store_grads(const LoptArgs& a, const Job& j, int64_t i, int64_t m, const BlockGrads<acc_t>& d) {
-  const int64_t base = j.t * a.P + j.begin + i, plane = a.T * a.P;
-  if (a.d_param) store_lanes<kAdd>(static_cast<scalar_t*>(a.d_param) + base, d.dp, m);
-  if (a.d_grad) store_lanes<kAdd>(static_cast<scalar_t*>(a.d_grad) + base, d.dg, m);
-  if (a.d_state)
-    for (int s = 0; s < kLoptStates; ++s)
-      store_lanes<kAdd>(static_cast<scalar_t*>(a.d_state) + s * plane + base, d.ds + s * kLanes, m);
+  const int64_t job = j.t * a.P + j.begin, plane = a.T * a.P;
+  const auto put = [&](void* dst, const acc_t* v, int count) {
+    scalar_t* planes = static_cast<scalar_t*>(dst) + job;
+    prefetch_lanes<1>(planes, plane, count, i + kPrefetchAhead, plane - job);
+    for (int s = 0; s < count; ++s) store_lanes<kAdd>(planes + s * plane + i, v + s * kLanes, m);
+  };
+  if (a.d_param) put(a.d_param, d.dp, 1);
+  if (a.d_grad) put(a.d_grad, d.dg, 1);
+  if (a.d_state) put(a.d_state, d.ds, kLoptStates);
 }
 
 // Scratch of one backward job: x, activations and dz (then dout) of kOuterBlocks blocks, whose weight
