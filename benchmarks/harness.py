@@ -74,7 +74,7 @@ def _cpu_products(a: torch.Tensor, b: torch.Tensor) -> dict:
 
     ext = extension()
     if ext is not None and ext.task_matmul_available():
-        out = torch.empty(1, *a.shape[:1], b.shape[1])
+        out = torch.empty(1, a.shape[0], b.shape[1])
 
         def kernel():
             ext.task_matmul(a[None], b[None], None, out)
