@@ -205,11 +205,12 @@ MK_LANES_INLINE void store_grads(const LoptArgs& a, const Job& j, int64_t i, int
 }
 
 // Scratch of one backward job: x, activations and dz (then dout) of kOuterBlocks blocks, whose weight
-// gradient is accumulated at once (see lopt_lanes_outer), and the weight gradient's partial sums.
+// gradient is accumulated at once (see lopt_lanes_outer), the weight gradient's partial sums, and the
+// element-major MLP's first-layer dz in lanes (em_mlp_backward).
 template <typename acc_t>
 struct BackwardScratch {
   int64_t x_stride, act_stride, dz_stride;
-  AlignedVector<acc_t> x, act, dz, dw_lanes;
+  AlignedVector<acc_t> x, act, dz, dw_lanes, dz_lanes;
   BackwardScratch(int H, int layers, int64_t nw)
       : x_stride(F * kLanes),
         act_stride(static_cast<int64_t>(layers) * H * kLanes),
@@ -217,7 +218,8 @@ struct BackwardScratch {
         x(kOuterBlocks * x_stride),
         act(kOuterBlocks * act_stride),
         dz(kOuterBlocks * dz_stride),
-        dw_lanes(nw * kLoptVecLanes<acc_t, kAvx512VectorBytes>) {}  // room for either instance
+        dw_lanes(nw * kLoptVecLanes<acc_t, kAvx512VectorBytes>),  // room for either instance
+        dz_lanes(static_cast<int64_t>(H) * kLanes) {}
 };
 
 // Pass A of the backward for one job; returns c_k = sum_i dx_ik f_ik in c_out and accumulates the
@@ -264,7 +266,7 @@ MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __rest
       dout[l] = dstep;
       dout[kLanes + l] = dstep * out[l] * c.exp_mult;
     }
-    if constexpr (kElementMajor) em_mlp_backward<kLanes, VB>(w, *packed, H, layers, act, dout, dz, dx);
+    if constexpr (kElementMajor) em_mlp_backward<kLanes, VB>(w, H, layers, act, dout, dz, scratch->dz_lanes.data(), dx);
     else lopt_mlp_backward<kLanes, VB>(w, H, layers, x, act, dout, dz, dx);
     if (++slot == kOuterBlocks || i + kLanes >= n) {
       BackwardScratch<acc_t>& q = *scratch;

@@ -128,6 +128,58 @@ MK_LANES_INLINE typename EmVec<acc_t, VB>::V em_fold_all(typename EmVec<acc_t, V
   }
 }
 
+// Shuffle mask of one stage of em_transpose_stages: rows a = r[i] and b = r[i + D] (bit D of i clear) swap
+// their off-diagonal D x D blocks; kHigh selects the new r[i + D], else the new r[i].
+template <typename IV, typename Index, int VL, int D, bool kHigh, size_t... J>
+constexpr IV em_swap_mask(std::index_sequence<J...>) {
+  return IV{static_cast<Index>(
+      kHigh ? ((static_cast<int>(J) & D) == 0 ? static_cast<int>(J) + D : VL + static_cast<int>(J))
+            : ((static_cast<int>(J) & D) == 0 ? static_cast<int>(J) : VL + static_cast<int>(J) - D))...};
+}
+
+// Transposes the VL x VL block r[i][j] in registers: the stage for bit D swaps bit D of the row and column
+// indices, r[i][j] <-> r[i + D][j - D] where bit D of i is clear and bit D of j is set (VL shuffles), and the
+// stages for every bit of the index, D = VL / 2 .. 1, make r[i][j] <- r[j][i].
+template <typename acc_t, int VB, int D = EmVec<acc_t, VB>::VL / 2>
+MK_LANES_INLINE void em_transpose_stages(typename EmVec<acc_t, VB>::V* r) {
+  if constexpr (D >= 1) {
+    using E = EmVec<acc_t, VB>;
+    using V = typename E::V;
+    constexpr int VL = E::VL;
+    constexpr typename E::IV lo =
+        em_swap_mask<typename E::IV, typename E::Index, VL, D, false>(std::make_index_sequence<VL>{});
+    constexpr typename E::IV hi =
+        em_swap_mask<typename E::IV, typename E::Index, VL, D, true>(std::make_index_sequence<VL>{});
+#pragma GCC unroll 16
+    for (int i = 0; i < VL; ++i)
+      if ((i & D) == 0) {
+        const V a = r[i], b = r[i + D];
+        r[i] = __builtin_shuffle(a, b, lo);
+        r[i + D] = __builtin_shuffle(a, b, hi);
+      }
+    em_transpose_stages<acc_t, VB, D / 2>(r);
+  }
+}
+
+// out[c * L + e] = in[e * C + c] for e < L, c < C (C a multiple of VL): element-major to lanes, one VL x VL
+// block at a time (em_transpose_stages).
+template <int L, int VB, typename acc_t>
+MK_LANES_INLINE void em_to_lanes(const acc_t* in, int C, acc_t* out) {
+  using E = EmVec<acc_t, VB>;
+  using V = typename E::V;
+  constexpr int VL = E::VL;
+  static_assert(L % VL == 0, "a block holds whole vectors");
+  for (int e0 = 0; e0 < L; e0 += VL)
+    for (int c0 = 0; c0 < C; c0 += VL) {
+      V r[VL];
+#pragma GCC unroll 16
+      for (int i = 0; i < VL; ++i) r[i] = E::load(in + static_cast<int64_t>(e0 + i) * C + c0);
+      em_transpose_stages<acc_t, VB>(r);
+#pragma GCC unroll 16
+      for (int j = 0; j < VL; ++j) *reinterpret_cast<V*>(out + static_cast<int64_t>(c0 + j) * L + e0) = r[j];
+    }
+}
+
 // The output layer from element-major activations to lanes: out[k * L + e] = b[k] + sum_h Wo[k * H + h] a[e * H + h],
 // k < 2.
 template <int L, int VB, typename acc_t>
@@ -159,8 +211,8 @@ MK_LANES_INLINE void em_outer(const acc_t* P, int64_t p_stride, int64_t p_es, in
   using E = EmVec<acc_t, VB>;
   using V = typename E::V;
   constexpr int VL = E::VL, kE = E::kTile;
-  const auto tile = [&](auto tile_rows, auto vectors, int r0, int o0) MK_LAMBDA_INLINE {
-    constexpr int TR = decltype(tile_rows)::value, TV = decltype(vectors)::value;
+  const auto tile = [&](auto vectors, int r0, int o0) MK_LAMBDA_INLINE {
+    constexpr int TR = kE, TV = decltype(vectors)::value;
     V s[TR][TV];
     V* at = reinterpret_cast<V*>(acc);
 #pragma GCC unroll 16
@@ -189,13 +241,44 @@ MK_LANES_INLINE void em_outer(const acc_t* P, int64_t p_stride, int64_t p_es, in
   };
   using Two = std::integral_constant<int, 2>;
   using One = std::integral_constant<int, 1>;
-  using Rows = std::integral_constant<int, kE>;
+  static_assert(L % kE == 0, "a block holds whole groups of interleaved elements");
   // NOTE: loop bounds computed up front, so that with constant sizes the compiler sees the leftover loops
   // empty (carried over from the tiled loops, it warned of a signed overflow in them).
   const int tiles_end = rows / kE * kE, pairs_end = O / (2 * VL) * (2 * VL);
+  // A row left over from the tiles (the output layer's two, the first layer's ninth feature): kE partial sums
+  // over interleaved elements, as many independent accumulators as a tile has.  NOTE: as a one-row tile, each
+  // such row was one chain of nb * L dependent FMAs: the output layer's weight gradient took 4.7% of the
+  // hidden=32 backward's samples for 1.5% of its multiply-adds.
+  const auto row = [&](auto vectors, int r, int o0) MK_LAMBDA_INLINE {
+    constexpr int TV = decltype(vectors)::value;
+    V s[kE][TV];
+#pragma GCC unroll 16
+    for (int u = 0; u < kE; ++u)
+#pragma GCC unroll 16
+      for (int j = 0; j < TV; ++j) s[u][j] = V{};
+    for (int b = 0; b < nb; ++b) {
+      const acc_t* p = P + b * p_stride + r * p_is;
+      const acc_t* q = Q + b * q_stride + o0;
+      for (int e = 0; e < L; e += kE, p += kE * p_es, q += kE * O)
+#pragma GCC unroll 16
+        for (int u = 0; u < kE; ++u) {
+          const acc_t w = p[u * p_es];
+#pragma GCC unroll 16
+          for (int j = 0; j < TV; ++j) s[u][j] += w * E::load(q + u * O + j * VL);
+        }
+    }
+    V* at = reinterpret_cast<V*>(acc);
+#pragma GCC unroll 16
+    for (int j = 0; j < TV; ++j) {
+      V sum = s[0][j];
+#pragma GCC unroll 16
+      for (int u = 1; u < kE; ++u) sum += s[u][j];
+      at[(static_cast<int64_t>(r) * O + o0) / VL + j] += sum;
+    }
+  };
   const auto column = [&](auto vectors, int o) MK_LAMBDA_INLINE {
-    for (int r = 0; r < tiles_end; r += kE) tile(Rows{}, vectors, r, o);
-    for (int r = tiles_end; r < rows; ++r) tile(One{}, vectors, r, o);
+    for (int r = 0; r < tiles_end; r += kE) tile(vectors, r, o);
+    for (int r = tiles_end; r < rows; ++r) row(vectors, r, o);
   };
   for (int o0 = 0; o0 < pairs_end; o0 += 2 * VL) column(Two{}, o0);
   if (pairs_end < O) column(One{}, pairs_end);
@@ -217,17 +300,12 @@ MK_LANES_INLINE void em_column_sums(const acc_t* Q, int64_t q_stride, int O, int
   }
 }
 
-// The feature count padded to whole vectors: the width of em_mlp_backward's element-major input cotangent.
-constexpr int kEmFeaturePad = 16;
-static_assert(kEmFeaturePad >= kLoptFeatures, "the padding holds every feature");
-
-// The MLP weights rearranged for em_dense, built once per call: each hidden layer's W^T ([n_in][H]), then W_1
-// ([H][F]) zero-padded to [H][kEmFeaturePad].
+// The MLP weights rearranged for em_dense, built once per call: each hidden layer's W^T ([n_in][H]).
 template <typename acc_t>
 class EmWeights {
  public:
   EmWeights(const acc_t* w, int H, int layers)
-      : H_(H), packed_(static_cast<size_t>(offset(layers)) + static_cast<size_t>(H) * kEmFeaturePad, acc_t(0)) {
+      : H_(H), packed_(static_cast<size_t>(offset(layers))) {
     for (int layer = 0; layer < layers; ++layer) {
       const int n_in = layer == 0 ? kLoptFeatures : H;
       const acc_t* W = w + lopt_layer_offset(H, layer);
@@ -235,12 +313,8 @@ class EmWeights {
       for (int r = 0; r < H; ++r)
         for (int c = 0; c < n_in; ++c) WT[static_cast<int64_t>(c) * H + r] = W[static_cast<int64_t>(r) * n_in + c];
     }
-    acc_t* padded = packed_.data() + offset(layers);
-    for (int r = 0; r < H; ++r)
-      for (int c = 0; c < kLoptFeatures; ++c) padded[r * kEmFeaturePad + c] = w[r * kLoptFeatures + c];
   }
   const acc_t* transposed(int layer) const { return packed_.data() + offset(layer); }
-  const acc_t* first_padded(int layers) const { return packed_.data() + offset(layers); }
 
  private:
   int64_t offset(int layer) const {
@@ -267,21 +341,21 @@ MK_LANES_INLINE void em_mlp_forward(const acc_t* w, const EmWeights<acc_t>& pack
 }
 
 // MLP backward (the math of lopt_mlp_backward): dout [2][L] -> the pre-activation cotangents dz [layers][L][H]
-// (element-major) and dx [F][L] (lanes).
+// (element-major) and dx [F][L] (lanes), through dz_lanes [H][L], the first layer's dz in lanes.  NOTE: dx
+// from the element-major dz, out[e][k] = sum_h dz[e][h] W_1[h][k], had F = 9 outputs padded to 16 and a
+// scalar transpose to lanes after (14% of the hidden=32 backward's samples for 7% of its multiply-adds); the
+// transposed dz feeds the lanes matvec, 9 rows without padding, whose output is dx in lanes.
 template <int L, int VB, typename acc_t>
-MK_LANES_INLINE void em_mlp_backward(const acc_t* w, const EmWeights<acc_t>& packed, int H, int layers, const acc_t* act,
-                                     const acc_t* dout, acc_t* dz, acc_t* dx) {
+MK_LANES_INLINE void em_mlp_backward(const acc_t* w, int H, int layers, const acc_t* act, const acc_t* dout, acc_t* dz,
+                                     acc_t* dz_lanes, acc_t* dx) {
   const int64_t HL = static_cast<int64_t>(H) * L;
   em_dense<L, VB, kLoptReluMask>(dout, 1, L, 2, w + lopt_layer_offset(H, layers), H, static_cast<const acc_t*>(nullptr),
                                  dz + (layers - 1) * HL, act + (layers - 1) * HL);
   for (int layer = layers - 1; layer >= 1; --layer)
     em_dense<L, VB, kLoptReluMask>(dz + layer * HL, H, 1, H, w + lopt_layer_offset(H, layer), H,
                                    static_cast<const acc_t*>(nullptr), dz + (layer - 1) * HL, act + (layer - 1) * HL);
-  alignas(64) acc_t dx_rows[L * kEmFeaturePad];
-  em_dense<L, VB, kLoptLinear>(dz, H, 1, H, packed.first_padded(layers), kEmFeaturePad,
-                               static_cast<const acc_t*>(nullptr), dx_rows);
-  for (int k = 0; k < kLoptFeatures; ++k)
-    for (int e = 0; e < L; ++e) dx[k * L + e] = dx_rows[e * kEmFeaturePad + k];
+  em_to_lanes<L, VB>(dz, H, dz_lanes);
+  lopt_dense_backward<L, false, VB>(w, kLoptFeatures, H, static_cast<const acc_t*>(nullptr), dz_lanes, dx);
 }
 
 // The MLP's weight gradient over nb blocks, accumulated into dw (acc_t, the flat weight layout except W_1's
