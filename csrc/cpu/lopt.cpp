@@ -266,7 +266,8 @@ MK_LANES_INLINE void backward_job(const LoptConsts<acc_t> c, const acc_t* __rest
       dout[l] = dstep;
       dout[kLanes + l] = dstep * out[l] * c.exp_mult;
     }
-    if constexpr (kElementMajor) em_mlp_backward<kLanes, VB>(w, H, layers, act, dout, dz, scratch->dz_lanes.data(), dx);
+    if constexpr (kElementMajor)
+      em_mlp_backward<kLanes, VB>(w, H, layers, act, dout, dz, scratch->dz_lanes.data(), dx, dw_lanes);
     else lopt_mlp_backward<kLanes, VB>(w, H, layers, x, act, dout, dz, dx);
     if (++slot == kOuterBlocks || i + kLanes >= n) {
       BackwardScratch<acc_t>& q = *scratch;

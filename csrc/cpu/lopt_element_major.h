@@ -202,6 +202,52 @@ MK_LANES_INLINE void em_output_layer(const acc_t* Wo, const acc_t* bo, int H, co
     }
 }
 
+// The output layer's backward on one block: from dout [2][L] (lanes) and the last hidden layer's activations
+// a [L][H] (element-major), its pre-activation cotangent dz[e * H + h] = relu'(a[e * H + h]) sum_{k < 2}
+// Wo[k * H + h] dout[k * L + e], and the output layer's weight gradient, dWo[k * H + h] += sum_e dout[k * L + e]
+// a[e * H + h], dbo[k] += sum_e dout[k * L + e] (dWo and dbo consecutive, as in the flat layout).  NOTE: as an
+// em_dense with K = 2 and an em_outer with two rows, each read a again, and the two took 4.9% of the hidden=32
+// backward's samples for 3% of its multiply-adds; one pass over a serves both.
+template <int L, int VB, typename acc_t>
+MK_LANES_INLINE void em_output_backward(const acc_t* dout, const acc_t* Wo, int H, const acc_t* a, acc_t* dz,
+                                        acc_t* dWo) {
+  using E = EmVec<acc_t, VB>;
+  using V = typename E::V;
+  constexpr int VL = E::VL, kE = E::kTile;
+  static_assert(L % kE == 0, "a block holds whole groups of interleaved elements");
+  for (int o = 0; o < H; o += VL) {
+    const V w0 = E::load(Wo + o), w1 = E::load(Wo + H + o);
+    V g0[kE], g1[kE];  // the weight gradient's partial sums over interleaved elements (the FMA latency)
+#pragma GCC unroll 16
+    for (int u = 0; u < kE; ++u) g0[u] = g1[u] = V{};
+    for (int e0 = 0; e0 < L; e0 += kE)
+#pragma GCC unroll 16
+      for (int u = 0; u < kE; ++u) {
+        const int64_t at = (static_cast<int64_t>(e0 + u) * H + o) / VL;
+        const V x = reinterpret_cast<const V*>(a)[at];
+        const acc_t d0 = dout[e0 + u], d1 = dout[L + e0 + u];
+        lopt_store<kLoptReluMask>(reinterpret_cast<V*>(dz), d0 * w0 + d1 * w1, reinterpret_cast<const V*>(a), at);
+        g0[u] += d0 * x;
+        g1[u] += d1 * x;
+      }
+#pragma GCC unroll 16
+    for (int u = 1; u < kE; ++u) {
+      g0[0] += g0[u];
+      g1[0] += g1[u];
+    }
+    *reinterpret_cast<V*>(dWo + o) += g0[0];
+    *reinterpret_cast<V*>(dWo + H + o) += g1[0];
+  }
+  for (int k = 0; k < 2; ++k) {
+    V sums = V{};  // NOTE: summed one element at a time, a chain of L dependent additions (0.8% of the samples)
+    for (int e = 0; e < L; e += VL) sums += E::load(dout + k * L + e);
+    acc_t sum = 0;
+#pragma GCC unroll 16
+    for (int l = 0; l < VL; ++l) sum += sums[l];
+    dWo[2 * H + k] += sum;
+  }
+}
+
 // The rank-1 updates of a weight gradient over nb blocks: acc[i * O + o] += sum_b sum_{e < L} P_b(e, i) Q_b[e * O + o]
 // for i < rows, o < O, where P_b(e, i) = P[b * p_stride + e * p_es + i * p_is] and Q_b = Q + b * q_stride.  The
 // tile's accumulators are loaded once and stored once per call.
@@ -341,16 +387,17 @@ MK_LANES_INLINE void em_mlp_forward(const acc_t* w, const EmWeights<acc_t>& pack
 }
 
 // MLP backward (the math of lopt_mlp_backward): dout [2][L] -> the pre-activation cotangents dz [layers][L][H]
-// (element-major) and dx [F][L] (lanes), through dz_lanes [H][L], the first layer's dz in lanes.  NOTE: dx
-// from the element-major dz, out[e][k] = sum_h dz[e][h] W_1[h][k], had F = 9 outputs padded to 16 and a
-// scalar transpose to lanes after (14% of the hidden=32 backward's samples for 7% of its multiply-adds); the
+// (element-major) and dx [F][L] (lanes), through dz_lanes [H][L], the first layer's dz in lanes; also adds the
+// output layer's weight gradient to dw (em_output_backward; the other layers' come from em_mlp_weight_grad).
+// NOTE: dx from the element-major dz, out[e][k] = sum_h dz[e][h] W_1[h][k], had F = 9 outputs padded to 16 and
+// a scalar transpose to lanes after (14% of the hidden=32 backward's samples for 7% of its multiply-adds); the
 // transposed dz feeds the lanes matvec, 9 rows without padding, whose output is dx in lanes.
 template <int L, int VB, typename acc_t>
 MK_LANES_INLINE void em_mlp_backward(const acc_t* w, int H, int layers, const acc_t* act, const acc_t* dout, acc_t* dz,
-                                     acc_t* dz_lanes, acc_t* dx) {
+                                     acc_t* dz_lanes, acc_t* dx, acc_t* dw) {
   const int64_t HL = static_cast<int64_t>(H) * L;
-  em_dense<L, VB, kLoptReluMask>(dout, 1, L, 2, w + lopt_layer_offset(H, layers), H, static_cast<const acc_t*>(nullptr),
-                                 dz + (layers - 1) * HL, act + (layers - 1) * HL);
+  em_output_backward<L, VB>(dout, w + lopt_layer_offset(H, layers), H, act + (layers - 1) * HL, dz + (layers - 1) * HL,
+                            dw + lopt_layer_offset(H, layers));
   for (int layer = layers - 1; layer >= 1; --layer)
     em_dense<L, VB, kLoptReluMask>(dz + layer * HL, H, 1, H, w + lopt_layer_offset(H, layer), H,
                                    static_cast<const acc_t*>(nullptr), dz + (layer - 1) * HL, act + (layer - 1) * HL);
@@ -358,22 +405,14 @@ MK_LANES_INLINE void em_mlp_backward(const acc_t* w, int H, int layers, const ac
   lopt_dense_backward<L, false, VB>(w, kLoptFeatures, H, static_cast<const acc_t*>(nullptr), dz_lanes, dx);
 }
 
-// The MLP's weight gradient over nb blocks, accumulated into dw (acc_t, the flat weight layout except W_1's
-// gradient, stored transposed as [F][H]: see em_add_weight_grad).  Block b has x at x + b * x_stride [F][L],
-// act at act + b * act_stride [layers][L][H], and dz at dz + b * dz_stride: [layers][L][H] then dout [2][L].
+// The hidden layers' weight gradient over nb blocks, accumulated into dw (acc_t, the flat weight layout except
+// W_1's gradient, stored transposed as [F][H]: see em_add_weight_grad; the output layer's comes from
+// em_mlp_backward).  Block b has x at x + b * x_stride [F][L], act at act + b * act_stride [layers][L][H], and dz
+// at dz + b * dz_stride [layers][L][H].
 template <int L, int VB, typename acc_t>
 MK_LANES_INLINE void em_mlp_weight_grad(int H, int layers, int nb, const acc_t* x, int64_t x_stride, const acc_t* act,
                                         int64_t act_stride, const acc_t* dz, int64_t dz_stride, acc_t* dw) {
   const int64_t HL = static_cast<int64_t>(H) * L;
-  acc_t* dwo = dw + lopt_layer_offset(H, layers);
-  const acc_t* dout = dz + layers * HL;
-  em_outer<L, VB>(dout, dz_stride, 1, L, 2, act + (layers - 1) * HL, act_stride, H, nb, dwo);
-  for (int k = 0; k < 2; ++k)
-    for (int b = 0; b < nb; ++b) {
-      acc_t sum = 0;
-      for (int e = 0; e < L; ++e) sum += dout[b * dz_stride + k * L + e];
-      dwo[2 * H + k] += sum;
-    }
   for (int layer = layers - 1; layer >= 1; --layer) {
     acc_t* dW = dw + lopt_layer_offset(H, layer);
     em_outer<L, VB>(dz + layer * HL, dz_stride, H, 1, H, act + (layer - 1) * HL, act_stride, H, nb, dW);
