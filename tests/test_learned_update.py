@@ -160,6 +160,37 @@ def test_weight_gradient_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("hidden", [4, 32])
+def test_cpu_results_do_not_depend_on_the_thread_count(hidden):
+    """The CPU jobs run under work stealing (csrc/cpu/work_stealing.h): with more threads than cores, threads
+    are preempted mid-loop and others take over the back of their ranges.  Every output must be the same bits as
+    on one thread (each job's sums are its own, reduced in job order), and match the float64 reference: a job
+    run twice would add the normaliser's term twice, a job skipped would leave its cotangents unwritten."""
+    segments = [20000, 13001, 7]
+    inputs = make(2, segments, hidden, 2, torch.float32, "cpu")
+    params, grads, state, weights = (x.clone().requires_grad_() for x in inputs)
+    cotangents = (torch.randn(params.shape, generator=torch.Generator().manual_seed(1)),
+                  torch.randn(state.shape, generator=torch.Generator().manual_seed(2)))
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 3, 7):
+            torch.set_num_threads(threads)
+            with mk.use_backend("cpu"):
+                outs = step(params, grads, state, weights, segments, hidden, 2)
+                results[threads] = [*outs, *torch.autograd.grad(outs, (params, grads, state, weights), cotangents)]
+    finally:
+        torch.set_num_threads(before)
+    for threads in (3, 7):
+        for one, many in zip(results[1], results[threads]):
+            assert torch.equal(one, many), f"{threads} threads differ from one"
+    (ref_p, ref_s), leaves = reference64(inputs, segments, hidden, 2)
+    expected = [ref_p, ref_s, *torch.autograd.grad((ref_p, ref_s), leaves, [c.double() for c in cotangents])]
+    rtol, atol = TOL[torch.float32]
+    for got, want in zip(results[7], expected):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * want.abs().max().item())
+
+
 def test_zero_gradients_stay_finite(backend):
     """A tensor whose gradient and state are all zero (unused parameters): features 0, no NaN."""
     _, device = backend

@@ -1,6 +1,6 @@
 // CPU kernels of the fused learned-optimizer step: the math of csrc/lopt_math.h on blocks of kLanes
 // parameters (lane-minor scratch, so every per-element loop vectorises over the lanes), threaded with
-// at::parallel_for.
+// parallel_for_stealing (work_stealing.h).
 //
 // Work is cut into jobs of at most kChunk elements that never cross a (task, segment) boundary, in the
 // order task, segment, index.  Per-segment reductions are per-job partials summed in job order, and the
@@ -26,6 +26,7 @@
 #include "clones.h"
 #include "lopt_element_major.h"
 #include "vector_math.h"
+#include "work_stealing.h"
 
 namespace mk {
 namespace {
@@ -410,8 +411,8 @@ void forward_impl(const LoptHyper& h, const LoptArgs& a) {
   const std::vector<Job> jobs = make_jobs(a);
   const int64_t njobs = static_cast<int64_t>(jobs.size());
   std::vector<double> partial(njobs * F);
-  at::parallel_for(0, njobs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k)
+  parallel_for_stealing(njobs, [&](const auto& next) {
+    for (int64_t k; (k = next()) >= 0;)
       moments_job<acc_t>(c, Rows<scalar_t>(a, jobs[k]), jobs[k].end - jobs[k].begin, &partial[k * F]);
   });
   const std::vector<int64_t> first = first_jobs(jobs, a);
@@ -427,9 +428,9 @@ void forward_impl(const LoptHyper& h, const LoptArgs& a) {
   }
   const acc_t* w = static_cast<const acc_t*>(a.weights);
   const std::unique_ptr<const EmWeights<acc_t>> packed = pack_for_jobs(w, a.H, a.layers);
-  at::parallel_for(0, njobs, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_stealing(njobs, [&](const auto& next) {
     AlignedVector<acc_t> act(static_cast<size_t>(a.layers) * a.H * kLanes);
-    for (int64_t k = begin; k < end; ++k) {
+    for (int64_t k; (k = next()) >= 0;) {
       const Job& j = jobs[k];
       const int64_t off = j.t * a.P + j.begin;
       run_job<false>(c, w, packed.get(), a.H, a.layers, norms + (j.t * a.nseg + j.seg) * F, Rows<scalar_t>(a, j),
@@ -451,9 +452,9 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
   const acc_t* norms = static_cast<const acc_t*>(a.norms);
   std::vector<double> dw_groups(groups * nw, 0.0), c_partial(njobs * F);
   const std::unique_ptr<const EmWeights<acc_t>> packed = pack_for_jobs(w, a.H, a.layers);
-  at::parallel_for(0, groups, 1, [&](int64_t gbegin, int64_t gend) {
+  parallel_for_stealing(groups, [&](const auto& next) {
     BackwardScratch<acc_t> scratch(a.H, a.layers, nw);
-    for (int64_t g = gbegin; g < gend; ++g) {
+    for (int64_t g; (g = next()) >= 0;) {
       for (int64_t k = g * njobs / groups; k < (g + 1) * njobs / groups; ++k) {
         const Job& j = jobs[k];
         const int64_t off = j.t * a.P + j.begin;
@@ -485,8 +486,8 @@ void backward_impl(const LoptHyper& h, const LoptArgs& a) {
       coef[ts * F + k] = static_cast<acc_t>(-n * n * n * sum / count);
     }
   }
-  at::parallel_for(0, njobs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
+  parallel_for_stealing(njobs, [&](const auto& next) {
+    for (int64_t k; (k = next()) >= 0;) {
       const Job& j = jobs[k];
       normaliser_job<acc_t>(c, &coef[(j.t * a.nseg + j.seg) * F], Rows<scalar_t>(a, j), a, j);
     }
