@@ -33,6 +33,13 @@ struct EmVec {
   static MK_LANES_INLINE V load(const acc_t* p) { return *reinterpret_cast<const V*>(p); }
 };
 
+// The sum of the N vectors v[0..N), as a tree of pairwise additions (log2(N) deep, not N - 1).
+template <typename acc_t, int VB, int N>
+MK_LANES_INLINE typename EmVec<acc_t, VB>::V em_tree_sum(const typename EmVec<acc_t, VB>::V* v) {
+  if constexpr (N == 1) return v[0];
+  else return em_tree_sum<acc_t, VB, N / 2>(v) + em_tree_sum<acc_t, VB, N - N / 2>(v + N / 2);
+}
+
 // out[e * O + o] = epilogue(bias[o] + sum_{k < K} in[e * es + k * ks] M[k * O + o]) for e < L, o < O
 // (bias may be nullptr; kLoptReluMask reads the mask at mask[e * O + o]).  A dense layer is M = W^T; the input
 // cotangent of a dense layer is M = W itself (k the layer's output, o its input).
@@ -162,9 +169,11 @@ MK_LANES_INLINE void em_transpose_stages(typename EmVec<acc_t, VB>::V* r) {
 }
 
 // out[c * L + e] = in[e * C + c] for e < L, c < C (C a multiple of VL): element-major to lanes, one VL x VL
-// block at a time (em_transpose_stages).
+// block at a time (em_transpose_stages); also sums[c] += sum_e in[e * C + c], from the block's rows before
+// they are transposed (the first layer's bias gradient: VL - 1 additions a block, where em_column_sums read
+// dz again).
 template <int L, int VB, typename acc_t>
-MK_LANES_INLINE void em_to_lanes(const acc_t* in, int C, acc_t* out) {
+MK_LANES_INLINE void em_to_lanes(const acc_t* in, int C, acc_t* out, acc_t* sums) {
   using E = EmVec<acc_t, VB>;
   using V = typename E::V;
   constexpr int VL = E::VL;
@@ -174,6 +183,7 @@ MK_LANES_INLINE void em_to_lanes(const acc_t* in, int C, acc_t* out) {
       V r[VL];
 #pragma GCC unroll 16
       for (int i = 0; i < VL; ++i) r[i] = E::load(in + static_cast<int64_t>(e0 + i) * C + c0);
+      *reinterpret_cast<V*>(sums + c0) += em_tree_sum<acc_t, VB, VL>(r);
       em_transpose_stages<acc_t, VB>(r);
 #pragma GCC unroll 16
       for (int j = 0; j < VL; ++j) *reinterpret_cast<V*>(out + static_cast<int64_t>(c0 + j) * L + e0) = r[j];
@@ -205,38 +215,35 @@ MK_LANES_INLINE void em_output_layer(const acc_t* Wo, const acc_t* bo, int H, co
 // The output layer's backward on one block: from dout [2][L] (lanes) and the last hidden layer's activations
 // a [L][H] (element-major), its pre-activation cotangent dz[e * H + h] = relu'(a[e * H + h]) sum_{k < 2}
 // Wo[k * H + h] dout[k * L + e], and the output layer's weight gradient, dWo[k * H + h] += sum_e dout[k * L + e]
-// a[e * H + h], dbo[k] += sum_e dout[k * L + e] (dWo and dbo consecutive, as in the flat layout).  NOTE: as an
-// em_dense with K = 2 and an em_outer with two rows, each read a again, and the two took 4.9% of the hidden=32
-// backward's samples for 3% of its multiply-adds; one pass over a serves both.
+// a[e * H + h], dbo[k] += sum_e dout[k * L + e] (dWo and dbo consecutive, as in the flat layout); also the last
+// hidden layer's bias gradient db[h] += sum_e dz[e * H + h] where db is not nullptr.  NOTE: as an em_dense with
+// K = 2 and an em_outer with two rows, each read a again, and the two took 4.9% of the hidden=32 backward's
+// samples for 3% of its multiply-adds; one pass over a serves both.
 template <int L, int VB, typename acc_t>
 MK_LANES_INLINE void em_output_backward(const acc_t* dout, const acc_t* Wo, int H, const acc_t* a, acc_t* dz,
-                                        acc_t* dWo) {
+                                        acc_t* dWo, acc_t* db) {
   using E = EmVec<acc_t, VB>;
   using V = typename E::V;
   constexpr int VL = E::VL, kE = E::kTile;
   static_assert(L % kE == 0, "a block holds whole groups of interleaved elements");
   for (int o = 0; o < H; o += VL) {
     const V w0 = E::load(Wo + o), w1 = E::load(Wo + H + o);
-    V g0[kE], g1[kE];  // the weight gradient's partial sums over interleaved elements (the FMA latency)
+    V g0[kE], g1[kE], z[kE];  // the gradients' partial sums over interleaved elements (the FMA latency)
 #pragma GCC unroll 16
-    for (int u = 0; u < kE; ++u) g0[u] = g1[u] = V{};
+    for (int u = 0; u < kE; ++u) g0[u] = g1[u] = z[u] = V{};
     for (int e0 = 0; e0 < L; e0 += kE)
 #pragma GCC unroll 16
       for (int u = 0; u < kE; ++u) {
         const int64_t at = (static_cast<int64_t>(e0 + u) * H + o) / VL;
         const V x = reinterpret_cast<const V*>(a)[at];
         const acc_t d0 = dout[e0 + u], d1 = dout[L + e0 + u];
-        lopt_store<kLoptReluMask>(reinterpret_cast<V*>(dz), d0 * w0 + d1 * w1, reinterpret_cast<const V*>(a), at);
+        z[u] += lopt_store<kLoptReluMask>(reinterpret_cast<V*>(dz), d0 * w0 + d1 * w1, reinterpret_cast<const V*>(a), at);
         g0[u] += d0 * x;
         g1[u] += d1 * x;
       }
-#pragma GCC unroll 16
-    for (int u = 1; u < kE; ++u) {
-      g0[0] += g0[u];
-      g1[0] += g1[u];
-    }
-    *reinterpret_cast<V*>(dWo + o) += g0[0];
-    *reinterpret_cast<V*>(dWo + H + o) += g1[0];
+    *reinterpret_cast<V*>(dWo + o) += em_tree_sum<acc_t, VB, kE>(g0);
+    *reinterpret_cast<V*>(dWo + H + o) += em_tree_sum<acc_t, VB, kE>(g1);
+    if (db) *reinterpret_cast<V*>(db + o) += em_tree_sum<acc_t, VB, kE>(z);
   }
   for (int k = 0; k < 2; ++k) {
     V sums = V{};  // NOTE: summed one element at a time, a chain of L dependent additions (0.8% of the samples)
@@ -346,6 +353,12 @@ MK_LANES_INLINE void em_column_sums(const acc_t* Q, int64_t q_stride, int O, int
   }
 }
 
+// Where hidden layer `layer`'s bias sits in the flat weight layout: after its H x n_in weights (or, for the first
+// layer, after its weight gradient stored transposed, which has as many entries).
+inline int64_t em_bias_offset(int H, int layer) {
+  return lopt_layer_offset(H, layer) + static_cast<int64_t>(H) * (layer == 0 ? kLoptFeatures : H);
+}
+
 // The MLP weights rearranged for em_dense, built once per call: each hidden layer's W^T ([n_in][H]).
 template <typename acc_t>
 class EmWeights {
@@ -387,8 +400,9 @@ MK_LANES_INLINE void em_mlp_forward(const acc_t* w, const EmWeights<acc_t>& pack
 }
 
 // MLP backward (the math of lopt_mlp_backward): dout [2][L] -> the pre-activation cotangents dz [layers][L][H]
-// (element-major) and dx [F][L] (lanes), through dz_lanes [H][L], the first layer's dz in lanes; also adds the
-// output layer's weight gradient to dw (em_output_backward; the other layers' come from em_mlp_weight_grad).
+// (element-major) and dx [F][L] (lanes), through dz_lanes [H][L], the first layer's dz in lanes; also adds to dw
+// the output layer's weight gradient and the bias gradients of the first and the last hidden layer, which come
+// from passes this makes over dz anyway (em_output_backward, em_to_lanes; the rest come from em_mlp_weight_grad).
 // NOTE: dx from the element-major dz, out[e][k] = sum_h dz[e][h] W_1[h][k], had F = 9 outputs padded to 16 and
 // a scalar transpose to lanes after (14% of the hidden=32 backward's samples for 7% of its multiply-adds); the
 // transposed dz feeds the lanes matvec, 9 rows without padding, whose output is dx in lanes.
@@ -397,17 +411,17 @@ MK_LANES_INLINE void em_mlp_backward(const acc_t* w, int H, int layers, const ac
                                      acc_t* dz_lanes, acc_t* dx, acc_t* dw) {
   const int64_t HL = static_cast<int64_t>(H) * L;
   em_output_backward<L, VB>(dout, w + lopt_layer_offset(H, layers), H, act + (layers - 1) * HL, dz + (layers - 1) * HL,
-                            dw + lopt_layer_offset(H, layers));
+                            dw + lopt_layer_offset(H, layers), layers > 1 ? dw + em_bias_offset(H, layers - 1) : nullptr);
   for (int layer = layers - 1; layer >= 1; --layer)
     em_dense<L, VB, kLoptReluMask>(dz + layer * HL, H, 1, H, w + lopt_layer_offset(H, layer), H,
                                    static_cast<const acc_t*>(nullptr), dz + (layer - 1) * HL, act + (layer - 1) * HL);
-  em_to_lanes<L, VB>(dz, H, dz_lanes);
+  em_to_lanes<L, VB>(dz, H, dz_lanes, dw + em_bias_offset(H, 0));
   lopt_dense_backward<L, false, VB>(w, kLoptFeatures, H, static_cast<const acc_t*>(nullptr), dz_lanes, dx);
 }
 
 // The hidden layers' weight gradient over nb blocks, accumulated into dw (acc_t, the flat weight layout except
-// W_1's gradient, stored transposed as [F][H]: see em_add_weight_grad; the output layer's comes from
-// em_mlp_backward).  Block b has x at x + b * x_stride [F][L], act at act + b * act_stride [layers][L][H], and dz
+// W_1's gradient, stored transposed as [F][H]: see em_add_weight_grad; the output layer's and the first and last
+// hidden layers' bias gradients come from em_mlp_backward).  Block b has x at x + b * x_stride [F][L], act at act + b * act_stride [layers][L][H], and dz
 // at dz + b * dz_stride [layers][L][H].
 template <int L, int VB, typename acc_t>
 MK_LANES_INLINE void em_mlp_weight_grad(int H, int layers, int nb, const acc_t* x, int64_t x_stride, const acc_t* act,
@@ -416,10 +430,9 @@ MK_LANES_INLINE void em_mlp_weight_grad(int H, int layers, int nb, const acc_t* 
   for (int layer = layers - 1; layer >= 1; --layer) {
     acc_t* dW = dw + lopt_layer_offset(H, layer);
     em_outer<L, VB>(dz + layer * HL, dz_stride, H, 1, H, act + (layer - 1) * HL, act_stride, H, nb, dW);
-    em_column_sums<L, VB>(dz + layer * HL, dz_stride, H, nb, dW + static_cast<int64_t>(H) * H);
+    if (layer < layers - 1) em_column_sums<L, VB>(dz + layer * HL, dz_stride, H, nb, dw + em_bias_offset(H, layer));
   }
   em_outer<L, VB>(x, x_stride, 1, L, kLoptFeatures, dz, dz_stride, H, nb, dw);
-  em_column_sums<L, VB>(dz, dz_stride, H, nb, dw + static_cast<int64_t>(H) * kLoptFeatures);
 }
 
 // total[q] += dw[q] over the nw weights of the flat layout, un-transposing W_1's gradient (em_mlp_weight_grad).
