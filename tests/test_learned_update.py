@@ -166,6 +166,7 @@ def test_cpu_results_do_not_depend_on_the_thread_count(hidden):
     are preempted mid-loop and others take over the back of their ranges.  Every output must be the same bits as
     on one thread (each job's sums are its own, reduced in job order), and match the float64 reference: a job
     run twice would add the normaliser's term twice, a job skipped would leave its cotangents unwritten."""
+    pytest.importorskip("metakernels._C")
     segments = [20000, 13001, 7]
     inputs = make(2, segments, hidden, 2, torch.float32, "cpu")
     params, grads, state, weights = (x.clone().requires_grad_() for x in inputs)

@@ -237,7 +237,8 @@ MK_LANES_INLINE void em_output_backward(const acc_t* dout, const acc_t* Wo, int 
         const int64_t at = (static_cast<int64_t>(e0 + u) * H + o) / VL;
         const V x = reinterpret_cast<const V*>(a)[at];
         const acc_t d0 = dout[e0 + u], d1 = dout[L + e0 + u];
-        z[u] += lopt_store<kLoptReluMask>(reinterpret_cast<V*>(dz), d0 * w0 + d1 * w1, reinterpret_cast<const V*>(a), at);
+        z[u] += lopt_store<kLoptReluMask>(reinterpret_cast<V*>(dz), d0 * w0 + d1 * w1, reinterpret_cast<const V*>(a),
+                                          at);
         g0[u] += d0 * x;
         g1[u] += d1 * x;
       }
@@ -410,8 +411,9 @@ template <int L, int VB, typename acc_t>
 MK_LANES_INLINE void em_mlp_backward(const acc_t* w, int H, int layers, const acc_t* act, const acc_t* dout, acc_t* dz,
                                      acc_t* dz_lanes, acc_t* dx, acc_t* dw) {
   const int64_t HL = static_cast<int64_t>(H) * L;
+  acc_t* last_bias = layers > 1 ? dw + em_bias_offset(H, layers - 1) : nullptr;  // else em_to_lanes sums it
   em_output_backward<L, VB>(dout, w + lopt_layer_offset(H, layers), H, act + (layers - 1) * HL, dz + (layers - 1) * HL,
-                            dw + lopt_layer_offset(H, layers), layers > 1 ? dw + em_bias_offset(H, layers - 1) : nullptr);
+                            dw + lopt_layer_offset(H, layers), last_bias);
   for (int layer = layers - 1; layer >= 1; --layer)
     em_dense<L, VB, kLoptReluMask>(dz + layer * HL, H, 1, H, w + lopt_layer_offset(H, layer), H,
                                    static_cast<const acc_t*>(nullptr), dz + (layer - 1) * HL, act + (layer - 1) * HL);
@@ -421,8 +423,8 @@ MK_LANES_INLINE void em_mlp_backward(const acc_t* w, int H, int layers, const ac
 
 // The hidden layers' weight gradient over nb blocks, accumulated into dw (acc_t, the flat weight layout except
 // W_1's gradient, stored transposed as [F][H]: see em_add_weight_grad; the output layer's and the first and last
-// hidden layers' bias gradients come from em_mlp_backward).  Block b has x at x + b * x_stride [F][L], act at act + b * act_stride [layers][L][H], and dz
-// at dz + b * dz_stride [layers][L][H].
+// hidden layers' bias gradients come from em_mlp_backward).  Block b has x at x + b * x_stride [F][L], act at
+// act + b * act_stride [layers][L][H], and dz at dz + b * dz_stride [layers][L][H].
 template <int L, int VB, typename acc_t>
 MK_LANES_INLINE void em_mlp_weight_grad(int H, int layers, int nb, const acc_t* x, int64_t x_stride, const acc_t* act,
                                         int64_t act_stride, const acc_t* dz, int64_t dz_stride, acc_t* dw) {

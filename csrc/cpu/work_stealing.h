@@ -95,7 +95,7 @@ void parallel_for_stealing(int64_t items, const Body& body) {
   StealableRanges ranges(items, workers);
   at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
     // A thread may be handed several workers (fewer threads than asked, or a nested call on one thread): it
-    // serves them in turn, and the last one's stealing picks up whatever the others left.
+    // serves them in turn, the first stealing what the others' ranges hold, so the rest find nothing left.
     for (int64_t w = first; w < last; ++w) body([&ranges, w] { return ranges.next(static_cast<int>(w)); });
   });
 }
