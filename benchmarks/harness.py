@@ -56,8 +56,19 @@ def median_ms(fn, device: torch.device, repeats: int = 15, warmup: int = 3) -> f
     return 1e3 * statistics.median(times)
 
 
-def copy_bandwidth_gbs(device: torch.device, n_elements: int = 16_000_000, repeats: int = 15) -> float:
-    """Bytes read + written per second by copy_ between two existing fp32 tensors."""
+def compiled_backends(device: torch.device) -> list[str]:
+    """The metakernels backends other than the reference that can run on ``device``: cpu on a CPU; cuda
+    and triton on a GPU (triton under its interpreter is a correctness tool, not timed)."""
+    from metakernels import _backend
+
+    candidates = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
+    return [name for name in candidates if _backend._why_unavailable(name, device) is None]
+
+
+def copy_bandwidth_gbs(device: torch.device, n_elements: int | None = None, repeats: int = 15) -> float:
+    """Bytes read + written per second by copy_ between two existing fp32 tensors (16M elements on a CPU,
+    256M on a GPU, whose 50-60 MB L2 would hold a smaller pair)."""
+    n_elements = n_elements or (256_000_000 if device.type == "cuda" else 16_000_000)
     src = torch.randn(n_elements, device=device)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device, repeats)
@@ -84,13 +95,15 @@ def _cpu_products(a: torch.Tensor, b: torch.Tensor) -> dict:
     return products
 
 
-def matmul_rates(device: torch.device, n: int = 1024, repeats: int = 10) -> dict[str, float]:
-    """GFLOP/s of an fp32 n x n product by each implementation this process can run: torch.mm (the
-    BLAS) and, on the CPU, oneDNN (torch.ops.mkldnn._linear_pointwise, where torch has it) and
+def matmul_rates(device: torch.device, n: int | None = None, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of an fp32 n x n product (n = 1024 on a CPU; 8192 on a GPU, in plain fp32 as the
+    per-parameter MLPs run, under torch's default of TF32 off) by each implementation this process can
+    run: torch.mm (the BLAS) and, on the CPU, oneDNN (torch.ops.mkldnn._linear_pointwise, where torch has it) and
     metakernels' own product kernel (where this CPU runs it).  They can differ by 2x: on the Zen 5 hosts
     here MKL runs 256-bit code (170-240 GFLOP/s on two threads) where oneDNN and the kernel use the
     512-bit FMA units (400-550; RESULTS.md, eleventh and twentieth sessions).  An implementation whose
     product disagrees with torch.mm's is not counted."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     products = {"torch.mm": lambda: a @ b}

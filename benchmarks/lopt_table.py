@@ -40,7 +40,12 @@ def eager_peak_bytes(elements: int, hidden: int) -> int:
     return 2 * elements * (420 + 11 * hidden)
 
 
-def physical_memory_bytes() -> int:
+def memory_bytes(device) -> int:
+    """The memory the eager reference allocates from: the GPU's on a GPU, else the machine's."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -65,7 +70,7 @@ def main():
     device = torch.device(args.device)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     repeats = 3 if args.quick else 7
-    fused = "cuda" if device.type == "cuda" else "cpu"
+    fused = harness.compiled_backends(device)
     rates = harness.matmul_rates(device)
     matmul = harness.matmul_ceiling(rates)[1]
     copy = harness.copy_bandwidth_gbs(device)
@@ -101,15 +106,17 @@ def main():
 
                 fwd = harness.median_ms(forward, device, repeats, warmup=2)
                 fb = harness.median_ms(forward_backward, device, repeats, warmup=2)
+                print(f"hidden={hidden} {size} {label}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms", file=sys.stderr, flush=True)
                 rows.append(dict(hidden=hidden, size=size, impl=label, fwd=fwd, fb=fb,
                                  fwd_gflops=flops["forward"] * N / fwd / 1e6,
                                  fb_gflops=(flops["forward"] + flops["backward"]) * N / fb / 1e6,
                                  fwd_floor=10 * 4 * N / copy / 1e6, fb_floor=27 * 4 * N / copy / 1e6))
 
-            with mk.use_backend(fused):
-                timings(step, fused)
-            need, have = eager_peak_bytes(N, hidden), physical_memory_bytes()
-            if device.type == "cpu" and need > 0.75 * have:
+            for backend in fused:
+                with mk.use_backend(backend):
+                    timings(step, backend)
+            need, have = eager_peak_bytes(N, hidden), memory_bytes(device)
+            if need > 0.75 * have:
                 print(f"hidden={hidden} {size}: eager and torch.compile skipped, their forward + backward would "
                       f"need ~{need / 1e9:.0f} GB of the {have / 1e9:.0f} GB here")
             else:
@@ -118,21 +125,22 @@ def main():
                     if not args.no_compile and P == COMPILE_P and T == 1:
                         torch._dynamo.reset()
                         timings(torch.compile(step), "torch.compile")
-            rows.extend(optimizer_rows(mk, torch, device, hidden, args.layers, size, T, P, repeats, flops, copy))
+            rows.extend(optimizer_rows(mk, torch, device, fused, hidden, args.layers, size, T, P, repeats, flops, copy))
     print_results(rows, matmul, args.markdown)
 
 
-def optimizer_rows(mk, torch, device, hidden, layers, size, T, P, repeats, flops, copy):
-    """lopt.optimizer([p]).step() on one [T * P] parameter, fused and eager."""
+def optimizer_rows(mk, torch, device, fused, hidden, layers, size, T, P, repeats, flops, copy):
+    """lopt.optimizer([p]).step() on one [T * P] parameter, with each compiled backend and eager."""
     out = []
     lopt = mk.LearnedOptimizer(hidden=hidden, layers=layers, seed=0).to(device)
-    for backend, label in (("cpu" if device.type == "cpu" else "cuda", "optimizer.step fused"),
-                           ("reference", "optimizer.step eager")):
+    labels = [(backend, f"optimizer.step {backend}") for backend in fused]
+    for backend, label in labels + [("reference", "optimizer.step eager")]:
         param = torch.nn.Parameter(torch.randn(T * P, device=device))
         param.grad = 0.01 * torch.randn(T * P, device=device)
         opt = lopt.optimizer([param])
         with mk.use_backend(backend):
             ms = harness.median_ms(opt.step, device, repeats, warmup=2)
+        print(f"hidden={hidden} {size} {label}: {ms:.3f} ms", file=sys.stderr, flush=True)
         out.append(dict(hidden=hidden, size=size, impl=label, fwd=ms, fb=None,
                         fwd_gflops=flops["forward"] * T * P / ms / 1e6, fb_gflops=None,
                         fwd_floor=10 * 4 * T * P / copy / 1e6, fb_floor=None))

@@ -15,6 +15,16 @@ from metakernels import _backend  # noqa: E402
 _backend.set_poison_outputs(True)
 
 
+def pytest_runtest_logreport(report):
+    """With $METAKERNELS_FAILURE_LOG set, each failure is appended to that file as it happens, so that a run
+    cut short (a timeout on a lent GPU machine) still names its failures.  Under pytest-xdist only the
+    controller writes."""
+    path = os.environ.get("METAKERNELS_FAILURE_LOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n\n")
+
+
 def _device_for(backend: str) -> torch.device:
     if backend == "cuda":
         return torch.device("cuda")

@@ -30,3 +30,8 @@ def test_the_ceiling_is_the_fastest_and_the_line_names_it():
     assert harness.matmul_ceiling(rates) == ("metakernels kernel", 473.6)
     assert harness.describe_matmul(rates) == "fp32 matmul 474 GFLOP/s (metakernels kernel; torch.mm 203, oneDNN 425)"
     assert harness.describe_matmul({"torch.mm": 50.0}) == "fp32 matmul 50 GFLOP/s (torch.mm)"
+
+
+def test_the_compiled_backends_timed_on_a_cpu_are_the_cpu_backend_where_it_runs():
+    expected = ["cpu"] if extension() is not None else []
+    assert harness.compiled_backends(torch.device("cpu")) == expected
