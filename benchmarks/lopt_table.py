@@ -106,7 +106,8 @@ def main():
 
                 fwd = harness.median_ms(forward, device, repeats, warmup=2)
                 fb = harness.median_ms(forward_backward, device, repeats, warmup=2)
-                print(f"hidden={hidden} {size} {label}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms", file=sys.stderr, flush=True)
+                print(f"hidden={hidden} {size} {label}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms",
+                      file=sys.stderr, flush=True)
                 rows.append(dict(hidden=hidden, size=size, impl=label, fwd=fwd, fb=fb,
                                  fwd_gflops=flops["forward"] * N / fwd / 1e6,
                                  fb_gflops=(flops["forward"] + flops["backward"]) * N / fb / 1e6,

@@ -4,12 +4,14 @@ the ``lopt_forward`` / ``lopt_backward`` functions of metakernels._C).
 Work is cut into jobs of BLOCK elements that never cross a (task, segment) boundary.  The per-feature
 MLP runs as small matrix products (``tl.dot`` in IEEE precision: no TF32) on [BLOCK, features] tiles,
 padded to 16 columns.  Reductions are deterministic: per-job partials of the segment sums, reduced in a
-fixed order by :func:`_segment_sums`; the weight gradient is accumulated by a fixed grid of programs,
+fixed tree by :meth:`_Jobs.segment_sums`; the weight gradient is accumulated by a fixed grid of programs,
 each owning one row of partials (jobs j = program, program + grid, ...), and the rows are summed in
 order.  The backward recomputes the activations of earlier layers instead of storing them (the MLP has
 at most 4 hidden layers).  On CPU tensors these kernels run only under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -258,8 +260,7 @@ def _backward_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, w_ptr, norm_ptr, hp_
         _accumulate(dw_row, out_off, _dot(tl.trans(dout), a, IEEE), 2, H, OUT_PAD, HP)
         _accumulate_bias(dw_row, out_off + 2 * H, tl.sum(dout, axis=0), 2, OUT_PAD)
         dz = tl.where(a > 0.0, _dot(dout, Wo, IEEE), 0.0)
-        for i in tl.static_range(LAYERS - 1):
-            layer: tl.constexpr = LAYERS - 1 - i
+        for layer in tl.static_range(LAYERS - 1, 0, -1):
             a_in = _hidden(x, w_ptr, layer, H, HP, FP, IEEE)
             off = _layer_offset(layer, H)
             _accumulate(dw_row, off, _dot(tl.trans(dz), a_in, IEEE), H, H, HP, HP)
@@ -300,31 +301,62 @@ def _normaliser_kernel(job_ptr, off_ptr, p_ptr, g_ptr, s_ptr, coef_ptr, hp_ptr, 
 # ------------------------------------------------------------------------------------------ host side
 
 class _Jobs:
-    """The job table (t, seg, begin) and each (task, segment)'s first job, on the operands' device."""
+    """The job table (t, seg, begin), the segment boundaries and sizes, and the gather plan of
+    :meth:`segment_sums`, on the operands' device.
 
-    def __init__(self, T: int, offsets: list[int], device):
-        rows, first = [], []
-        for t in range(T):
-            for s in range(len(offsets) - 1):
-                first.append(len(rows))
-                rows.extend((t, s, i) for i in range(offsets[s], offsets[s + 1], _BLOCK))
-        first.append(len(rows))
-        self.count = len(rows)
-        self.table = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
-        self.offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
-        self.first = first
-        self.sizes = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])] * T, dtype=torch.float64,
-                                  device=device)
+    Built with tensor ops, not a Python loop over jobs (at P = 1e7 that loop took tens of milliseconds per
+    step on an H200 host, more than the kernels), and kept for the shapes last seen (:func:`_jobs`)."""
+
+    _FAN_IN = 32  # partials summed per group at each level of segment_sums
+
+    def __init__(self, T: int, offsets: tuple[int, ...], device):
+        nseg = len(offsets) - 1
+        bounds = torch.tensor(offsets, dtype=torch.int64)
+        starts, sizes = bounds[:-1], bounds[1:] - bounds[:-1]
+        counts = ((sizes + _BLOCK - 1) // _BLOCK).repeat(T)  # jobs of each (task, segment)
+        first = _exclusive_cumsum(counts)
+        self.count = int(counts.sum())
+        ts = torch.repeat_interleave(torch.arange(T * nseg), counts)
+        seg = ts % nseg
+        begin = starts[seg] + _BLOCK * (torch.arange(self.count) - first[ts])
+        self.table = torch.stack([ts // nseg, seg, begin], dim=1).to(device)
+        self.offsets = bounds.to(device)
+        self.sizes = sizes.repeat(T).to(device=device, dtype=torch.float64)
+        self.levels = [level.to(device) for level in _sum_levels(counts, self._FAN_IN)]
 
     def segment_sums(self, partial: torch.Tensor) -> torch.Tensor:
-        """[T * nseg, F] float64: the per-job partials of each (task, segment) summed in job order."""
-        first = torch.tensor(self.first, device=partial.device)
-        counts = first[1:] - first[:-1]
-        width = int(counts.max())
-        idx = first[:-1, None] + torch.arange(width, device=partial.device)[None, :]
-        valid = idx < first[1:, None]
-        padded = torch.cat([partial.double(), partial.new_zeros(1, partial.shape[1], dtype=torch.float64)])
-        return torch.where(valid[..., None], padded[torch.where(valid, idx, self.count)], 0.0).sum(dim=1)
+        """[T * nseg, F] float64: the per-job partials of each (task, segment) summed by a fixed tree
+        (groups of _FAN_IN consecutive partials, level by level): deterministic, and never more than one
+        level's rows plus _FAN_IN per segment in memory."""
+        sums = partial.double()
+        for level in self.levels:
+            padded = torch.cat([sums, sums.new_zeros(1, sums.shape[1])])
+            sums = padded[level].sum(dim=1)
+        return sums
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.new_zeros(1), x.cumsum(0)[:-1]])
+
+
+def _sum_levels(counts: torch.Tensor, fan_in: int) -> list[torch.Tensor]:
+    """Gather indices [groups, fan_in] of each level of segment_sums: rows are consecutive within one
+    segment; the index one past the last row names the zero row that pads a segment's last group."""
+    levels = []
+    while int(counts.max()) > 1:
+        groups = (counts + fan_in - 1) // fan_in
+        seg = torch.repeat_interleave(torch.arange(len(counts)), groups)
+        group_in_seg = torch.arange(int(groups.sum())) - _exclusive_cumsum(groups)[seg]
+        within = fan_in * group_in_seg[:, None] + torch.arange(fan_in)
+        rows = _exclusive_cumsum(counts)[seg, None] + within
+        levels.append(torch.where(within < counts[seg, None], rows, int(counts.sum())))
+        counts = groups
+    return levels
+
+
+@functools.lru_cache(maxsize=8)
+def _jobs(T: int, offsets: tuple[int, ...], device: torch.device) -> _Jobs:
+    return _Jobs(T, offsets, device)
 
 
 def _common(param, hyper):
@@ -341,7 +373,7 @@ def lopt_forward(param, grad, state, weights, offsets, hidden, layers, hyper, in
     params' and state' over param and state (each program reads its elements before it writes them)."""
     T, P = param.shape
     acc, acc_tl, hp = _common(param, hyper)
-    jobs = _Jobs(T, offsets, param.device)
+    jobs = _jobs(T, tuple(offsets), param.device)
     nseg = len(offsets) - 1
     p_new, s_new = (param, state) if in_place else (new_output(param, param.shape), new_output(state, state.shape))
     partial = torch.empty(jobs.count, NUM_FEATURES, dtype=acc, device=param.device)
@@ -360,7 +392,7 @@ def lopt_backward(param, grad, state, weights, norms, offsets, hidden, layers, h
     """Same contract as metakernels._C.lopt_backward: returns [d_params, d_grads, d_state, d_weights]."""
     T, P = param.shape
     acc, acc_tl, hp = _common(param, hyper)
-    jobs = _Jobs(T, offsets, param.device)
+    jobs = _jobs(T, tuple(offsets), param.device)
     nseg = len(offsets) - 1
     outs = [new_output(like, like.shape) if need else None for like, need in zip((param, grad, state), needs_grad)]
     dp, dg, ds = outs
