@@ -2,15 +2,16 @@
 // element per thread (L = 1).  No torch headers: `nvcc -arch=sm_90 -c csrc/cuda/lopt.cu` compiles alone.
 //
 // Forward:  moments_kernel (one block per job: per-feature sums of f^2, block-reduced in a fixed
-//           order) -> norms_kernel (the jobs of each (task, segment) summed in order) -> step_kernel
-//           (a 2-D grid over elements and tasks).
+//           order) -> per_segment_kernel (the jobs of each (task, segment) summed by one block in a
+//           fixed tree) -> step_kernel (a 2-D grid over elements and tasks).
 // Backward: backward_kernel, a fixed grid of blocks each walking the jobs j = block, block + grid, ...:
 //           every thread recomputes its element's forward, back-propagates through the MLP and the
 //           features (writing dp, dg, ds), and leaves x, the activations and the per-layer dz in shared
 //           memory; the block then adds the job's weight gradient (the sum over its elements, in
 //           element order) to its own double-precision partial, and stores the job's
 //           c_k = sum dx_k f_k.  reduce_weights_kernel sums the block partials in block order,
-//           coef_kernel turns c into the normaliser's coefficients, normaliser_kernel adds that term.
+//           per_segment_kernel<kCoef> turns c into the normaliser's coefficients, normaliser_kernel
+//           adds that term.
 // Every reduction has a fixed order: results are deterministic, with no atomics.
 #include <cuda_runtime.h>
 
