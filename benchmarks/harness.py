@@ -98,11 +98,11 @@ def _cpu_products(a: torch.Tensor, b: torch.Tensor) -> dict:
 def matmul_rates(device: torch.device, n: int | None = None, repeats: int = 10) -> dict[str, float]:
     """GFLOP/s of an fp32 n x n product (n = 1024 on a CPU; 8192 on a GPU, in plain fp32 as the
     per-parameter MLPs run, under torch's default of TF32 off) by each implementation this process can
-    run: torch.mm (the BLAS) and, on the CPU, oneDNN (torch.ops.mkldnn._linear_pointwise, where torch has it) and
-    metakernels' own product kernel (where this CPU runs it).  They can differ by 2x: on the Zen 5 hosts
-    here MKL runs 256-bit code (170-240 GFLOP/s on two threads) where oneDNN and the kernel use the
-    512-bit FMA units (400-550; RESULTS.md, eleventh and twentieth sessions).  An implementation whose
-    product disagrees with torch.mm's is not counted."""
+    run: torch.mm (the BLAS) and, on the CPU, oneDNN (torch.ops.mkldnn._linear_pointwise, where torch
+    has it) and metakernels' own product kernel (where this CPU runs it).  They can differ by 2x: on the
+    Zen 5 hosts here MKL runs 256-bit code (170-240 GFLOP/s on two threads) where oneDNN and the kernel
+    use the 512-bit FMA units (400-550; RESULTS.md, eleventh and twentieth sessions).  An implementation
+    whose product disagrees with torch.mm's is not counted."""
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)

@@ -126,7 +126,8 @@ def main():
                     if not args.no_compile and P == COMPILE_P and T == 1:
                         torch._dynamo.reset()
                         timings(torch.compile(step), "torch.compile")
-            rows.extend(optimizer_rows(mk, torch, device, fused, hidden, args.layers, size, T, P, repeats, flops, copy))
+            rows.extend(optimizer_rows(mk, torch, device, fused, hidden, args.layers, size, T, P, repeats, flops,
+                                       copy))
     print_results(rows, matmul, args.markdown)
 
 

@@ -38,7 +38,7 @@ def _compile_only(case):
             self.compile(self.ASTSource(self, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
         except Exception as e:  # noqa: BLE001 - every compiler error is reported, whatever its type
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
-        print(json.dumps({"kernel": self.fn.__name__, "case": case[0], "error": error}), flush=True)
+        print(json.dumps({"kernel": self.fn.__name__, "case": case, "error": error}), flush=True)
         return None  # nothing to launch
 
     return do_compile
@@ -53,7 +53,7 @@ def main():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for hidden, layers in ((4, 1), (8, 3), (32, 2)):
             case = f"{str(dtype).split('.')[-1]} hidden={hidden} layers={layers}"
-            jit.JITFunction._do_compile = _compile_only([case])
+            jit.JITFunction._do_compile = _compile_only(case)
             p, g = torch.randn(T, offsets[-1], dtype=dtype), torch.randn(T, offsets[-1], dtype=dtype)
             s = torch.rand(4, T, offsets[-1], dtype=dtype)
             w = torch.randn(num_weights(hidden, layers), dtype=lt.acc_dtype(dtype))
