@@ -5,6 +5,7 @@
 # benchmarks/build_for_gpu_machine.sh), else builds the extension for sm_90 there; then runs the phases
 # named (default: all, in this order):
 #   lopt    the learned-optimizer step table (hidden=32 with torch.compile, then hidden=4 without)
+#   profile the same step's time kernel by kernel (benchmarks/lopt_profile.py), at 1x1e7 and 16x1e6
 #   tests   the CUDA and Triton tests (the same grid as on CPU), each failure logged as it happens
 #           (on an H200 they needed more than 160 s with 16 workers)
 #   update  the update-op table;   maml  the second-order MAML table
@@ -18,7 +19,7 @@ OUT=${OUT:-/tmp/metakernels_gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export METAKERNELS_FAILURE_LOG=$OUT/failures.txt
-PHASES=${*:-lopt tests update maml}
+PHASES=${*:-lopt profile tests update maml}
 rm -f "$OUT/failed" "$METAKERNELS_FAILURE_LOG"
 fail() { echo "$1" >> "$OUT/failed"; }
 extension_loads() {
@@ -35,6 +36,9 @@ phase() {
         | tee "$OUT/lopt_table.md" || fail lopt32
       timeout 40 python3 benchmarks/lopt_table.py --device cuda --hidden 4 --no-compile --sizes $LOPT_SIZES --markdown \
         | tee -a "$OUT/lopt_table.md" || fail lopt4 ;;
+    profile)
+      timeout 90 python3 benchmarks/lopt_profile.py --device cuda --hidden 32 4 --sizes 1x10000000 16x1000000 \
+        | tee "$OUT/lopt_profile.txt" || fail profile ;;
     update)
       timeout 60 python3 benchmarks/update_table.py --device cuda --sizes 16x1000000 16x16000000 --markdown \
         | tee "$OUT/update_table.md" || fail update ;;
@@ -61,6 +65,7 @@ echo "== summary: ${status/0/ok} $(cat "$OUT/failed" 2>/dev/null | tr "\n" " ")"
 grep -E "^FAILED" "$METAKERNELS_FAILURE_LOG" 2>/dev/null | cut -c1-160 | head -20
 grep -E "[0-9]+ (passed|failed)" "$OUT/gpu_check.log" | tail -1
 grep -E "^\| (32|4) \| (1x1000000|16x1000000|1x10000000) \| " "$OUT/lopt_table.md" 2>/dev/null | cut -d'|' -f2-9
+grep -E "^hidden=32 1x10000000 (cuda|triton)" "$OUT/lopt_profile.txt" 2>/dev/null
 grep -E "^\| (sgd|adam) \| 16x16000000" "$OUT/update_table.md" 2>/dev/null
 grep -E "^\| (metakernels|stacked)" "$OUT/maml_table.md" 2>/dev/null
 exit $status
