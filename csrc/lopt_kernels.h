@@ -6,11 +6,12 @@
 // dtype.  Segment s (one parameter tensor, the unit of feature normalisation) is the index range
 // [seg_offsets[s], seg_offsets[s + 1]) of every task's row.
 //
-// The CUDA kernels also take device copies of the tables that the binding builds on the host: seg_ids
-// [P] (int32, the segment of each index) and the job table: jobs [njobs, 3] = (t, seg, begin) of
-// consecutive runs of at most lopt_cuda_job_size() elements that never cross a (task, segment)
-// boundary, in task, segment, index order, with first_job [T * nseg + 1] (the jobs of (t, s) are
-// first_job[t * nseg + s] .. first_job[t * nseg + s + 1] - 1).
+// The CUDA kernels also take device tables that the binding builds: seg_ids [P] (int32, the segment of
+// each index) and first_job [T * nseg + 1].  Their jobs are runs of at most lopt_cuda_job_size() elements
+// that never cross a (task, segment) boundary, numbered in task, segment, index order: the jobs of (t, s)
+// are first_job[t * nseg + s] .. first_job[t * nseg + s + 1] - 1, and a kernel finds a job's (t, s) by
+// binary search in first_job (no per-job table: built on the host, that was 2.5M rows, 60 MB, and
+// 104-115 ms of host time per call at T = 16, P = 1e7).
 #pragma once
 
 #include <cstdint>
@@ -25,7 +26,6 @@ struct LoptArgs {
   // CUDA only, device memory:
   const int64_t* dev_seg_offsets;  // [nseg + 1]
   const int32_t* seg_ids;          // [P]
-  const int64_t* jobs;             // [njobs, 3]
   const int64_t* first_job;        // [T * nseg + 1]
   int64_t njobs;
   int H, layers;

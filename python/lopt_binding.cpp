@@ -62,29 +62,25 @@ template <auto cpu, auto cuda>
 void launch(const at::Tensor& ref, const std::vector<int64_t>& seg_offsets, LoptArgs& a, const LoptHyper& hyper) {
   const DType dtype = dtype_code(ref, "params");
   launch_kernel(ref, "learned-optimizer", [&] { cpu(dtype, hyper, a); }, [&](void* stream) {
-    // The CUDA kernels' index tables (see csrc/lopt_kernels.h), built here and copied to the device.
+    // The CUDA kernels' index tables (see csrc/lopt_kernels.h): O(T * nseg) on the host, sent without
+    // waiting for the copy (pinned memory), each element's segment expanded on the device.
     const int64_t job = lopt_cuda_job_size();
-    std::vector<int64_t> jobs, first;
+    std::vector<int64_t> first{0};
     for (int64_t t = 0; t < a.T; ++t)
-      for (int64_t s = 0; s < a.nseg; ++s) {
-        first.push_back(static_cast<int64_t>(jobs.size() / 3));
-        for (int64_t i = seg_offsets[s]; i < seg_offsets[s + 1]; i += job) jobs.insert(jobs.end(), {t, s, i});
-      }
-    first.push_back(static_cast<int64_t>(jobs.size() / 3));
-    const auto on_device = [&](const auto& values, at::ScalarType type) {
-      return at::tensor(values, at::TensorOptions().dtype(type)).to(ref.device());
+      for (int64_t s = 0; s < a.nseg; ++s)
+        first.push_back(first.back() + (seg_offsets[s + 1] - seg_offsets[s] + job - 1) / job);
+    const auto on_device = [&](const std::vector<int64_t>& values) {
+      return at::tensor(values, at::TensorOptions().dtype(at::kLong)).pin_memory().to(ref.device(), at::kLong, /*non_blocking=*/true);
     };
-    const at::Tensor dev_offsets = on_device(seg_offsets, at::kLong), dev_jobs = on_device(jobs, at::kLong),
-                     dev_first = on_device(first, at::kLong);
-    // Each element's segment, expanded on the device (NOTE: built on the host, this [P] table was filled,
-    // copied and sent to the device on every call: 40 MB at P = 1e7).
+    const at::Tensor dev_offsets = on_device(seg_offsets), dev_first = on_device(first);
+    // NOTE: built on the host, this [P] table was filled, copied and sent to the device on every call:
+    // 40 MB at P = 1e7.
     const at::Tensor seg_ids = at::repeat_interleave(at::arange(a.nseg, dev_offsets.options().dtype(at::kInt)),
                                                      dev_offsets.slice(0, 1) - dev_offsets.slice(0, 0, -1), 0, a.P);
     a.seg_ids = seg_ids.data_ptr<int32_t>();
     a.dev_seg_offsets = dev_offsets.data_ptr<int64_t>();
-    a.jobs = dev_jobs.data_ptr<int64_t>();
     a.first_job = dev_first.data_ptr<int64_t>();
-    a.njobs = static_cast<int64_t>(jobs.size() / 3);
+    a.njobs = first.back();
     const at::Tensor workspace = at::empty({lopt_cuda_workspace_bytes(dtype, a)}, ref.options().dtype(at::kByte));
     return cuda(dtype, hyper, a, workspace.data_ptr(), stream);
   });

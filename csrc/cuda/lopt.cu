@@ -43,13 +43,31 @@ struct Element {
   }
 };
 
+// Job jid's task t, segment seg and first element begin: the (t, seg) whose jobs
+// first_job[t * nseg + seg] .. first_job[t * nseg + seg + 1] - 1 hold jid, found by binary search (every
+// segment has at least one element, so first_job increases strictly).
+struct Job {
+  int64_t t, seg, begin;
+};
+
+__device__ Job job_at(const LoptArgs& a, int64_t jid) {
+  int64_t lo = 0, hi = a.T * a.nseg;  // first_job[lo] <= jid < first_job[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (a.first_job[mid] <= jid) lo = mid;
+    else hi = mid;
+  }
+  const int64_t seg = lo % a.nseg;
+  return {lo / a.nseg, seg, a.dev_seg_offsets[seg] + (jid - a.first_job[lo]) * kJob};
+}
+
 template <typename scalar_t>
 __global__ void moments_kernel(LoptHyper h, LoptArgs a, double* partial) {
   using acc_t = typename AccType<scalar_t>::type;
   __shared__ acc_t sq[F][kJob];
   const LoptConsts<acc_t> c(h);
-  const int64_t* job = a.jobs + 3 * blockIdx.x;
-  const int64_t t = job[0], i = job[2] + threadIdx.x, end = a.dev_seg_offsets[job[1] + 1];
+  const Job job = job_at(a, blockIdx.x);
+  const int64_t t = job.t, i = job.begin + threadIdx.x, end = a.dev_seg_offsets[job.seg + 1];
   Element<scalar_t, acc_t> e;
   if (i < end) e.load_and_features(c, a, t, i);
   for (int k = 0; k < F; ++k) sq[k][threadIdx.x] = i < end ? e.f[k] * e.f[k] : acc_t(0);
@@ -132,8 +150,8 @@ __global__ void backward_kernel(LoptHyper h, LoptArgs a, double* dw_partial, dou
   const acc_t* norms = static_cast<const acc_t*>(a.norms);
   double* dw = dw_partial + blockIdx.x * nw;
   for (int64_t jid = blockIdx.x; jid < a.njobs; jid += gridDim.x) {
-    const int64_t* job = a.jobs + 3 * jid;
-    const int64_t t = job[0], seg = job[1], i = job[2] + threadIdx.x, end = a.dev_seg_offsets[seg + 1];
+    const Job job = job_at(a, jid);
+    const int64_t t = job.t, seg = job.seg, i = job.begin + threadIdx.x, end = a.dev_seg_offsets[seg + 1];
     const bool valid = i < end;
     const acc_t* n = norms + (t * a.nseg + seg) * F;
     Element<scalar_t, acc_t> e;
