@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check, for the lent GPU machine (see ../shared/TOOLCHAIN.md: Python 3.12, torch 2.11,
 # triton 3.6, nvcc 13, pytest, pytest-xdist and pytest-benchmark preinstalled, no package registry, minutes
-# of time).  Uses a metakernels/_C*.so built elsewhere for that Python and torch when one loads (see
-# benchmarks/build_for_gpu_machine.sh), else builds the extension for sm_90 there; then runs the phases
+# of time).  Uses a metakernels/_C*.so built elsewhere for that Python and torch when one loads and its
+# .sources stamp matches the sources here (see benchmarks/build_for_gpu_machine.sh), else builds the
+# extension for sm_90 there; then runs the phases
 # named (default: all, in this order):
 #   lopt    the learned-optimizer step table (hidden=32 with torch.compile, then hidden=4 without)
 #   profile the same step's time kernel by kernel (benchmarks/lopt_profile.py), at 1x1e7 and 16x1e6
@@ -22,7 +23,15 @@ export METAKERNELS_FAILURE_LOG=$OUT/failures.txt
 PHASES=${*:-lopt profile tests update maml}
 rm -f "$OUT/failed" "$METAKERNELS_FAILURE_LOG"
 fail() { echo "$1" >> "$OUT/failed"; }
-extension_loads() {
+source benchmarks/source_stamp.sh
+prebuilt_is_current() {
+  local so
+  so=$(python3 -c "import sysconfig; print('metakernels/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
+  [ -f "$so" ] || return 1
+  if [ "$(cat "$so.sources" 2>/dev/null)" != "$(source_stamp)" ]; then
+    echo "$so was not built from these sources (its .sources stamp differs or is missing)"
+    return 1
+  fi
   python3 -c "import metakernels as mk, sys; e = mk._backend.extension(); sys.exit(e is None or not e.has_cuda())"
 }
 phase() {
@@ -51,8 +60,8 @@ phase() {
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  if ! extension_loads; then
-    echo "no usable prebuilt extension: building here"
+  if ! prebuilt_is_current; then
+    echo "no current prebuilt extension: building here"
     time python3 setup.py build_ext --inplace -q || fail build
   fi
   python3 -c "import metakernels; print(metakernels.backend_info()['backends'])"
