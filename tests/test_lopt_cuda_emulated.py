@@ -87,5 +87,5 @@ def test_launches_and_dynamic_shared_memory_are_rewritten():
               "k<<<static_cast<unsigned>(n), 64>>>(x);")
     assert emulate.host_source(source) == (
         "unsigned char* smem_raw = reinterpret_cast<unsigned char*>(mk_emu::dynamic_shared);\n"
-        "mk_emu::launch(&step_kernel<scalar_t, 32, 32, 2>, grid, kStepThreads, 0, stream)(h, a);\n"
-        "mk_emu::launch(&k, static_cast<unsigned>(n), 64)(x);")
+        "mk_emu::launch(step_kernel<scalar_t, 32, 32, 2>, grid, kStepThreads, 0, stream)(h, a);\n"
+        "mk_emu::launch(k, static_cast<unsigned>(n), 64)(x);")

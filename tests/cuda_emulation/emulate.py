@@ -2,7 +2,7 @@
 (cuda_runtime.h), so that tests can run its kernels' indexing and synchronisation without a GPU.
 
 The source is compiled as it is, after two rewrites that C++ cannot express otherwise:
-``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``mk_emu::launch(&kernel, grid, block, smem,
+``kernel<<<grid, block, smem, stream>>>(args)`` becomes ``mk_emu::launch(kernel, grid, block, smem,
 stream)(args)``, and ``extern __shared__ T name[];`` becomes a pointer to the block's dynamic shared memory.
 ``__CUDACC__`` is defined in the kernels' file (not in the binding's, whose torch headers would then
 want the CUDA toolkit), so the shared headers compile their CUDA branches."""
@@ -23,7 +23,7 @@ _DYNAMIC_SHARED = re.compile(r"extern __shared__ ([\w ]+?) (\w+)\[\];")
 
 def host_source(cuda_source: str) -> str:
     """The CUDA source text rewritten for the host compiler (see the module docstring)."""
-    text = _LAUNCH.sub(lambda m: f"mk_emu::launch(&{m.group(1)}, {m.group(2)})(", cuda_source)
+    text = _LAUNCH.sub(lambda m: f"mk_emu::launch({m.group(1)}, {m.group(2)})(", cuda_source)
     return _DYNAMIC_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(mk_emu::dynamic_shared);", text)
 
 
