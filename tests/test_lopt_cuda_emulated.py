@@ -57,6 +57,11 @@ def test_cuda_backward_with_some_cotangents_and_inputs(cuda_kernels_on_cpu):
     lu.test_only_params_cotangent_and_unneeded_inputs((None, torch.device("cpu")))
 
 
+@pytest.mark.parametrize("hidden", [4, 32])
+def test_cuda_weights_not_on_a_16_byte_boundary(cuda_kernels_on_cpu, hidden):
+    lu.test_weights_not_on_a_16_byte_boundary((None, torch.device("cpu")), hidden)
+
+
 def test_cuda_kernels_are_deterministic(emulated_cuda):
     """Every reduction has a fixed order: two runs agree bit for bit (the backward's weight gradient
     over more jobs than it has blocks included)."""

@@ -29,6 +29,7 @@ constexpr int kStepThreads = 256;
 constexpr int kSegmentThreads = 256;
 constexpr int64_t kBackwardBlocks = 1024;  // blocks of the backward, each with its own weight partial
 constexpr int64_t kMaxGridY = 65535;
+constexpr size_t kWeightAlign = 16;  // of the weights, for step_kernel's fixed-shape instances
 
 template <typename scalar_t, typename acc_t>
 struct Element {
@@ -107,14 +108,16 @@ __global__ void __launch_bounds__(kSegmentThreads) per_segment_kernel(LoptHyper 
 
 // kH, kLayers > 0 fix the MLP's shape at compile time: its loops unroll and the activations stay in
 // registers (ptxas: 0 bytes of stack for hidden = 32, two layers, against 560 bytes of local memory when
-// the shape is read from a).
+// the shape is read from a), and the weights must be 16-byte aligned: the compiler then loads 16 bytes at
+// a time where the layout allows (hidden = 32, fp32: 360 of its 380 weight loads, against 1,458 4-byte
+// loads for 1,399 FMAs unaligned; ptxas: 128 registers, no stack).
 template <typename scalar_t, int kMaxHidden, int kH = 0, int kLayers = 0>
 __global__ void step_kernel(LoptHyper h, LoptArgs a) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= a.P) return;
   const LoptConsts<acc_t> c(h);
-  const acc_t* w = static_cast<const acc_t*>(a.weights);
+  const acc_t* w = static_cast<const acc_t*>(kH > 0 ? __builtin_assume_aligned(a.weights, kWeightAlign) : a.weights);
   const acc_t* norms = static_cast<const acc_t*>(a.norms);
   for (int64_t t = blockIdx.y; t < a.T; t += gridDim.y) {
     Element<scalar_t, acc_t> e;
@@ -278,8 +281,9 @@ const char* forward_impl(const LoptHyper& h, const LoptArgs& a, void* workspace,
   per_segment_kernel<acc_t, false><<<static_cast<unsigned>(a.T * a.nseg), kSegmentThreads, 0, stream>>>(
       h, a, ws.partial, nullptr, static_cast<acc_t*>(a.norms));
   const dim3 grid = element_grid(a);
-  if (a.H == 32 && a.layers == 2) step_kernel<scalar_t, 32, 32, 2><<<grid, kStepThreads, 0, stream>>>(h, a);
-  else if (a.H == 4 && a.layers == 2) step_kernel<scalar_t, 4, 4, 2><<<grid, kStepThreads, 0, stream>>>(h, a);
+  const bool aligned = reinterpret_cast<uintptr_t>(a.weights) % kWeightAlign == 0;
+  if (aligned && a.H == 32 && a.layers == 2) step_kernel<scalar_t, 32, 32, 2><<<grid, kStepThreads, 0, stream>>>(h, a);
+  else if (aligned && a.H == 4 && a.layers == 2) step_kernel<scalar_t, 4, 4, 2><<<grid, kStepThreads, 0, stream>>>(h, a);
   else if (a.H <= 32) step_kernel<scalar_t, 32><<<grid, kStepThreads, 0, stream>>>(h, a);
   else step_kernel<scalar_t, kLoptMaxHidden><<<grid, kStepThreads, 0, stream>>>(h, a);
   return last_error();
