@@ -149,15 +149,13 @@ def variants(op, device):
     import torch
 
     import metakernels as mk
-    from metakernels import _backend
 
     out = [("eager", eager_call(op)), ("foreach", foreach_call(op))]
-    for name in ("cpu", "cuda", "triton"):
-        if _backend._why_unavailable(name, device) is None:
-            def run(*a, _name=name, _fn=fused_call(op)):
-                with mk.use_backend(_name):
-                    return _fn(*a)
-            out.append((f"mk:{name}", run))
+    for name in harness.compiled_backends(device):
+        def run(*a, _name=name, _fn=fused_call(op)):
+            with mk.use_backend(_name):
+                return _fn(*a)
+        out.append((f"mk:{name}", run))
     return out, torch
 
 
