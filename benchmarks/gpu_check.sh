@@ -10,10 +10,11 @@
 #   tests   the CUDA and Triton tests (the same grid as on CPU), each failure logged as it happens
 #           (on an H200 they needed more than 160 s with 16 workers)
 #   update  the update-op table;   maml  the second-order MAML table
+#   layers  the fused layers' table (not in the default list: it did not fit the first H200 calls)
 # and prints a short summary last.  Every phase has its own timeout; the full logs go to $OUT.
 #
 #   bash benchmarks/gpu_check.sh              # as the device tool's command, timeout ~600 s
-#   bash benchmarks/gpu_check.sh lopt tests   # what fits in less
+#   bash benchmarks/gpu_check.sh lopt tests   # what fits in less; add layers where time is left
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/metakernels_gpu_check}
@@ -51,6 +52,9 @@ phase() {
     update)
       timeout 60 python3 benchmarks/update_table.py --device cuda --sizes 16x1000000 16x16000000 --markdown \
         | tee "$OUT/update_table.md" || fail update ;;
+    layers)
+      timeout 90 python3 benchmarks/layers_table.py --device cuda --no-compile --markdown \
+        | tee "$OUT/layers_table.md" || fail layers ;;
     maml)
       timeout 50 python3 benchmarks/maml_table.py --device cuda --variants metakernels metakernels-fused \
         metakernels-low stacked-recipe --markdown | tee "$OUT/maml_table.md" || fail maml ;;
