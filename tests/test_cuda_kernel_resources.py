@@ -1,7 +1,8 @@
-"""Static properties of the CUDA learned-optimizer step kernels, read off their sm_90 machine code without
-a GPU (benchmarks/sass_counts.py): the fixed-shape instances keep the MLP in registers (no stack) and load
-the weights 16 bytes at a time (the hidden = 32 MLP: 1,458 four-byte loads for 1,399 FMAs before; see the
-kernel's comment in csrc/cuda/lopt.cu)."""
+"""Static properties of the CUDA learned-optimizer kernels, read off their sm_90 machine code without a GPU
+(benchmarks/sass_counts.py): the fixed-shape step kernels keep the MLP in registers (no stack) and load
+the weights 16 bytes at a time (the hidden = 32 MLP: 1,458 four-byte loads for 1,399 FMAs before), and the
+fixed-shape fp32 backward does not spill its weights (a 5.5 KB stack before; see the kernels' comments in
+csrc/cuda/lopt.cu)."""
 import os
 import shutil
 import sys
@@ -30,3 +31,7 @@ def test_fixed_shape_step_kernels_use_registers_and_wide_weight_loads():
             assert resource.endswith(" 0 B stack") and c["LDL"] == c["STL"] == 0, (dtype, hidden, resource)
     _, c = counts["step_kernel<float, 32, 32, 2>"]
     assert c["FFMA"] >= 1376 and c["FFMA"] >= 3 * c["LDG"], c  # 1,376 multiply-adds per element
+    for dtype in ("float", "__nv_bfloat16"):
+        resource, c = counts[f"backward_kernel<{dtype}, 32, 2>"]
+        stack = int(resource.split(", ")[1].split(" ")[0])
+        assert stack <= 256 and c["FFMA"] >= 2 * 1376 and c["FFMA"] >= 2 * c["LDG"], (dtype, resource, c)
