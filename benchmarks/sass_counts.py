@@ -1,5 +1,5 @@
 """Static counts of a CUDA source's kernels, without a GPU: compiles it for sm_90 with nvcc, then prints
-for each kernel (optionally only those whose name contains a --kernels word) ptxas's registers and
+for each kernel (optionally only those whose demangled name contains a --kernels word) ptxas's registers and
 stack frame, and how many machine instructions of each class it has: FMAs, global / shared / local
 loads and stores (local ones are spills or arrays the compiler could not keep in registers), double
 precision and conversions.  Counts are per instruction in the code, not per execution: a loop body counts
@@ -93,7 +93,8 @@ def readable(mangled: str) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("source", help="a .cu file that compiles alone (csrc/cuda/*.cu do)")
-    ap.add_argument("--kernels", nargs="*", default=[], help="only kernels whose name contains one of these")
+    ap.add_argument("--kernels", nargs="*", default=[],
+                    help="only kernels whose name contains one of these (e.g. step_kernel, 'step_kernel<float')")
     ap.add_argument("--arch", default="sm_90")
     args = ap.parse_args(argv)
     report, sass = compile_and_disassemble(args.source, args.arch)
@@ -101,10 +102,11 @@ def main(argv=None):
     print("| kernel | ptxas | instructions | " + " | ".join(CLASSES) + " |")
     print("|---|---|---|" + "---|" * len(CLASSES))
     for name, counts in sorted(instruction_counts(sass).items(), key=lambda kv: readable(kv[0])):
-        if args.kernels and not any(k in name for k in args.kernels):
+        kernel = readable(name)
+        if args.kernels and not any(k in kernel for k in args.kernels):
             continue
         cells = [str(counts[c]) for c in CLASSES]
-        print(f"| {readable(name)} | {resources.get(name, '?')} | {sum(counts.values())} | " + " | ".join(cells) + " |")
+        print(f"| {kernel} | {resources.get(name, '?')} | {sum(counts.values())} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

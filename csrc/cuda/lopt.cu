@@ -29,7 +29,7 @@ constexpr int kStepThreads = 256;
 constexpr int kSegmentThreads = 256;
 constexpr int64_t kBackwardBlocks = 1024;  // blocks of the backward, each with its own weight partial
 constexpr int64_t kMaxGridY = 65535;
-constexpr size_t kWeightAlign = 16;  // of the weights, for step_kernel's fixed-shape instances
+constexpr size_t kWeightAlign = 16;  // of the weights, for the fixed-shape kernels (see fixed_shape_ok)
 
 template <typename scalar_t, typename acc_t>
 struct Element {
@@ -162,7 +162,8 @@ __global__ void backward_kernel(LoptHyper h, LoptArgs a, double* dw_partial, dou
   constexpr bool kFixed = kH > 0;
   acc_t x_r[kFixed ? F : 1], act_r[kFixed ? kLayers * kH : 1], dz_r[kFixed ? kLayers * kH : 1], dout_r[2];
   // Where the MLP's arrays are computed: registers (fixed shape) or the shared-memory row.
-  acc_t *xm = kFixed ? x_r : x, *actm = kFixed ? act_r : act, *dzm = kFixed ? dz_r : dz, *doutm = kFixed ? dout_r : dout;
+  acc_t *xm = kFixed ? x_r : x, *actm = kFixed ? act_r : act;
+  acc_t *dzm = kFixed ? dz_r : dz, *doutm = kFixed ? dout_r : dout;
   for (int64_t jid = blockIdx.x; jid < a.njobs; jid += gridDim.x) {
     const Job job = job_at(a, jid);
     const int64_t t = job.t, seg = job.seg, i = job.begin + threadIdx.x, end = a.dev_seg_offsets[seg + 1];
@@ -282,6 +283,13 @@ struct Workspace {
         coef(dw_partial + kBackwardBlocks * lopt_num_weights(a.H, a.layers)) {}
 };
 
+// Whether the fixed-shape instance for (kH, kLayers) may run: that shape, and weights on a kWeightAlign
+// boundary (a view into a larger buffer may not be).
+template <int kH, int kLayers>
+bool fixed_shape_ok(const LoptArgs& a) {
+  return a.H == kH && a.layers == kLayers && reinterpret_cast<uintptr_t>(a.weights) % kWeightAlign == 0;
+}
+
 dim3 element_grid(const LoptArgs& a) {
   return dim3(static_cast<unsigned>((a.P + kStepThreads - 1) / kStepThreads),
               static_cast<unsigned>(a.T < kMaxGridY ? a.T : kMaxGridY));
@@ -302,9 +310,8 @@ const char* forward_impl(const LoptHyper& h, const LoptArgs& a, void* workspace,
   per_segment_kernel<acc_t, false><<<static_cast<unsigned>(a.T * a.nseg), kSegmentThreads, 0, stream>>>(
       h, a, ws.partial, nullptr, static_cast<acc_t*>(a.norms));
   const dim3 grid = element_grid(a);
-  const bool aligned = reinterpret_cast<uintptr_t>(a.weights) % kWeightAlign == 0;
-  if (aligned && a.H == 32 && a.layers == 2) step_kernel<scalar_t, 32, 32, 2><<<grid, kStepThreads, 0, stream>>>(h, a);
-  else if (aligned && a.H == 4 && a.layers == 2) step_kernel<scalar_t, 4, 4, 2><<<grid, kStepThreads, 0, stream>>>(h, a);
+  if (fixed_shape_ok<32, 2>(a)) step_kernel<scalar_t, 32, 32, 2><<<grid, kStepThreads, 0, stream>>>(h, a);
+  else if (fixed_shape_ok<4, 2>(a)) step_kernel<scalar_t, 4, 4, 2><<<grid, kStepThreads, 0, stream>>>(h, a);
   else if (a.H <= 32) step_kernel<scalar_t, 32><<<grid, kStepThreads, 0, stream>>>(h, a);
   else step_kernel<scalar_t, kLoptMaxHidden><<<grid, kStepThreads, 0, stream>>>(h, a);
   return last_error();
@@ -320,11 +327,10 @@ const char* backward_impl(const LoptHyper& h, const LoptArgs& a, void* workspace
   if (err != cudaSuccess) return cudaGetErrorString(err);
   const int64_t blocks = a.njobs < kBackwardBlocks ? a.njobs : kBackwardBlocks;
   if (blocks > 0) {
-    const bool aligned = reinterpret_cast<uintptr_t>(a.weights) % kWeightAlign == 0;
     auto kernel = backward_kernel<scalar_t>;
-    if (aligned && a.H == 4 && a.layers == 2) kernel = backward_kernel<scalar_t, 4, 2>;
+    if (fixed_shape_ok<4, 2>(a)) kernel = backward_kernel<scalar_t, 4, 2>;
     if constexpr (std::is_same<acc_t, float>::value)
-      if (aligned && a.H == 32 && a.layers == 2) kernel = backward_kernel<scalar_t, 32, 2>;
+      if (fixed_shape_ok<32, 2>(a)) kernel = backward_kernel<scalar_t, 32, 2>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return cudaGetErrorString(err);
     kernel<<<static_cast<unsigned>(blocks), kJob, smem, stream>>>(h, a, ws.dw_partial, ws.partial);
