@@ -39,7 +39,7 @@ def build(name: str, cuda_file: str, binding: str):
     with open(os.path.join(CSRC, "cuda", cuda_file), encoding="utf-8") as f:
         text = f"#define __CUDACC__\n#line 1 \"{os.path.join(CSRC, 'cuda', cuda_file)}\"\n" + host_source(f.read())
     kernels = os.path.join(build_dir, cuda_file.replace(".cu", "_host.cpp"))
-    if not os.path.exists(kernels) or open(kernels, encoding="utf-8").read() != text:
+    if _read(kernels) != text:  # rewritten only when changed, so that ninja's timestamps stay meaningful
         with open(kernels, "w", encoding="utf-8") as f:
             f.write(text)
     # HERE first, so that its cuda_runtime.h and cuda_fp16.h stand in for the toolkit's.
@@ -47,3 +47,10 @@ def build(name: str, cuda_file: str, binding: str):
     sanitizers = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if sanitize else []
     return torch.utils.cpp_extension.load(name, [kernels, os.path.join(HERE, binding)], extra_cflags=flags + sanitizers,
                                           extra_ldflags=sanitizers, build_directory=build_dir, verbose=False)
+
+
+def _read(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
