@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "lopt_math.h"
 
@@ -46,6 +47,33 @@ struct LoptArgs {
   void* d_state;
   void* d_weights;
 };
+
+// The part of LoptArgs that every call fills from its operands (host pointers; the rest starts null).
+inline LoptArgs lopt_args(int64_t T, int64_t P, const std::vector<int64_t>& seg_offsets, int64_t H, int64_t layers,
+                          const void* param, const void* grad, const void* state, const void* weights) {
+  LoptArgs a{};
+  a.T = T;
+  a.P = P;
+  a.nseg = static_cast<int64_t>(seg_offsets.size()) - 1;
+  a.seg_offsets = seg_offsets.data();
+  a.H = static_cast<int>(H);
+  a.layers = static_cast<int>(layers);
+  a.param = param;
+  a.grad = grad;
+  a.state = state;
+  a.weights = weights;
+  return a;
+}
+
+// The CUDA kernels' first_job table of a.T tasks over a.seg_offsets, jobs of `job` elements (see above);
+// its last entry is the number of jobs.
+inline std::vector<int64_t> lopt_first_jobs(const LoptArgs& a, int64_t job) {
+  std::vector<int64_t> first{0};
+  for (int64_t t = 0; t < a.T; ++t)
+    for (int64_t s = 0; s < a.nseg; ++s)
+      first.push_back(first.back() + (a.seg_offsets[s + 1] - a.seg_offsets[s] + job - 1) / job);
+  return first;
+}
 
 void lopt_forward_cpu(DType dtype, const LoptHyper& hyper, const LoptArgs& a);
 void lopt_backward_cpu(DType dtype, const LoptHyper& hyper, const LoptArgs& a);

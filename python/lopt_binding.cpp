@@ -42,18 +42,8 @@ LoptArgs common_args(const at::Tensor& param, const at::Tensor& grad, const at::
               "metakernels: segment offsets must run from 0 to P = ", P);
   for (size_t s = 1; s < seg_offsets.size(); ++s)
     TORCH_CHECK(seg_offsets[s] > seg_offsets[s - 1], "metakernels: segment offsets must increase strictly");
-  LoptArgs a{};
-  a.T = T;
-  a.P = P;
-  a.nseg = static_cast<int64_t>(seg_offsets.size()) - 1;
-  a.seg_offsets = seg_offsets.data();
-  a.H = static_cast<int>(H);
-  a.layers = static_cast<int>(layers);
-  a.param = param.data_ptr();
-  a.grad = grad.data_ptr();
-  a.state = state.data_ptr();
-  a.weights = weights.data_ptr();
-  return a;
+  return lopt_args(T, P, seg_offsets, H, layers, param.data_ptr(), grad.data_ptr(), state.data_ptr(),
+                   weights.data_ptr());
 }
 
 // The CPU and CUDA entry points are template arguments, so that a build without CUDA kernels never
@@ -64,11 +54,7 @@ void launch(const at::Tensor& ref, const std::vector<int64_t>& seg_offsets, Lopt
   launch_kernel(ref, "learned-optimizer", [&] { cpu(dtype, hyper, a); }, [&](void* stream) {
     // The CUDA kernels' index tables (see csrc/lopt_kernels.h): O(T * nseg) on the host, sent without
     // waiting for the copy (pinned memory), each element's segment expanded on the device.
-    const int64_t job = lopt_cuda_job_size();
-    std::vector<int64_t> first{0};
-    for (int64_t t = 0; t < a.T; ++t)
-      for (int64_t s = 0; s < a.nseg; ++s)
-        first.push_back(first.back() + (seg_offsets[s + 1] - seg_offsets[s] + job - 1) / job);
+    const std::vector<int64_t> first = lopt_first_jobs(a, lopt_cuda_job_size());
     const auto on_device = [&](const std::vector<int64_t>& values) {
       return at::tensor(values, at::TensorOptions().dtype(at::kLong)).pin_memory().to(ref.device(), at::kLong, /*non_blocking=*/true);
     };

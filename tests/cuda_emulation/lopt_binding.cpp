@@ -27,29 +27,17 @@ mk::DType dtype_of(const at::Tensor& t) {
 
 // The operands of both passes and the kernels' tables, kept alive with the arguments that point into them.
 struct Call {
-  LoptArgs a{};
+  LoptArgs a;
   mk::LoptHyper hyper;
   at::Tensor offsets, first, seg_ids;
 
   Call(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& state, const at::Tensor& weights,
        const std::vector<int64_t>& seg_offsets, int64_t H, int64_t layers, const std::vector<double>& h)
-      : hyper{{h[0], h[1], h[2]}, h[3], h[4], h[5], h[6], h[7]} {
-    a.T = param.size(0);
-    a.P = param.size(1);
-    a.nseg = static_cast<int64_t>(seg_offsets.size()) - 1;
-    a.seg_offsets = seg_offsets.data();
-    a.H = static_cast<int>(H);
-    a.layers = static_cast<int>(layers);
-    a.param = param.data_ptr();
-    a.grad = grad.data_ptr();
-    a.state = state.data_ptr();
-    a.weights = weights.data_ptr();
-    const int64_t job = mk::lopt_cuda_job_size();
-    std::vector<int64_t> first_job{0};
+      : a(mk::lopt_args(param.size(0), param.size(1), seg_offsets, H, layers, param.data_ptr(), grad.data_ptr(),
+                        state.data_ptr(), weights.data_ptr())),
+        hyper{{h[0], h[1], h[2]}, h[3], h[4], h[5], h[6], h[7]} {
+    const std::vector<int64_t> first_job = mk::lopt_first_jobs(a, mk::lopt_cuda_job_size());
     std::vector<int32_t> ids;
-    for (int64_t t = 0; t < a.T; ++t)
-      for (int64_t s = 0; s < a.nseg; ++s)
-        first_job.push_back(first_job.back() + (seg_offsets[s + 1] - seg_offsets[s] + job - 1) / job);
     for (int64_t s = 0; s < a.nseg; ++s) ids.insert(ids.end(), seg_offsets[s + 1] - seg_offsets[s], static_cast<int32_t>(s));
     offsets = torch::tensor(seg_offsets, torch::kLong);
     first = torch::tensor(first_job, torch::kLong);
