@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
+import lopt_table  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -55,24 +56,10 @@ def kernel_times(torch, fn, device, calls):
 
 
 def profile_one(torch, mk, device, hidden, layers, T, P, calls, top):
-    from metakernels.ops.learned_update import num_weights
+    def step(p, g, s, w):
+        return mk.ops.learned_update(p, g, s, w, hidden=hidden, layers=layers)
 
-    gen = torch.Generator().manual_seed(0)
-    p = torch.randn(T, P, generator=gen).to(device)
-    g = (0.01 * torch.randn(T, P, generator=gen)).to(device)
-    s = torch.zeros(4, T, P, device=device)
-    s[3] = 1e-4
-    w = (0.3 * torch.randn(num_weights(hidden, layers), generator=gen)).to(device)
-    leaves = [x.clone().requires_grad_() for x in (p, g, s, w)]
-
-    def forward():
-        with torch.no_grad():
-            mk.ops.learned_update(p, g, s, w, hidden=hidden, layers=layers)
-
-    def forward_backward():
-        new_p, new_s = mk.ops.learned_update(*leaves, hidden=hidden, layers=layers)
-        torch.autograd.grad((new_p, new_s), leaves, (torch.ones_like(new_p), torch.ones_like(new_s)))
-
+    forward, forward_backward = lopt_table.step_passes(step, lopt_table.step_operands(device, T, P, hidden, layers))
     for backend in harness.compiled_backends(device) + ["reference"]:
         with mk.use_backend(backend):
             for label, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):

@@ -49,6 +49,39 @@ def memory_bytes(device) -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def step_operands(device, T: int, P: int, hidden: int, layers: int):
+    """(params [T, P], grads, state [4, T, P], weights) of the benchmarked step, the same in every run."""
+    import torch
+
+    from metakernels.ops.learned_update import num_weights
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(T, P, generator=gen).to(device)
+    g = (0.01 * torch.randn(T, P, generator=gen)).to(device)
+    s = torch.zeros(4, T, P, device=device)
+    s[3] = 1e-4
+    w = (0.3 * torch.randn(num_weights(hidden, layers), generator=gen)).to(device)
+    return p, g, s, w
+
+
+def step_passes(fn, operands):
+    """(forward, forward_backward): fn(params, grads, state, weights) -> (params', state') run without
+    autograd, and run with the meta-backward to all four inputs (on copies that require grad)."""
+    import torch
+
+    leaves = [x.clone().requires_grad_() for x in operands]
+
+    def forward():
+        with torch.no_grad():
+            fn(*operands)
+
+    def forward_backward():
+        new_p, new_s = fn(*leaves)
+        torch.autograd.grad((new_p, new_s), leaves, (torch.ones_like(new_p), torch.ones_like(new_s)))
+
+    return forward, forward_backward
+
+
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_table_arguments(ap)
@@ -65,7 +98,7 @@ def main():
     import torch
 
     import metakernels as mk
-    from metakernels.ops.learned_update import flops_per_element, num_weights
+    from metakernels.ops.learned_update import flops_per_element
 
     device = torch.device(args.device)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
@@ -82,28 +115,14 @@ def main():
         flops = flops_per_element(hidden, args.layers)
         for size in sizes:
             T, P = (int(x) for x in size.split("x"))
-            gen = torch.Generator().manual_seed(0)
-            p = torch.randn(T, P, generator=gen).to(device)
-            g = (0.01 * torch.randn(T, P, generator=gen)).to(device)
-            s = torch.zeros(4, T, P, device=device)
-            s[3] = 1e-4
-            w = (0.3 * torch.randn(num_weights(hidden, args.layers), generator=gen)).to(device)
+            operands = step_operands(device, T, P, hidden, args.layers)
             N = T * P
 
             def step(p_, g_, s_, w_):
                 return mk.ops.learned_update(p_, g_, s_, w_, hidden=hidden, layers=args.layers)
 
             def timings(fn, label):
-                leaves = [x.clone().requires_grad_() for x in (p, g, s, w)]
-
-                def forward():
-                    with torch.no_grad():
-                        fn(p, g, s, w)
-
-                def forward_backward():
-                    new_p, new_s = fn(*leaves)
-                    torch.autograd.grad((new_p, new_s), leaves, (torch.ones_like(new_p), torch.ones_like(new_s)))
-
+                forward, forward_backward = step_passes(fn, operands)
                 fwd = harness.median_ms(forward, device, repeats, warmup=2)
                 fb = harness.median_ms(forward_backward, device, repeats, warmup=2)
                 print(f"hidden={hidden} {size} {label}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms",
