@@ -29,6 +29,12 @@ at::Tensor new_output(const at::Tensor& like, at::IntArrayRef shape) {
   return out;
 }
 
+at::Tensor new_scratch(const at::Tensor& like, int64_t bytes) {
+  at::Tensor out = at::empty({bytes}, like.options().dtype(at::kByte));
+  if (poison_outputs()) out.fill_(0xff);
+  return out;
+}
+
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& ref, int64_t P) {
   TORCH_CHECK(t.device() == ref.device(), "metakernels: ", name, " is on ", t.device(), ", expected ",
               ref.device());

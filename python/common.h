@@ -26,6 +26,10 @@ at::ScalarType acc_type(const at::Tensor& t);
 
 at::Tensor new_output(const at::Tensor& like, at::IntArrayRef shape);
 
+// A kernel's scratch space of `bytes` bytes on like's device; when outputs are poisoned, every byte is 0xff
+// (a NaN in every float type), so that a kernel reading a partial it never wrote cannot pass.
+at::Tensor new_scratch(const at::Tensor& like, int64_t bytes);
+
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& ref, int64_t P);
 
 // t is on ref's device, has `dtype` and `shape`, and is contiguous; the message names the argument.
@@ -35,8 +39,18 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref, 
 // Runs a kernel family's launcher on ref's device: cpu() for a CPU tensor; for a CUDA tensor, under a
 // guard of its device, cuda(stream) with the current cudaStream_t, which returns an error string or
 // nullptr.  Any other device (or CUDA in a build without CUDA kernels) raises, naming `family`.
+//
+// Built with MK_CUDA_EMULATION (tests/cuda_emulation: the CUDA kernels compiled for the CPU against a stand-in
+// runtime), a CPU tensor runs cuda(nullptr) instead, so that tests check the CUDA kernels through these same
+// bindings where no GPU is.
 template <typename CpuFn, typename CudaFn>
 void launch_kernel(const at::Tensor& ref, const char* family, CpuFn&& cpu, CudaFn&& cuda) {
+#ifdef MK_CUDA_EMULATION
+  (void)cpu;
+  TORCH_CHECK(ref.device().is_cpu(), "metakernels: the emulated CUDA kernels run on CPU tensors, got ", ref.device());
+  const char* err = cuda(nullptr);
+  TORCH_CHECK(err == nullptr, "metakernels: emulated CUDA ", family, " kernel failed: ", err);
+#else
   if (ref.device().is_cpu()) {
     cpu();
     return;
@@ -55,6 +69,7 @@ void launch_kernel(const at::Tensor& ref, const char* family, CpuFn&& cpu, CudaF
 #endif
   TORCH_CHECK(false, "metakernels: no compiled ", family, " kernel for device ", ref.device(),
               " (this build has CUDA kernels: ", kCudaBuilt, ")");
+#endif
 }
 
 }  // namespace mk

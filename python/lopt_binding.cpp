@@ -53,10 +53,12 @@ void launch(const at::Tensor& ref, const std::vector<int64_t>& seg_offsets, Lopt
   const DType dtype = dtype_code(ref, "params");
   launch_kernel(ref, "learned-optimizer", [&] { cpu(dtype, hyper, a); }, [&](void* stream) {
     // The CUDA kernels' index tables (see csrc/lopt_kernels.h): O(T * nseg) on the host, sent without
-    // waiting for the copy (pinned memory), each element's segment expanded on the device.
+    // waiting for the copy (pinned memory), each element's segment expanded on the device.  (Under
+    // tests/cuda_emulation the device is the host, where there is nothing to pin.)
     const std::vector<int64_t> first = lopt_first_jobs(a, lopt_cuda_job_size());
     const auto on_device = [&](const std::vector<int64_t>& values) {
-      return at::tensor(values, at::TensorOptions().dtype(at::kLong)).pin_memory().to(ref.device(), at::kLong, /*non_blocking=*/true);
+      const at::Tensor host = at::tensor(values, at::TensorOptions().dtype(at::kLong));
+      return ref.is_cuda() ? host.pin_memory().to(ref.device(), at::kLong, /*non_blocking=*/true) : host;
     };
     const at::Tensor dev_offsets = on_device(seg_offsets), dev_first = on_device(first);
     // NOTE: built on the host, this [P] table was filled, copied and sent to the device on every call:
@@ -67,7 +69,7 @@ void launch(const at::Tensor& ref, const std::vector<int64_t>& seg_offsets, Lopt
     a.dev_seg_offsets = dev_offsets.data_ptr<int64_t>();
     a.first_job = dev_first.data_ptr<int64_t>();
     a.njobs = first.back();
-    const at::Tensor workspace = at::empty({lopt_cuda_workspace_bytes(dtype, a)}, ref.options().dtype(at::kByte));
+    const at::Tensor workspace = new_scratch(ref, lopt_cuda_workspace_bytes(dtype, a));
     return cuda(dtype, hyper, a, workspace.data_ptr(), stream);
   });
 }

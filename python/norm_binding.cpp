@@ -41,7 +41,8 @@ template <auto cpu, auto cuda>
 void launch(const at::Tensor& x, NormArgs& a) {
   const DType dtype = dtype_code(x, "x");
   launch_kernel(x, "norm", [&] { cpu(dtype, a); }, [&](void* stream) {
-    const at::Tensor scratch = at::empty({norm_scratch_elems(a.N, a.R, a.D)}, x.options().dtype(acc_type(x)));
+    const at::Tensor scratch =
+        new_scratch(x, norm_scratch_elems(a.N, a.R, a.D) * static_cast<int64_t>(c10::elementSize(acc_type(x))));
     a.scratch = scratch.data_ptr();
     return cuda(dtype, a, stream);
   });

@@ -1,6 +1,7 @@
 """Shared test setup: Triton runs under its CPU interpreter when there is no GPU (the variable must be
 set before triton is imported), and every kernel output is poisoned with NaN before it is written."""
 import os
+import sys
 
 import torch
 
@@ -48,6 +49,32 @@ def backend(request):
     """(name, device) of a backend available on this machine, forced for the test's duration."""
     with mk.use_backend(request.param):
         yield request.param, _device_for(request.param)
+
+
+@pytest.fixture(scope="session")
+def cuda_emulation():
+    """The functions of metakernels._C for the op families with CUDA kernels, built with those kernels compiled
+    for the CPU (tests/cuda_emulation), once per session."""
+    if _backend.extension() is None:
+        pytest.skip("the compiled extension metakernels._C is not built")
+    return _emulate().build()
+
+
+@pytest.fixture
+def emulated_cuda_kernels(cuda_emulation, monkeypatch):
+    """(name, device) as the `backend` fixture gives them: the cpu backend, forced for the test's duration, with
+    the emulated CUDA kernels in place of its own (metakernels._backend.extension() returns them)."""
+    real = _backend.extension()
+    monkeypatch.setattr(_backend, "extension", lambda: _emulate().WithEmulatedCuda(cuda_emulation, real))
+    with mk.use_backend("cpu"):
+        yield "cpu", torch.device("cpu")
+
+
+def _emulate():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
+    import emulate
+
+    return emulate
 
 
 def triton_interpreted(backend_name: str) -> bool:

@@ -7,6 +7,10 @@
 
 struct __half {
   uint16_t bits;
+  // No conversion from a number (__CUDA_NO_HALF_CONVERSIONS__, as torch builds): see cuda_bf16.h.
+  __half() = default;
+  template <typename T>
+  __half(T) = delete;
 };
 
 inline float __half2float(__half h) {

@@ -5,12 +5,15 @@
 // limits, warp-synchronous code and timing are out of its reach.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <semaphore>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -46,13 +49,72 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_
   return cudaSuccess;
 }
 
+// The device functions the kernels call unqualified.  CUDA declares float overloads of the math functions in the
+// global namespace (exp of a float is a float, as std::exp's), where C's <math.h> has only the double ones.
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline int64_t min(int64_t a, int64_t b) { return b < a ? b : a; }
+using std::erf;
+using std::exp;
+using std::fmax;
+using std::isinf;
+using std::log;
+using std::sqrt;
+using std::tanh;
 
 namespace mk_emu {
 
 inline std::barrier<>* block_barrier = nullptr;
 inline thread_local unsigned char* dynamic_shared = nullptr;  // the block's extern __shared__ array
+
+// The real threads that run a launch's CUDA threads, kept from launch to launch: creating a block's 256 threads
+// on every launch took most of the emulated tests' time.  Each waits on its own semaphore, so that a launch wakes
+// only the threads it uses.
+class ThreadPool {
+ public:
+  // Runs body(t) for every t < n, each on its own pool thread, all at once (so that they can meet at barriers);
+  // returns when every one has returned.  One call at a time.
+  void run(unsigned n, const std::function<void(unsigned)>& body) {
+    while (workers_.size() < n) {
+      auto worker = std::make_unique<Worker>();
+      worker->thread = std::thread(&ThreadPool::serve, this, worker.get(), static_cast<unsigned>(workers_.size()));
+      workers_.push_back(std::move(worker));
+    }
+    body_ = &body;
+    pending_ = n;
+    for (unsigned t = 0; t < n; ++t) workers_[t]->go.release();
+    done_.acquire();
+  }
+
+  ~ThreadPool() {
+    stop_ = true;
+    for (auto& w : workers_) w->go.release();
+    for (auto& w : workers_) w->thread.join();
+  }
+
+ private:
+  struct Worker {
+    std::binary_semaphore go{0};
+    std::thread thread;
+  };
+
+  void serve(Worker* self, unsigned t) {
+    for (;;) {
+      self->go.acquire();
+      if (stop_) return;
+      (*body_)(t);
+      if (pending_.fetch_sub(1) == 1) done_.release();
+    }
+  }
+
+  std::vector<std::unique_ptr<Worker>> workers_;
+  const std::function<void(unsigned)>* body_ = nullptr;
+  std::atomic<unsigned> pending_{0};
+  std::binary_semaphore done_{0};
+  bool stop_ = false;
+};
+
+inline ThreadPool pool;
 
 // Runs kernel(args...) on every thread of every block of `grid`, one block at a time: one real thread per
 // thread of a block, reused from block to block.  __syncthreads() waits at `sync`, which a thread leaves
@@ -79,19 +141,16 @@ struct Launch {
       block_barrier = &*sync;
     };
     std::barrier<decltype(next_block)> block_done(threads, next_block);
-    std::vector<std::thread> workers;
-    for (unsigned t = 0; t < threads; ++t)
-      workers.emplace_back([&, t] {
-        threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
-        dynamic_shared = shared_memory.get();
-        for (unsigned b = 0; b < blocks; ++b) {
-          blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
-          kernel(args...);
-          block_barrier->arrive_and_drop();
-          block_done.arrive_and_wait();
-        }
-      });
-    for (auto& w : workers) w.join();
+    pool.run(threads, [&](unsigned t) {
+      threadIdx = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+      dynamic_shared = shared_memory.get();
+      for (unsigned b = 0; b < blocks; ++b) {
+        blockIdx = dim3(b % grid.x, b / grid.x % grid.y, b / (grid.x * grid.y));
+        kernel(args...);
+        block_barrier->arrive_and_drop();
+        block_done.arrive_and_wait();
+      }
+    });
   }
 };
 
