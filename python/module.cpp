@@ -3,17 +3,7 @@
 
 #include "../csrc/cpu/clones.h"
 #include "common.h"
-
-namespace mk {
-void register_update_ops(pybind11::module_& m);
-void register_lopt_ops(pybind11::module_& m);
-void register_norm_ops(pybind11::module_& m);
-void register_gelu_ops(pybind11::module_& m);
-void register_softmax_ops(pybind11::module_& m);
-void register_xent_ops(pybind11::module_& m);
-void register_attention_ops(pybind11::module_& m);
-void register_matmul_ops(pybind11::module_& m);
-}
+#include "register_ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metakernels compiled kernels (CPU, and CUDA when built with it)";
@@ -30,12 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Let the CPU kernels use their AVX-512 instances where the CPU has them (default on; off runs the AVX2 "
         "instances, for tests)");
   m.def("cpu_uses_avx512", &mk::cpu_uses_avx512, "Whether the CPU kernels run their AVX-512 instances now");
-  mk::register_update_ops(m);
-  mk::register_lopt_ops(m);
-  mk::register_norm_ops(m);
-  mk::register_gelu_ops(m);
-  mk::register_softmax_ops(m);
-  mk::register_xent_ops(m);
+  mk::register_ops_with_cuda_kernels(m);
   mk::register_attention_ops(m);
   mk::register_matmul_ops(m);
 }

@@ -13,6 +13,10 @@ import pytest  # noqa: E402
 import metakernels as mk  # noqa: E402
 from metakernels import _backend  # noqa: E402
 
+# tests/cuda_emulation's emulate module, for the fixtures below and the emulated tests' own imports.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
+import emulate  # noqa: E402
+
 _backend.set_poison_outputs(True)
 
 
@@ -57,24 +61,17 @@ def cuda_emulation():
     for the CPU (tests/cuda_emulation), once per session."""
     if _backend.extension() is None:
         pytest.skip("the compiled extension metakernels._C is not built")
-    return _emulate().build()
+    return emulate.build()
 
 
 @pytest.fixture
 def emulated_cuda_kernels(cuda_emulation, monkeypatch):
     """(name, device) as the `backend` fixture gives them: the cpu backend, forced for the test's duration, with
     the emulated CUDA kernels in place of its own (metakernels._backend.extension() returns them)."""
-    real = _backend.extension()
-    monkeypatch.setattr(_backend, "extension", lambda: _emulate().WithEmulatedCuda(cuda_emulation, real))
+    with_emulated_cuda = emulate.WithEmulatedCuda(cuda_emulation, _backend.extension())
+    monkeypatch.setattr(_backend, "extension", lambda: with_emulated_cuda)
     with mk.use_backend("cpu"):
         yield "cpu", torch.device("cpu")
-
-
-def _emulate():
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
-    import emulate
-
-    return emulate
 
 
 def triton_interpreted(backend_name: str) -> bool:

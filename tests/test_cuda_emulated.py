@@ -9,9 +9,6 @@ Left out: the layers' gradcheck / gradgradcheck tests (about two minutes under t
 reference tests wrapped here already check each of those kernels (forward, backward, double backward) directly;
 what gradcheck adds is the autograd wiring of metakernels/ops, which is the same code on every backend and is
 checked on the cpu backend.  The update's gradcheck, a few seconds, stays."""
-import os
-import sys
-
 import test_fused_layers as layers
 import test_update_errors as update_errors
 import test_update_gradcheck as update_gradcheck
@@ -19,10 +16,7 @@ import test_update_values as update_values
 import test_xent_kernels as xent
 import torch
 import update_cases
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
-
-from emulate import on_emulated_cuda  # noqa: E402
+from emulate import on_emulated_cuda
 
 # The emulation runs a launch's blocks one after another with a real thread per CUDA thread: the shapes of
 # test_update_values without its largest (16 x 100003, 6,256 blocks), one row of 100003 kept for the

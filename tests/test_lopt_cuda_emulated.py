@@ -6,18 +6,12 @@ the emulated CUDA kernels as the backend, and some of the emulation's own.  This
 see what only the hardware decides (register and shared-memory limits, timing).  The gradcheck test is left out
 (25 s under the emulation): the float64 reference test checks the forward and backward kernels directly, and the
 autograd wiring gradcheck adds is the same on every backend (see test_cuda_emulated.py)."""
-import os
-import sys
-
 import torch
 
 import metakernels as mk
 import test_learned_optimizer as lo
 import test_learned_update as lu
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulation"))
-
-from emulate import host_source, on_emulated_cuda  # noqa: E402
+from emulate import host_source, on_emulated_cuda
 
 # Every instance of the step kernel: hidden 32 and 4 at two layers are compiled with their shape fixed,
 # other hidden sizes up to 32 share one instance and larger ones another.  Segments of exactly one job, one

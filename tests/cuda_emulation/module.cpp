@@ -4,22 +4,9 @@
 #include <torch/extension.h>
 
 #include "common.h"
-
-namespace mk {
-void register_update_ops(pybind11::module_& m);
-void register_lopt_ops(pybind11::module_& m);
-void register_norm_ops(pybind11::module_& m);
-void register_gelu_ops(pybind11::module_& m);
-void register_softmax_ops(pybind11::module_& m);
-void register_xent_ops(pybind11::module_& m);
-}  // namespace mk
+#include "register_ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_poison_outputs", [](bool on) { mk::poison_outputs() = on; });
-  mk::register_update_ops(m);
-  mk::register_lopt_ops(m);
-  mk::register_norm_ops(m);
-  mk::register_gelu_ops(m);
-  mk::register_softmax_ops(m);
-  mk::register_xent_ops(m);
+  mk::register_ops_with_cuda_kernels(m);
 }
