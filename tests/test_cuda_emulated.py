@@ -14,7 +14,6 @@ import test_update_errors as update_errors
 import test_update_gradcheck as update_gradcheck
 import test_update_values as update_values
 import test_xent_kernels as xent
-import torch
 import update_cases
 from emulate import on_emulated_cuda
 
@@ -29,11 +28,10 @@ test_update_forward_and_backward_match_float64_reference = on_emulated_cuda(
 
 def test_update_over_more_tasks_than_the_grid_has_rows(emulated_cuda_kernels):
     """The forward's grid has at most 65,535 rows of tasks (kMaxGridY); each row then strides over the rest.  One
-    layout, float64 (25 s under the emulation): this checks indexing.  In float32, with a task-shared operand
-    (per_task_rates), the backward's in-order sum of its cotangent over 65,537 tasks is 2.6e-5 off relative, over
-    the test's 2e-5, as on the cpu backend, which sums in the same order."""
-    update_values.test_forward_and_backward_match_float64_reference(emulated_cuda_kernels, "adam",
-                                                                     update_cases.LAYOUTS[0], 65537, 2, torch.float64)
+    op and layout (25 s under the emulation), float32, with the task-shared operands whose sums over tasks in the
+    backward were furthest off when summed in float32: this checks the indexing and the double sums at once."""
+    update_values.test_float32_sums_over_65537_tasks_stay_within_tolerance(emulated_cuda_kernels, "momentum",
+                                                                           update_cases.LAYOUTS[1])
 
 
 test_update_unused_outputs_and_non_contiguous_inputs = on_emulated_cuda(

@@ -4,8 +4,8 @@
 //
 // Forward: one job per (task, chunk of kChunk parameters); each element is read once and each output
 // written once.  Backward: one job per chunk; the job walks the tasks t = 0..T-1 in order, writing
-// per-task cotangents row by row and summing the cotangents of [P] (task-shared) inputs in fp32/fp64
-// chunk-local accumulators, so the reduction over tasks is deterministic and needs no atomics.
+// per-task cotangents row by row and summing the cotangents of [P] (task-shared) inputs in chunk-local
+// double accumulators, so the reduction over tasks is deterministic and needs no atomics.
 // When no lr cotangent is requested it is not computed, so SGD's and momentum's backward do not read
 // the gradient or the momentum buffer at all.
 #include <ATen/Parallel.h>
@@ -22,8 +22,8 @@
 namespace mk {
 namespace {
 
-// NOTE: 1024 elements keep a backward job's scratch (4 cotangent rows + 5 accumulators, fp32) at
-// 36 KB, within L2, while giving ~1000 jobs at P = 1e6 for load balance.
+// NOTE: 1024 elements keep a backward job's scratch (5 cotangent rows in fp32 and 5 double
+// accumulators) at 60 KB, within L2, while giving ~1000 jobs at P = 1e6 for load balance.
 constexpr int64_t kChunk = 1024;
 
 template <typename scalar_t>
@@ -80,7 +80,7 @@ void forward_impl(const UpdateHyper& h, const UpdateForwardArgs& a) {
   });
 }
 
-// Per-element cotangents of one task's chunk, in the accumulation type.
+// Per-element cotangents of one task's chunk in the accumulation type, or their sums over tasks in double.
 template <typename acc_t>
 struct ChunkCotangents {
   alignas(64) acc_t gp[kChunk];
@@ -115,7 +115,7 @@ MK_CPU_CLONES void backward_chunk(const UpdateConsts<acc_t> c, int64_t n, const 
 // Writes one task's chunk of a cotangent (per task) or adds it to the chunk's running sum over tasks.
 template <typename scalar_t, typename acc_t>
 void emit(GradMode mode, void* out, int64_t P, int64_t t, int64_t c0, int64_t n, const acc_t* __restrict__ value,
-          acc_t* __restrict__ sum) {
+          double* __restrict__ sum) {
   if (mode == GradMode::kPerTask) {
     scalar_t* __restrict__ dst = row<scalar_t>(out, P, t, c0);
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(value[i]);
@@ -124,11 +124,12 @@ void emit(GradMode mode, void* out, int64_t P, int64_t t, int64_t c0, int64_t n,
   }
 }
 
+// The chunk's double sums over tasks, rounded to the accumulation type, then stored.
 template <typename scalar_t, typename acc_t>
-void store_sum(GradMode mode, void* out, int64_t c0, int64_t n, const acc_t* __restrict__ sum) {
+void store_sum(GradMode mode, void* out, int64_t c0, int64_t n, const double* __restrict__ sum) {
   if (mode != GradMode::kSumOverTasks) return;
   scalar_t* __restrict__ dst = static_cast<scalar_t*>(out) + c0;
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(sum[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(static_cast<acc_t>(sum[i]));
 }
 
 template <UpdateKind kind, bool kLrTensor, bool kLrGrad, typename scalar_t>
@@ -141,14 +142,16 @@ void backward_impl(const UpdateHyper& h, const UpdateBackwardArgs& a) {
     alignas(64) scalar_t zeros[kChunk];
     std::fill(zeros, zeros + kChunk, scalar_t(0));
     ChunkCotangents<acc_t> cot;
-    ChunkCotangents<acc_t> sums;  // gp -> d_param, dg -> d_grad, ds -> d_state, dlr -> d_lr
+    ChunkCotangents<double> sums;  // gp -> d_param, dg -> d_grad, ds -> d_state, dlr -> d_lr
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t c0 = chunk * kChunk, n = std::min(kChunk, a.P - c0);
-      std::fill(sums.gp, sums.gp + n, acc_t(0));
-      std::fill(sums.dg, sums.dg + n, acc_t(0));
-      std::fill(sums.ds[0], sums.ds[0] + n, acc_t(0));
-      std::fill(sums.ds[1], sums.ds[1] + n, acc_t(0));
-      std::fill(sums.dlr, sums.dlr + n, acc_t(0));
+      const auto zero_if_summed = [n](GradMode mode, double* sum) {
+        if (mode == GradMode::kSumOverTasks) std::fill(sum, sum + n, 0.0);
+      };
+      zero_if_summed(a.d_param_mode, sums.gp);
+      zero_if_summed(a.d_grad_mode, sums.dg);
+      for (int k = 0; k < kStates; ++k) zero_if_summed(a.d_state_mode[k], sums.ds[k]);
+      if constexpr (kLrGrad) zero_if_summed(a.d_lr_mode, sums.dlr);
       for (int64_t t = 0; t < a.T; ++t) {
         const auto cotangent_row = [&](const void* base) {
           return base ? row<scalar_t>(base, a.P, t, c0) : static_cast<const scalar_t*>(zeros);
@@ -163,10 +166,10 @@ void backward_impl(const UpdateHyper& h, const UpdateBackwardArgs& a) {
         for (int k = 0; k < kStates; ++k) emit<scalar_t>(a.d_state_mode[k], a.d_state[k], a.P, t, c0, n, cot.ds[k], sums.ds[k]);
         if constexpr (kLrGrad) emit<scalar_t>(a.d_lr_mode, a.d_lr, a.P, t, c0, n, cot.dlr, sums.dlr);
       }
-      store_sum<scalar_t>(a.d_param_mode, a.d_param, c0, n, sums.gp);
-      store_sum<scalar_t>(a.d_grad_mode, a.d_grad, c0, n, sums.dg);
-      for (int k = 0; k < kStates; ++k) store_sum<scalar_t>(a.d_state_mode[k], a.d_state[k], c0, n, sums.ds[k]);
-      if constexpr (kLrGrad) store_sum<scalar_t>(a.d_lr_mode, a.d_lr, c0, n, sums.dlr);
+      store_sum<scalar_t, acc_t>(a.d_param_mode, a.d_param, c0, n, sums.gp);
+      store_sum<scalar_t, acc_t>(a.d_grad_mode, a.d_grad, c0, n, sums.dg);
+      for (int k = 0; k < kStates; ++k) store_sum<scalar_t, acc_t>(a.d_state_mode[k], a.d_state[k], c0, n, sums.ds[k]);
+      if constexpr (kLrGrad) store_sum<scalar_t, acc_t>(a.d_lr_mode, a.d_lr, c0, n, sums.dlr);
     }
   });
 }

@@ -4,8 +4,8 @@
 // Forward: a 2-D grid, x over parameters and y over tasks; one thread per element, each element read
 // once and each output written once (coalesced along the contiguous parameter axis).
 // Backward: one thread per parameter index i, looping over tasks t = 0..T-1 in order: per-task
-// cotangents are written row by row, and the cotangents of [P] (task-shared) inputs are summed in a
-// register in that fixed order, so the reduction is deterministic without atomics.  Without an lr
+// cotangents are written row by row, and the cotangents of [P] (task-shared) inputs are summed in
+// double registers in that fixed order, so the reduction is deterministic without atomics.  Without an lr
 // cotangent, SGD's and momentum's backward never load the gradient or the buffer.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -41,14 +41,15 @@ __global__ void update_forward_kernel(UpdateHyper h, UpdateForwardArgs a) {
 }
 
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void emit(GradMode mode, void* out, int64_t index, acc_t value, acc_t& sum) {
+__device__ __forceinline__ void emit(GradMode mode, void* out, int64_t index, acc_t value, double& sum) {
   if (mode == GradMode::kPerTask) store<scalar_t>(out, index, value);
-  else if (mode == GradMode::kSumOverTasks) sum += value;
+  else if (mode == GradMode::kSumOverTasks) sum += static_cast<double>(value);
 }
 
+// The double sum rounded to the accumulation type, then stored (as the CPU kernel does).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void store_sum(GradMode mode, void* out, int64_t i, acc_t sum) {
-  if (mode == GradMode::kSumOverTasks) store<scalar_t>(out, i, sum);
+__device__ __forceinline__ void store_sum(GradMode mode, void* out, int64_t i, double sum) {
+  if (mode == GradMode::kSumOverTasks) store<scalar_t>(out, i, static_cast<acc_t>(sum));
 }
 
 template <UpdateKind kind, bool kLrTensor, bool kLrGrad, typename scalar_t>
@@ -59,7 +60,7 @@ __global__ void update_backward_kernel(UpdateHyper h, UpdateBackwardArgs a) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= a.P) return;
   const UpdateConsts<acc_t> c(h);
-  acc_t sum_p = 0, sum_g = 0, sum_s[2] = {0, 0}, sum_lr = 0;
+  double sum_p = 0, sum_g = 0, sum_s[2] = {0, 0}, sum_lr = 0;
   for (int64_t t = 0; t < a.T; ++t) {
     const int64_t out_index = t * a.P + i;
     acc_t s[2] = {acc_t(0), acc_t(0)}, gs[2] = {acc_t(0), acc_t(0)}, ds[2], dg, dlr;
@@ -75,10 +76,10 @@ __global__ void update_backward_kernel(UpdateHyper h, UpdateBackwardArgs a) {
     for (int k = 0; k < kStates; ++k) emit<scalar_t>(a.d_state_mode[k], a.d_state[k], out_index, ds[k], sum_s[k]);
     if constexpr (kLrGrad) emit<scalar_t>(a.d_lr_mode, a.d_lr, out_index, dlr, sum_lr);
   }
-  store_sum<scalar_t>(a.d_param_mode, a.d_param, i, sum_p);
-  store_sum<scalar_t>(a.d_grad_mode, a.d_grad, i, sum_g);
-  for (int k = 0; k < kStates; ++k) store_sum<scalar_t>(a.d_state_mode[k], a.d_state[k], i, sum_s[k]);
-  if constexpr (kLrGrad) store_sum<scalar_t>(a.d_lr_mode, a.d_lr, i, sum_lr);
+  store_sum<scalar_t, acc_t>(a.d_param_mode, a.d_param, i, sum_p);
+  store_sum<scalar_t, acc_t>(a.d_grad_mode, a.d_grad, i, sum_g);
+  for (int k = 0; k < kStates; ++k) store_sum<scalar_t, acc_t>(a.d_state_mode[k], a.d_state[k], i, sum_s[k]);
+  if constexpr (kLrGrad) store_sum<scalar_t, acc_t>(a.d_lr_mode, a.d_lr, i, sum_lr);
 }
 
 const char* last_error() {

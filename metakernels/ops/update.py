@@ -6,7 +6,8 @@ and every parameter.  The learning rate is a number, a 0-d tensor, a ``[P]`` ten
 per-parameter rates shared by the tasks) or a ``[T, P]`` tensor (per task).
 
 Gradients flow to every tensor operand.  The cotangent of a ``[P]`` operand used by T tasks is the sum
-over tasks, computed in task order inside the backward kernel (deterministic, no atomics).  The first
+over tasks, computed in task order inside the backward kernel (deterministic, no atomics) and accumulated in
+double whatever the dtype (csrc/update_kernels.h says why).  The first
 backward is a fused kernel; when the backward itself is recorded (``create_graph=True``) it is computed
 by differentiating the reference formulas instead, so gradients of any order are exact.  SGD and
 momentum with a number as their rate are linear and keep nothing for their backward, which is then a

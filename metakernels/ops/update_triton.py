@@ -3,8 +3,9 @@
 
 Forward: a 2-D grid (parameter blocks x tasks); each element read once, each output written once.
 Backward: one program per parameter block, looping over tasks t = 0..T-1 in order; per-task cotangents
-are stored row by row and those of [P] (task-shared) inputs are summed in registers in that order, so
-the reduction over tasks is deterministic without atomics.
+are stored row by row and those of [P] (task-shared) inputs are summed in float64 registers in that
+order (as in csrc/update_kernels.h, whose note says why), so the reduction over tasks is deterministic
+without atomics.
 
 Hyper-parameters travel as a small tensor in the accumulation dtype (Triton passes Python floats as
 fp32, which would round fp64 runs).  On CPU tensors these kernels run only under TRITON_INTERPRET=1.
@@ -68,14 +69,15 @@ def _emit(ptr, out, value, mask, total, MODE: tl.constexpr):
     if MODE == 1:
         tl.store(ptr + out, value.to(ptr.dtype.element_ty), mask=mask)
     if MODE == 2:
-        total += value
+        total += value.to(tl.float64)
     return total
 
 
 @triton.jit
-def _store_sum(ptr, offs, total, mask, MODE: tl.constexpr):
+def _store_sum(ptr, offs, total, mask, ACC: tl.constexpr, MODE: tl.constexpr):
+    """The float64 sum over tasks rounded to the accumulation type, then stored (as the C++ kernels do)."""
     if MODE == 2:
-        tl.store(ptr + offs, total.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + offs, total.to(ACC).to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -90,11 +92,11 @@ def _update_bwd_kernel(g_ptr, s0_ptr, s1_ptr, lr_ptr, gp_ptr, gs0_ptr, gs1_ptr,
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     zero = tl.zeros([BLOCK], dtype=ACC)
-    sum_p = zero
-    sum_g = zero
-    sum_s0 = zero
-    sum_s1 = zero
-    sum_lr = zero
+    sum_p = tl.zeros([BLOCK], dtype=tl.float64)
+    sum_g = sum_p
+    sum_s0 = sum_p
+    sum_s1 = sum_p
+    sum_lr = sum_p
     for t32 in range(0, T):
         t = tl.cast(t32, tl.int64)
         out = t * P + offs
@@ -147,11 +149,11 @@ def _update_bwd_kernel(g_ptr, s0_ptr, s1_ptr, lr_ptr, gp_ptr, gs0_ptr, gs1_ptr,
         sum_s0 = _emit(ds0_ptr, out, ds0, mask, sum_s0, DS0_MODE)
         sum_s1 = _emit(ds1_ptr, out, ds1, mask, sum_s1, DS1_MODE)
         sum_lr = _emit(dlr_ptr, out, dlr, mask, sum_lr, DLR_MODE)
-    _store_sum(dp_ptr, offs, sum_p, mask, DP_MODE)
-    _store_sum(dg_ptr, offs, sum_g, mask, DG_MODE)
-    _store_sum(ds0_ptr, offs, sum_s0, mask, DS0_MODE)
-    _store_sum(ds1_ptr, offs, sum_s1, mask, DS1_MODE)
-    _store_sum(dlr_ptr, offs, sum_lr, mask, DLR_MODE)
+    _store_sum(dp_ptr, offs, sum_p, mask, ACC, DP_MODE)
+    _store_sum(dg_ptr, offs, sum_g, mask, ACC, DG_MODE)
+    _store_sum(ds0_ptr, offs, sum_s0, mask, ACC, DS0_MODE)
+    _store_sum(ds1_ptr, offs, sum_s1, mask, ACC, DS1_MODE)
+    _store_sum(dlr_ptr, offs, sum_lr, mask, ACC, DLR_MODE)
 
 
 def _hyper_tensor(hyper, like: torch.Tensor) -> torch.Tensor:
