@@ -28,7 +28,7 @@ test_update_forward_and_backward_match_float64_reference = on_emulated_cuda(
 
 def test_update_over_more_tasks_than_the_grid_has_rows(emulated_cuda_kernels):
     """The forward's grid has at most 65,535 rows of tasks (kMaxGridY); each row then strides over the rest.  One
-    op and layout (25 s under the emulation), float32, with the task-shared operands whose sums over tasks in the
+    op and layout (~20 s under the emulation), float32, with the task-shared operands whose sums over tasks in the
     backward were furthest off when summed in float32: this checks the indexing and the double sums at once."""
     update_values.test_float32_sums_over_65537_tasks_stay_within_tolerance(emulated_cuda_kernels, "momentum",
                                                                            update_cases.LAYOUTS[1])
