@@ -18,8 +18,17 @@ default malloc, which maps and faults in every large new tensor (benchmarks/RESU
 
 NaN or Inf gradients: ``nan_policy="raise"`` (default) raises FloatingPointError naming the parameter
 before anything is updated; ``"skip"`` leaves that parameter and its state unchanged for the step.
+
+Learning rate: each parameter group has an ``lr`` (default 1.0, the rule as meta-trained) that multiplies
+the learned update, ``p -= lr * step_mult * d * exp(exp_mult * q)`` (``lr`` scales ``LoptHyper.step_mult``
+for that group's calls), as PyLO's learned optimizers do.  It is what torch.optim.lr_scheduler's schedulers
+(and trainers that build one, such as a linear warmup) set and read; the momenta and the step count, the
+MLP's inputs, advance whatever ``lr`` is, 0 included.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 
@@ -40,24 +49,53 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _checked_lr(where: str, lr) -> float:
+    """lr as a float; ValueError unless it is a finite number >= 0 (a Python number or a one-element tensor)."""
+    try:
+        value = float(lr)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"learned optimizer: {where} must be a finite number >= 0, got {lr!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"learned optimizer: {where} must be a finite number >= 0, got {lr!r}")
+    return value
+
+
 def _joined(tensors, dim: int = 0) -> torch.Tensor:
     """torch.cat, without the copy for a single tensor."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 class LearnedOptimizerStep(torch.optim.Optimizer):
-    def __init__(self, params, lopt, nan_policy: str = "raise"):
+    def __init__(self, params, lopt, lr: float = 1.0, nan_policy: str = "raise"):
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-        super().__init__(params, defaults={})
+        super().__init__(params, defaults={"lr": _checked_lr("argument 'lr'", lr)})
         self.lopt = lopt
         self.nan_policy = nan_policy
 
+    def add_param_group(self, param_group):
+        """torch.optim's, plus checks that the group's lr is a finite number >= 0 and its parameters are
+        floating point (the group is not added otherwise)."""
+        first = sum(len(group["params"]) for group in self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _checked_lr(f"parameter group {len(self.param_groups) - 1}'s lr", group["lr"])
+            for index, p in enumerate(group["params"], start=first):
+                if not p.dtype.is_floating_point:
+                    raise TypeError(f"learned optimizer: parameter {index} (shape {list(p.shape)}) has dtype "
+                                    f"{p.dtype}; expected a floating-point dtype")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
     def _named_params(self):
+        """(index over all groups, parameter, its group's lr), the lr checked (a scheduler may have set it)."""
         index = 0
-        for group in self.param_groups:
+        for number, group in enumerate(self.param_groups):
+            lr = _checked_lr(f"parameter group {number}'s lr", group["lr"])
             for p in group["params"]:
-                yield index, p
+                yield index, p, lr
                 index += 1
 
     @torch.no_grad()
@@ -67,15 +105,15 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         weights = {}
-        for params, grads in self._plan():
-            self._update(params, grads, weights)
+        for params, grads, lr in self._plan():
+            self._update(params, grads, lr, weights)
         return loss
 
     def _plan(self):
-        """Checks every gradient (nothing is updated before all pass) and returns the fused calls to make:
-        (params, their gradients joined), small tensors packed by step count, dtype and device."""
+        """Checks every gradient and lr (nothing is updated before all pass) and returns the fused calls to
+        make: (params, their gradients joined, lr), small tensors packed by step count, dtype, device and lr."""
         small, calls = {}, []
-        for index, p in self._named_params():
+        for index, p, lr in self._named_params():
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -83,17 +121,17 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             state = self.state.get(p)  # no entry yet for a parameter that has not been stepped
             step = int(state["step"]) if state else 0
             if 0 < p.numel() <= PACK_UP_TO:
-                small.setdefault((step, p.dtype, p.device), []).append((index, p))
+                small.setdefault((step, p.dtype, p.device, lr), []).append((index, p))
             elif self._finite(index, p):
-                calls.append(([p], p.grad.reshape(-1)))
-        for members in small.values():
+                calls.append(([p], p.grad.reshape(-1), lr))
+        for (_, _, _, lr), members in small.items():
             grads = _joined([p.grad.reshape(-1) for _, p in members])
             if not _all_finite(grads):  # find (raise) or drop (skip) the offending tensors
                 members = [(index, p) for index, p in members if self._finite(index, p)]
                 if not members:
                     continue
                 grads = _joined([p.grad.reshape(-1) for _, p in members])
-            calls.append(([p for _, p in members], grads))
+            calls.append(([p for _, p in members], grads, lr))
         return calls
 
     def _finite(self, index, p) -> bool:
@@ -105,11 +143,11 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
                 "nothing was updated (pass nan_policy='skip' to skip such parameters)")
         return False
 
-    def _update(self, params, grads, weights):
-        """One fused call for params (same step count, dtype and device; grads: their gradients joined),
-        each tensor one segment, written in place: over a lone contiguous parameter and its state
-        themselves, else over the concatenation (copied back to the parameters); the states are views of
-        the joined state."""
+    def _update(self, params, grads, lr, weights):
+        """One fused call for params (same step count, dtype, device and lr; grads: their gradients joined),
+        each tensor one segment, the update scaled by lr, written in place: over a lone contiguous parameter
+        and its state themselves, else over the concatenation (copied back to the parameters); the states
+        are views of the joined state."""
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if not state:
@@ -125,8 +163,11 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
         else:
             flat = _joined([p.detach().reshape(-1) for p in params]).contiguous()
         joined_state = _joined([state["lopt_state"] for state in states], dim=1).contiguous()
+        hyper = self.lopt.hyper
+        if lr != 1.0:
+            hyper = dataclasses.replace(hyper, step_mult=hyper.step_mult * lr)
         ops.learned_update_(flat, grads, joined_state, weights[step].to(params[0].device), hidden=self.lopt.hidden,
-                            layers=self.lopt.layers, segments=sizes if len(params) > 1 else None, hyper=self.lopt.hyper)
+                            layers=self.lopt.layers, segments=sizes if len(params) > 1 else None, hyper=hyper)
         if not in_place:
             torch._foreach_copy_(params, [p_new.view_as(p) for p, p_new in zip(params, flat.split(sizes))])
         for state, s_new in zip(states, joined_state.split(sizes, dim=1)):
@@ -134,7 +175,9 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             state["step"] = step + 1
 
     def load_state_dict(self, state_dict):
-        params = [p for _, p in self._named_params()]
+        """torch.optim's, refusing another optimizer's state or a state of the wrong size; the groups of a
+        state_dict saved before groups had an lr get this optimizer's default."""
+        params = [p for group in self.param_groups for p in group["params"]]
         for key, entry in state_dict.get("state", {}).items():
             if not isinstance(entry, dict) or set(entry) != _STATE_KEYS:
                 got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
@@ -146,4 +189,6 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
                     raise ValueError(f"learned optimizer: state of parameter {key} is {list(entry['lopt_state'].shape)}, "
                                      f"expected {list(expected)} for a parameter of shape {list(params[key].shape)}")
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("lr", self.defaults["lr"])
 

@@ -107,6 +107,7 @@ def test_learned_optimizer_example(tmp_path, monkeypatch):
     ns = run_chain("learned optimizer", {}, supply=two_tasks)
     assert torch.isfinite(ns["result"].meta_loss)
     assert isinstance(ns["opt"], torch.optim.Optimizer) and (tmp_path / "lopt.mk").is_file()
+    assert ns["opt"].param_groups[0]["lr"] == 0.0  # the warmup's first value, set by the scheduler
 
 
 def _free_port() -> int:
