@@ -120,12 +120,14 @@ class LearnedOptimizer(nn.Module):
         return ops.learned_update(params, grads, state, self.flat_weights(step), hidden=self.hidden,
                                   layers=self.layers, segments=segments, hyper=self.hyper)
 
-    def optimizer(self, params, lr: float = 1.0, nan_policy: str = "raise") -> "torch.optim.Optimizer":
-        """A torch.optim.Optimizer that applies this learned rule (no meta-gradient) to ``params``; ``lr``
-        (per parameter group, what LR schedulers set) multiplies the learned update, 1.0 as meta-trained."""
+    def optimizer(self, params, lr: float = 1.0, weight_decay: float = 0.0,
+                  nan_policy: str = "raise") -> "torch.optim.Optimizer":
+        """A torch.optim.Optimizer that applies this learned rule (no meta-gradient) to ``params``; per
+        parameter group, ``lr`` (what LR schedulers set) multiplies the learned update, 1.0 as meta-trained,
+        and ``weight_decay`` then shrinks the parameters by ``1 - lr * weight_decay`` (metakernels/lopt_optim.py)."""
         from .lopt_optim import LearnedOptimizerStep
 
-        return LearnedOptimizerStep(params, self, lr=lr, nan_policy=nan_policy)
+        return LearnedOptimizerStep(params, self, lr=lr, weight_decay=weight_decay, nan_policy=nan_policy)
 
     # ----------------------------------------------------------------------------------- save / load
 

@@ -19,16 +19,22 @@ default malloc, which maps and faults in every large new tensor (benchmarks/RESU
 NaN or Inf gradients: ``nan_policy="raise"`` (default) raises FloatingPointError naming the parameter
 before anything is updated; ``"skip"`` leaves that parameter and its state unchanged for the step.
 
-Learning rate: each parameter group has an ``lr`` (default 1.0, the rule as meta-trained) that multiplies
-the learned update, ``p -= lr * step_mult * d * exp(exp_mult * q)`` (``lr`` scales ``LoptHyper.step_mult``
-for that group's calls), as PyLO's learned optimizers do.  It is what torch.optim.lr_scheduler's schedulers
-(and trainers that build one, such as a linear warmup) set and read; the momenta and the step count, the
-MLP's inputs, advance whatever ``lr`` is, 0 included.
+Learning rate and weight decay, per parameter group, as PyLO's learned optimizers have them: ``lr``
+(default 1.0, the rule as meta-trained) multiplies the learned update, and ``weight_decay`` (default 0)
+then shrinks the parameter, decoupled from the rule:
+
+    p' = p - lr * step_mult * d * exp(exp_mult * q);    p'' = (1 - lr * weight_decay) * p'
+
+``lr`` scales ``LoptHyper.step_mult`` for that group's fused calls; a weight decay costs one more pass over
+the group's parameters.  ``lr`` is what torch.optim.lr_scheduler's schedulers (and trainers that build one,
+such as a linear warmup) set and read; the momenta and the step count, the MLP's inputs, advance whatever
+``lr`` is, 0 included.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -49,15 +55,26 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _checked_lr(where: str, lr) -> float:
-    """lr as a float; ValueError unless it is a finite number >= 0 (a Python number or a one-element tensor)."""
+def _checked_rate(where: str, value) -> float:
+    """value as a float; ValueError unless it is a finite number >= 0 (a Python number or a one-element
+    tensor, as schedulers may hold it)."""
     try:
-        value = float(lr)
+        number = float(value)
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"learned optimizer: {where} must be a finite number >= 0, got {lr!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"learned optimizer: {where} must be a finite number >= 0, got {lr!r}")
-    return value
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"learned optimizer: {where} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+class _Rates(NamedTuple):
+    """A parameter group's lr and weight_decay, checked."""
+    lr: float
+    weight_decay: float
+
+    @classmethod
+    def of(cls, group: dict, where: str) -> "_Rates":
+        return cls(*(_checked_rate(f"{where}'s {key}", group[key]) for key in cls._fields))
 
 
 def _joined(tensors, dim: int = 0) -> torch.Tensor:
@@ -66,21 +83,23 @@ def _joined(tensors, dim: int = 0) -> torch.Tensor:
 
 
 class LearnedOptimizerStep(torch.optim.Optimizer):
-    def __init__(self, params, lopt, lr: float = 1.0, nan_policy: str = "raise"):
+    def __init__(self, params, lopt, lr: float = 1.0, weight_decay: float = 0.0, nan_policy: str = "raise"):
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-        super().__init__(params, defaults={"lr": _checked_lr("argument 'lr'", lr)})
+        defaults = {"lr": _checked_rate("argument 'lr'", lr),
+                    "weight_decay": _checked_rate("argument 'weight_decay'", weight_decay)}
+        super().__init__(params, defaults=defaults)
         self.lopt = lopt
         self.nan_policy = nan_policy
 
     def add_param_group(self, param_group):
-        """torch.optim's, plus checks that the group's lr is a finite number >= 0 and its parameters are
-        floating point (the group is not added otherwise)."""
+        """torch.optim's, plus checks that the group's lr and weight_decay are finite numbers >= 0 and its
+        parameters are floating point (the group is not added otherwise)."""
         first = sum(len(group["params"]) for group in self.param_groups)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _checked_lr(f"parameter group {len(self.param_groups) - 1}'s lr", group["lr"])
+            _Rates.of(group, f"parameter group {len(self.param_groups) - 1}")
             for index, p in enumerate(group["params"], start=first):
                 if not p.dtype.is_floating_point:
                     raise TypeError(f"learned optimizer: parameter {index} (shape {list(p.shape)}) has dtype "
@@ -90,12 +109,13 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             raise
 
     def _named_params(self):
-        """(index over all groups, parameter, its group's lr), the lr checked (a scheduler may have set it)."""
+        """(index over all groups, parameter, its group's rates), the rates checked (a scheduler may have set
+        them)."""
         index = 0
         for number, group in enumerate(self.param_groups):
-            lr = _checked_lr(f"parameter group {number}'s lr", group["lr"])
+            rates = _Rates.of(group, f"parameter group {number}")
             for p in group["params"]:
-                yield index, p, lr
+                yield index, p, rates
                 index += 1
 
     @torch.no_grad()
@@ -105,15 +125,16 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         weights = {}
-        for params, grads, lr in self._plan():
-            self._update(params, grads, lr, weights)
+        for params, grads, rates in self._plan():
+            self._update(params, grads, rates, weights)
         return loss
 
     def _plan(self):
-        """Checks every gradient and lr (nothing is updated before all pass) and returns the fused calls to
-        make: (params, their gradients joined, lr), small tensors packed by step count, dtype, device and lr."""
+        """Checks every gradient and group's rates (nothing is updated before all pass) and returns the fused
+        calls to make: (params, their gradients joined, rates), small tensors packed by step count, dtype,
+        device and rates."""
         small, calls = {}, []
-        for index, p, lr in self._named_params():
+        for index, p, rates in self._named_params():
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -121,17 +142,17 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             state = self.state.get(p)  # no entry yet for a parameter that has not been stepped
             step = int(state["step"]) if state else 0
             if 0 < p.numel() <= PACK_UP_TO:
-                small.setdefault((step, p.dtype, p.device, lr), []).append((index, p))
+                small.setdefault((step, p.dtype, p.device, rates), []).append((index, p))
             elif self._finite(index, p):
-                calls.append(([p], p.grad.reshape(-1), lr))
-        for (_, _, _, lr), members in small.items():
+                calls.append(([p], p.grad.reshape(-1), rates))
+        for (_, _, _, rates), members in small.items():
             grads = _joined([p.grad.reshape(-1) for _, p in members])
             if not _all_finite(grads):  # find (raise) or drop (skip) the offending tensors
                 members = [(index, p) for index, p in members if self._finite(index, p)]
                 if not members:
                     continue
                 grads = _joined([p.grad.reshape(-1) for _, p in members])
-            calls.append(([p for _, p in members], grads, lr))
+            calls.append(([p for _, p in members], grads, rates))
         return calls
 
     def _finite(self, index, p) -> bool:
@@ -143,11 +164,11 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
                 "nothing was updated (pass nan_policy='skip' to skip such parameters)")
         return False
 
-    def _update(self, params, grads, lr, weights):
-        """One fused call for params (same step count, dtype, device and lr; grads: their gradients joined),
-        each tensor one segment, the update scaled by lr, written in place: over a lone contiguous parameter
-        and its state themselves, else over the concatenation (copied back to the parameters); the states
-        are views of the joined state."""
+    def _update(self, params, grads, rates, weights):
+        """One fused call for params (same step count, dtype, device and rates; grads: their gradients
+        joined), each tensor one segment, written in place: over a lone contiguous parameter and its state
+        themselves, else over the concatenation (copied back to the parameters); the states are views of
+        the joined state.  The update is scaled by lr, then the weight decay applied."""
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if not state:
@@ -164,10 +185,12 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             flat = _joined([p.detach().reshape(-1) for p in params]).contiguous()
         joined_state = _joined([state["lopt_state"] for state in states], dim=1).contiguous()
         hyper = self.lopt.hyper
-        if lr != 1.0:
-            hyper = dataclasses.replace(hyper, step_mult=hyper.step_mult * lr)
+        if rates.lr != 1.0:
+            hyper = dataclasses.replace(hyper, step_mult=hyper.step_mult * rates.lr)
         ops.learned_update_(flat, grads, joined_state, weights[step].to(params[0].device), hidden=self.lopt.hidden,
                             layers=self.lopt.layers, segments=sizes if len(params) > 1 else None, hyper=hyper)
+        if rates.weight_decay:
+            flat.mul_(1.0 - rates.lr * rates.weight_decay)
         if not in_place:
             torch._foreach_copy_(params, [p_new.view_as(p) for p, p_new in zip(params, flat.split(sizes))])
         for state, s_new in zip(states, joined_state.split(sizes, dim=1)):
@@ -176,7 +199,7 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch.optim's, refusing another optimizer's state or a state of the wrong size; the groups of a
-        state_dict saved before groups had an lr get this optimizer's default."""
+        state_dict saved before groups had an lr and weight_decay get this optimizer's defaults."""
         params = [p for group in self.param_groups for p in group["params"]]
         for key, entry in state_dict.get("state", {}).items():
             if not isinstance(entry, dict) or set(entry) != _STATE_KEYS:
@@ -190,5 +213,6 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
                                      f"expected {list(expected)} for a parameter of shape {list(params[key].shape)}")
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            group.setdefault("lr", self.defaults["lr"])
+            for key in _Rates._fields:
+                group.setdefault(key, self.defaults[key])
 

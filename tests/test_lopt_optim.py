@@ -1,6 +1,6 @@
 """The torch.optim.Optimizer of a learned rule (``lopt.optimizer(params)``, metakernels/lopt_optim.py): its
 step against the fused op, state_dict round trips, NaN policies, packed small tensors, in-place writes, the
-per-group learning rate that LR schedulers drive, and bad input."""
+per-group learning rate that LR schedulers drive and weight decay, and bad input."""
 import os
 import subprocess
 import sys
@@ -213,62 +213,68 @@ def test_many_tensor_step_benchmark_runs():
     assert len(rows) == 2 and "GPT d=64 x2, V=512" in done.stdout
 
 
-def _one_step_displacement(lopt, p0, g, lr):
+def _one_step(lopt, p0, g, **rates):
     p = torch.nn.Parameter(p0.clone())
-    opt = lopt.optimizer([p], lr=lr)
+    opt = lopt.optimizer([p], **rates)
     p.grad = g.clone()
     opt.step()
-    return p.detach() - p0, opt.state[p]
+    return p.detach(), opt.state[p]
 
 
 @pytest.mark.parametrize("shape", [(37,), (130, 129)], ids=["packed", "alone"])
-def test_lr_multiplies_the_learned_update(shape):
-    """The step with lr equals the fused op with step_mult * lr; its displacement is lr times lr=1's, and
-    the state (the momenta, the step count) is the same whatever lr is, 0 included."""
+def test_lr_multiplies_the_learned_update_and_weight_decay_follows(shape):
+    """The step with lr and weight_decay equals the fused op with step_mult * lr, times 1 - lr *
+    weight_decay; without weight decay its displacement is lr times lr=1's; the state (the momenta, the
+    step count) is the same whatever the rates are, lr 0 included."""
     gen = torch.Generator().manual_seed(3)
     p0 = torch.randn(shape, generator=gen, dtype=torch.float64)
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
     lopt = mk.LearnedOptimizer(hidden=8, layers=2, seed=0).double()
-    unit, unit_state = _one_step_displacement(lopt, p0, g, 1.0)
-    for lr in (0.0, 0.25, 3.0):
-        moved, state = _one_step_displacement(lopt, p0, g, lr)
+    unit, unit_state = _one_step(lopt, p0, g)
+    assert not torch.equal(unit, p0)
+    for lr, weight_decay in ((0.0, 0.0), (0.25, 0.0), (3.0, 0.0), (1.0, 0.01), (0.5, 0.2), (0.0, 0.3)):
+        stepped, state = _one_step(lopt, p0, g, lr=lr, weight_decay=weight_decay)
         hyper = mk.ops.LoptHyper(step_mult=lopt.hyper.step_mult * lr)
         with torch.no_grad():
             want, _ = mk.ops.learned_update(p0.reshape(-1), g.reshape(-1), lopt.initial_state(p0.reshape(-1)),
                                             lopt.flat_weights(0), hidden=8, layers=2, hyper=hyper)
-        torch.testing.assert_close((p0 + moved).reshape(-1), want, rtol=1e-14, atol=1e-15)
-        torch.testing.assert_close(moved, lr * unit, rtol=1e-12, atol=1e-15)
+        want = (1 - lr * weight_decay) * want.view_as(p0)
+        torch.testing.assert_close(stepped, want, rtol=1e-14, atol=1e-15)
+        if weight_decay == 0:
+            torch.testing.assert_close(stepped - p0, lr * (unit - p0), rtol=1e-12, atol=1e-15)
         assert state["step"] == unit_state["step"] == 1
         assert torch.equal(state["lopt_state"], unit_state["lopt_state"])
-    assert unit.abs().max() > 0
 
 
-def _op_steps(lopt, p0, grads, lr):
-    """The oracle of the optimizer with lr: the fused op with step_mult * lr, one tensor, step by step."""
+def _op_steps(lopt, p0, grads, lr, weight_decay=0.0):
+    """The oracle of the optimizer with lr and weight_decay: the fused op with step_mult * lr, then the
+    decay, one tensor, step by step."""
     hyper = mk.ops.LoptHyper(step_mult=lopt.hyper.step_mult * lr)
     p, state = p0.reshape(-1), lopt.initial_state(p0.reshape(-1))
     with torch.no_grad():
         for k, g in enumerate(grads):
             p, state = mk.ops.learned_update(p, g.reshape(-1), state, lopt.flat_weights(k), hidden=lopt.hidden,
                                              layers=lopt.layers, hyper=hyper)
+            p = (1 - lr * weight_decay) * p
     return p.view_as(p0)
 
 
-def test_groups_with_their_own_lr_are_not_packed_together():
-    """Small tensors in groups of different lr step in separate calls, each with its group's lr: the fused
-    op's result with step_mult * lr, tensor by tensor."""
+def test_groups_with_their_own_rates_are_not_packed_together():
+    """Small tensors in groups of different lr or weight_decay step in separate calls, each with its
+    group's rates: the fused op's result with step_mult * lr, then the decay, tensor by tensor."""
     gen = torch.Generator().manual_seed(4)
-    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (6, 9, 4)]
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (6, 9, 4, 5)]
     grads = [[0.1 * torch.randn(p.shape, generator=gen) for p in params] for _ in range(3)]
     initial = [p.detach().clone() for p in params]
     lopt = mk.LearnedOptimizer(hidden=4, layers=2, seed=0)
-    opt = lopt.optimizer([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}])
+    opt = lopt.optimizer([{"params": params[:2]}, {"params": params[2:3], "lr": 0.5},
+                          {"params": params[3:], "weight_decay": 0.1}])
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         opt.step()
-    for i, (p, lr) in enumerate(zip(params, (1.0, 1.0, 0.5))):
-        torch.testing.assert_close(p.detach(), _op_steps(lopt, initial[i], [gs[i] for gs in grads], lr))
+    for i, (p, rates) in enumerate(zip(params, [(1.0, 0.0), (1.0, 0.0), (0.5, 0.0), (1.0, 0.1)])):
+        torch.testing.assert_close(p.detach(), _op_steps(lopt, initial[i], [gs[i] for gs in grads], *rates))
 
 
 def test_lr_schedulers_drive_the_step():
@@ -308,8 +314,9 @@ def test_lr_schedulers_drive_the_step():
     assert opt.param_groups[0]["lr"] == 0.25
 
 
-def test_state_dict_from_before_groups_had_an_lr_loads():
-    """A state_dict whose groups have no lr (saved before the optimizer had one) loads with the default."""
+def test_state_dict_from_before_groups_had_rates_loads():
+    """A state_dict whose groups have no lr or weight_decay (saved before the optimizer had them) loads
+    with this optimizer's defaults."""
     w = torch.nn.Parameter(torch.randn(5))
     lopt = mk.LearnedOptimizer(hidden=4, layers=1, seed=0)
     opt = lopt.optimizer([w])
@@ -317,28 +324,31 @@ def test_state_dict_from_before_groups_had_an_lr_loads():
     opt.step()
     saved = opt.state_dict()
     for group in saved["param_groups"]:
-        del group["lr"]
-    resumed = lopt.optimizer([torch.nn.Parameter(w.detach().clone())], lr=0.5)
+        del group["lr"], group["weight_decay"]
+    resumed = lopt.optimizer([torch.nn.Parameter(w.detach().clone())], lr=0.5, weight_decay=0.1)
     resumed.load_state_dict(saved)
-    assert resumed.param_groups[0]["lr"] == 0.5 and resumed.state[resumed.param_groups[0]["params"][0]]["step"] == 1
+    group = resumed.param_groups[0]
+    assert group["lr"] == 0.5 and group["weight_decay"] == 0.1 and resumed.state[group["params"][0]]["step"] == 1
+    resumed.step()
 
 
-@pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf"), "fast", torch.ones(2)], ids=repr)
-def test_bad_lr_is_refused_where_it_is_set(lr):
-    """A negative, non-finite or non-numeric lr: at construction, in add_param_group (the group is not
-    added), and at step when set on a group afterwards (nothing is updated)."""
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), "fast", torch.ones(2)], ids=repr)
+@pytest.mark.parametrize("key", ["lr", "weight_decay"])
+def test_bad_rates_are_refused_where_they_are_set(key, value):
+    """A negative, non-finite or non-numeric lr or weight_decay: at construction, in add_param_group (the
+    group is not added), and at step when set on a group afterwards (nothing is updated)."""
     lopt = mk.LearnedOptimizer(hidden=4, layers=1, seed=0)
     w = torch.nn.Parameter(torch.randn(5))
-    with pytest.raises(ValueError, match="argument 'lr' must be a finite number >= 0"):
-        lopt.optimizer([w], lr=lr)
+    with pytest.raises(ValueError, match=f"argument '{key}' must be a finite number >= 0"):
+        lopt.optimizer([w], **{key: value})
     opt = lopt.optimizer([w])
-    with pytest.raises(ValueError, match="parameter group 1's lr must be a finite number >= 0"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "lr": lr})
+    with pytest.raises(ValueError, match=f"parameter group 1's {key} must be a finite number >= 0"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], key: value})
     assert len(opt.param_groups) == 1
-    opt.param_groups[0]["lr"] = lr
+    opt.param_groups[0][key] = value
     w.grad = torch.ones(5)
     w0 = w.detach().clone()
-    with pytest.raises(ValueError, match="parameter group 0's lr"):
+    with pytest.raises(ValueError, match=f"parameter group 0's {key}"):
         opt.step()
     assert torch.equal(w.detach(), w0) and not opt.state
 
