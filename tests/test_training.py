@@ -151,6 +151,20 @@ def test_cli_bad_arguments_exit_2_with_the_reason(tmp_path, args, message):
     assert "Traceback" not in done.stderr
 
 
+def test_every_command_line_option_says_what_it_is():
+    """Each option of train and bench has a help text (argparse otherwise prints a bare name)."""
+    import argparse
+
+    from metakernels.cli import bench, train
+
+    commands = argparse.ArgumentParser().add_subparsers()
+    train.add_parser(commands)
+    bench.add_parser(commands)
+    bare = [f"{name} {action.option_strings[0]}" for name, parser in commands.choices.items()
+            for action in parser._actions if action.option_strings and not (action.help or "").strip()]
+    assert not bare, f"options without help: {bare}"
+
+
 def test_too_small_data_names_the_folder_and_domain(tmp_path, text_folder):
     with pytest.raises(DataError, match=f"{text_folder}: [0-9] domain\\(s\\) are too small for 200 support"):
         run(TrainConfig(**{**TINY, "n_support": 200}, data=text_folder), progress=False, log=lambda *a: None)

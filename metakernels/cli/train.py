@@ -20,12 +20,18 @@ _HELP = {
     "inner_lr": "MAML's inner SGD rate (Meta-SGD's initial rates)",
     "meta_lr": "Adam rate of the meta-learners and of pretraining",
     "lopt_meta_lr": "Adam rate of the learned optimizer's MLP",
+    "d_model": "width of the built-in transformer (a multiple of --n-heads)",
+    "n_heads": "attention heads per layer",
+    "n_layers": "transformer blocks",
     "seq_len": "characters predicted per LM chunk; text length cap for classification",
     "n_support": "support chunks per LM task; shots per class for classification",
     "n_query": "query chunks per LM task; query texts per class for classification",
     "n_way": "classes per episode (classification)",
     "eval_tasks": "meta-test tasks in the final table",
     "val_tasks": "meta-validation tasks (baselines' rates, learning curves)",
+    "val_every": "meta-steps between validation losses (the learning curves)",
+    "checkpoint_every": "meta-steps between checkpoints (--resume continues from the last)",
+    "seed": "seed of the initialisation, the task sampling and every step's randomness",
 }
 
 
@@ -46,7 +52,7 @@ def add_parser(commands) -> None:
                        default=getattr(defaults, field.name), help=_HELP.get(field.name, " "))
     p.add_argument("--out", default="runs/train", help="output folder: metrics.json, curves.png, checkpoint.mk")
     p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, torch's own number when not given")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=main)
 
