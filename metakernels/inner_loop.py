@@ -40,6 +40,8 @@ class InnerOptimizer:
     def __post_init__(self):
         if self.name not in INNER_OPTIMIZERS:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {self.name!r}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
 
     def initial_state(self, P: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         zeros = torch.zeros(P, dtype=like.dtype, device=like.device)

@@ -28,6 +28,7 @@ also when an unroll raises.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -59,8 +60,8 @@ class ESEstimator:
                  persistent: bool = False, seed: int | None = None):
         if not isinstance(trainer, LearnedOptimizerTrainer):
             raise TypeError(f"trainer must be a LearnedOptimizerTrainer, got {type(trainer).__name__}")
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
+            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
         if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
             raise ValueError(f"pairs must be an int >= 1, got {pairs!r}")
         self.trainer = trainer

@@ -18,6 +18,7 @@ not meta-trained.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -139,6 +140,7 @@ class LearnedOptimizerTrainer:
         if step_weights is None:
             return [1.0] * steps
         weights = [float(w) for w in step_weights]
-        if len(weights) != steps or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"step_weights must be {steps} non-negative numbers with a positive sum, got {weights}")
+        if len(weights) != steps or not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"step_weights must be {steps} finite non-negative numbers with a positive sum, "
+                             f"got {weights}")
         return weights

@@ -122,8 +122,9 @@ def test_unroll_bad_input():
         trainer.unroll(lm_loss, batches, 2, meta_loss="query")
     with pytest.raises(ValueError, match="tasks"):
         trainer.unroll(lm_loss, batches, 2, meta_loss="query", query=_batches(3, 1)[0])
-    with pytest.raises(ValueError, match="step_weights"):
-        trainer.unroll(lm_loss, batches, 2, step_weights=[1.0])
+    for bad in ([1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")], [float("inf"), 1.0]):
+        with pytest.raises(ValueError, match="step_weights must be 2 finite non-negative numbers"):
+            trainer.unroll(lm_loss, batches, 2, step_weights=bad)
     with pytest.raises(TypeError, match="LearnedOptimizer"):
         mk.LearnedOptimizerTrainer(object(), model)
 

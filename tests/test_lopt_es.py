@@ -163,9 +163,11 @@ def test_persistent_particles_are_kept_when_an_unroll_raises():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(sigma=0.0), "sigma must be a positive number"),
-    (dict(sigma=-1.0), "sigma must be a positive number"),
-    (dict(sigma=True), "sigma must be a positive number"),
+    (dict(sigma=0.0), "sigma must be a positive finite number"),
+    (dict(sigma=-1.0), "sigma must be a positive finite number"),
+    (dict(sigma=True), "sigma must be a positive finite number"),
+    (dict(sigma=float("inf")), "sigma must be a positive finite number"),
+    (dict(sigma=float("nan")), "sigma must be a positive finite number"),
     (dict(pairs=0), "pairs must be an int >= 1"),
     (dict(pairs=2.5), "pairs must be an int >= 1"),
 ])

@@ -1,6 +1,7 @@
 """MAML / FOMAML / Meta-SGD / subset adaptation against the sequential create_graph oracle, in float64,
 on a causal transformer LM with LayerNorm, multi-head attention, token and position embeddings, GELU
 and a vocabulary head."""
+import re
 import warnings
 
 import pytest
@@ -221,6 +222,25 @@ def test_bad_input_is_explained(bad, exc, words):
         mk.MAML(model, vectorize=False)(loss_fn, support, query)
     for w in words:
         assert w in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    ({"inner_steps": -1}, ValueError, "inner_steps must be an int >= 0, got -1"),
+    ({"inner_steps": 1.5}, ValueError, "inner_steps must be an int >= 0, got 1.5"),
+    ({"memory": "tiny"}, ValueError, "memory must be one of ('fast', 'low'), got 'tiny'"),
+    ({"task_chunk": 0}, ValueError, "task_chunk must be a positive int or None, got 0"),
+    ({"nan_policy": "warn"}, ValueError, "nan_policy must be one of"),
+    ({"inner_optimizer": "rmsprop"}, ValueError, "inner_optimizer must be one of ('sgd', 'momentum', 'adam')"),
+    ({"inner_optimizer": "adam", "betas": (0.9, 0.99, 0.9)}, ValueError, "betas must be a pair"),
+    ({"model": "not a module"}, TypeError, "model must be an nn.Module, got str"),
+    ({"learn_lr": "row"}, ValueError, "learn_lr must be one of ('parameter', 'tensor', 'scalar'), got 'row'"),
+], ids=lambda v: str(v)[:40] if isinstance(v, dict) else None)
+def test_bad_settings_are_refused_when_constructed(kwargs, exc, message):
+    """Each setting of MAML / MetaSGD is checked at construction, naming the setting and the value."""
+    kwargs = {"model": _model(), **kwargs}
+    cls = mk.MetaSGD if "learn_lr" in kwargs else mk.MAML
+    with pytest.raises(exc, match=re.escape(message)):
+        cls(kwargs.pop("model"), **kwargs)
 
 
 class _ScaleByDataSign(torch.nn.Module):
