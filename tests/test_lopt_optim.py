@@ -1,6 +1,7 @@
 """The torch.optim.Optimizer of a learned rule (``lopt.optimizer(params)``, metakernels/lopt_optim.py): its
 step against the fused op, state_dict round trips, NaN policies, packed small tensors, in-place writes, the
 per-group learning rate that LR schedulers drive and weight decay, and bad input."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -213,6 +214,19 @@ def test_many_tensor_step_benchmark_runs():
     assert len(rows) == 2 and "GPT d=64 x2, V=512" in done.stdout
 
 
+def _op_steps(lopt, p0, grads, lr, weight_decay=0.0):
+    """The oracle of the optimizer with lr and weight_decay: the fused op with step_mult * lr, then the
+    decay, one tensor, step by step."""
+    hyper = dataclasses.replace(lopt.hyper, step_mult=lopt.hyper.step_mult * lr)
+    p, state = p0.reshape(-1), lopt.initial_state(p0.reshape(-1))
+    with torch.no_grad():
+        for k, g in enumerate(grads):
+            p, state = mk.ops.learned_update(p, g.reshape(-1), state, lopt.flat_weights(k), hidden=lopt.hidden,
+                                             layers=lopt.layers, hyper=hyper)
+            p = (1 - lr * weight_decay) * p
+    return p.view_as(p0)
+
+
 def _one_step(lopt, p0, g, **rates):
     p = torch.nn.Parameter(p0.clone())
     opt = lopt.optimizer([p], **rates)
@@ -234,29 +248,11 @@ def test_lr_multiplies_the_learned_update_and_weight_decay_follows(shape):
     assert not torch.equal(unit, p0)
     for lr, weight_decay in ((0.0, 0.0), (0.25, 0.0), (3.0, 0.0), (1.0, 0.01), (0.5, 0.2), (0.0, 0.3)):
         stepped, state = _one_step(lopt, p0, g, lr=lr, weight_decay=weight_decay)
-        hyper = mk.ops.LoptHyper(step_mult=lopt.hyper.step_mult * lr)
-        with torch.no_grad():
-            want, _ = mk.ops.learned_update(p0.reshape(-1), g.reshape(-1), lopt.initial_state(p0.reshape(-1)),
-                                            lopt.flat_weights(0), hidden=8, layers=2, hyper=hyper)
-        want = (1 - lr * weight_decay) * want.view_as(p0)
-        torch.testing.assert_close(stepped, want, rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(stepped, _op_steps(lopt, p0, [g], lr, weight_decay), rtol=1e-14, atol=1e-15)
         if weight_decay == 0:
             torch.testing.assert_close(stepped - p0, lr * (unit - p0), rtol=1e-12, atol=1e-15)
         assert state["step"] == unit_state["step"] == 1
         assert torch.equal(state["lopt_state"], unit_state["lopt_state"])
-
-
-def _op_steps(lopt, p0, grads, lr, weight_decay=0.0):
-    """The oracle of the optimizer with lr and weight_decay: the fused op with step_mult * lr, then the
-    decay, one tensor, step by step."""
-    hyper = mk.ops.LoptHyper(step_mult=lopt.hyper.step_mult * lr)
-    p, state = p0.reshape(-1), lopt.initial_state(p0.reshape(-1))
-    with torch.no_grad():
-        for k, g in enumerate(grads):
-            p, state = mk.ops.learned_update(p, g.reshape(-1), state, lopt.flat_weights(k), hidden=lopt.hidden,
-                                             layers=lopt.layers, hyper=hyper)
-            p = (1 - lr * weight_decay) * p
-    return p.view_as(p0)
 
 
 def test_groups_with_their_own_rates_are_not_packed_together():
