@@ -130,15 +130,18 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
         return loss
 
     def _plan(self):
-        """Checks every gradient and group's rates (nothing is updated before all pass) and returns the fused
-        calls to make: (params, their gradients joined, rates), small tensors packed by step count, dtype,
-        device and rates."""
+        """Checks every gradient (layout, dtype, finiteness) and group's rates (nothing is updated before all
+        pass) and returns the fused calls to make: (params, their gradients joined, rates), small tensors
+        packed by step count, dtype, device and rates."""
         small, calls = {}, []
         for index, p, rates in self._named_params():
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"learned optimizer: parameter {index} has a sparse gradient, which is not supported")
+            if p.grad.dtype != p.dtype:  # possible where the parameter's grad_dtype was set to None
+                raise TypeError(f"learned optimizer: the gradient of parameter {index} (shape {list(p.shape)}) has "
+                                f"dtype {p.grad.dtype}, expected the parameter's {p.dtype}; nothing was updated")
             state = self.state.get(p)  # no entry yet for a parameter that has not been stepped
             step = int(state["step"]) if state else 0
             if 0 < p.numel() <= PACK_UP_TO:

@@ -374,6 +374,24 @@ def test_non_floating_parameters_are_refused():
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("size", [100, 100_000], ids=["packed", "alone"])
+def test_a_gradient_of_another_dtype_is_refused_before_anything_is_updated(size):
+    """A bfloat16 parameter whose grad_dtype was set to None may hold a float32 gradient: the step names it
+    before stepping the parameters ahead of it (the fused op's own error came after them, mid-step)."""
+    lopt = mk.LearnedOptimizer(hidden=4, layers=1, seed=0)
+    first = torch.nn.Parameter(torch.randn(100_000))
+    first.grad = torch.randn(100_000)
+    low = torch.nn.Parameter(torch.randn(size, dtype=torch.bfloat16))
+    low.grad_dtype = None
+    low.grad = torch.randn(size)
+    opt = lopt.optimizer([first, low])
+    first_before = first.detach().clone()
+    with pytest.raises(TypeError, match=rf"gradient of parameter 1 \(shape \[{size}\]\) has dtype torch.float32, "
+                                        r"expected the parameter's torch.bfloat16"):
+        opt.step()
+    assert torch.equal(first.detach(), first_before) and not opt.state
+
+
 def test_the_step_under_torch_compile_equals_eager():
     """torch.compile(opt.step), as compiled training loops wrap it: the same parameters and state, bit for
     bit, as the eager step, over three steps with an lr and a weight decay (Dynamo breaks the graph at the
