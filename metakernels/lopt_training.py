@@ -18,6 +18,7 @@ not meta-trained.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -72,13 +73,44 @@ class LearnedOptimizerTrainer:
         self.nan_policy = nan_policy
 
     def initial_state(self, num_tasks: int, init: torch.Tensor | None = None) -> UnrollState:
-        """Start of an unroll: ``init`` ([P] or [T, P]) or the model's parameters, zero optimizer state."""
-        start = self.layout.flatten().detach() if init is None else init.detach()
+        """Start of an unroll: ``init`` ([P] or [T, P], the adapted parameters' dtype and device) or the
+        model's parameters, zero optimizer state."""
         P = self.layout.numel
+        if init is None:
+            start = self.layout.flatten().detach()
+        else:
+            if not isinstance(init, torch.Tensor):
+                raise TypeError(f"init must be a tensor [{P}] or [{num_tasks}, {P}], got {type(init).__name__}")
+            self._check_like_model("init", init)
+            start = init.detach()
         if start.shape not in ((P,), (num_tasks, P)):
             raise ValueError(f"init must be [{P}] or [{num_tasks}, {P}], got {list(start.shape)}")
         fast = start.expand(num_tasks, P).clone()
         return UnrollState(fast, self.lopt.initial_state(fast), 0)
+
+    def _check_like_model(self, name: str, tensor: torch.Tensor) -> None:
+        """TypeError unless tensor has the adapted parameters' dtype and device."""
+        params = self.layout.parameters()
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
+        device = params[0].device
+        if tensor.dtype != dtype or tensor.device != device:
+            raise TypeError(f"{name} is {tensor.dtype} on {tensor.device}; the model's adapted parameters are "
+                            f"{dtype} on {device}")
+
+    def _check_state(self, state, T: int) -> None:
+        """A clear error unless ``state`` continues an unroll of this trainer's model on T tasks."""
+        if not isinstance(state, UnrollState):
+            raise TypeError(f"state must be an UnrollState (the state of an earlier unroll), got {type(state).__name__}")
+        P = self.layout.numel
+        if tuple(state.fast.shape) != (T, P):
+            raise ValueError(f"state.fast must be [{T}, {P}] ({T} tasks, this model's {P} adapted parameters), "
+                             f"got {list(state.fast.shape)}")
+        if tuple(state.opt_state.shape) != (4, T, P):
+            raise ValueError(f"state.opt_state must be [4, {T}, {P}], got {list(state.opt_state.shape)}")
+        self._check_like_model("state.fast", state.fast)
+        self._check_like_model("state.opt_state", state.opt_state)
+        if isinstance(state.step, bool) or not isinstance(state.step, int) or state.step < 0:
+            raise ValueError(f"state.step must be an int >= 0, got {state.step!r}")
 
     def unroll(self, loss_fn, support, steps: int, *, state: UnrollState | None = None, query=None,
                meta_loss: str = "inner", step_weights=None, track_meta_gradient: bool = True) -> UnrollResult:
@@ -93,15 +125,22 @@ class LearnedOptimizerTrainer:
             raise ValueError(f"support is a list of {len(support)} batches; expected one per step ({steps})")
         batches = support if per_step else [support] * steps
         T = task_count(batches[0], "support")
+        for k, batch in enumerate(batches[1:], start=1):
+            if task_count(batch, f"support[{k}]") != T:
+                raise ValueError(f"support[{k}] has T={task_count(batch, f'support[{k}]')} tasks, support[0] has T={T}")
         if meta_loss == "query":
             if query is None:
                 raise ValueError("meta_loss='query' needs a query batch")
             if task_count(query, "query") != T:
                 raise ValueError(f"query has T={task_count(query, 'query')} tasks, support has T={T}")
+        elif query is not None:
+            raise ValueError("query is given but meta_loss='inner' does not use it; pass meta_loss='query' to "
+                             "take the meta-loss on the query batch")
         weights = self._step_weights(step_weights, steps)
-        state = self.initial_state(T) if state is None else state
-        if state.fast.shape[0] != T:
-            raise ValueError(f"state is for {state.fast.shape[0]} tasks, the batch has {T}")
+        if state is None:
+            state = self.initial_state(T)
+        else:
+            self._check_state(state, T)
         create_graph = track_meta_gradient and not self.first_order
         fast, opt_state = state.fast, state.opt_state
         history, terms = [], []

@@ -129,6 +129,37 @@ def test_unroll_bad_input():
         mk.LearnedOptimizerTrainer(object(), model)
 
 
+def test_unroll_refuses_a_state_init_or_batches_that_do_not_fit():
+    """What an unroll starts from, and the batches beside it, are checked before any step runs: a state from
+    another model, task count, dtype or a bad step; an init of another dtype; per-step batches with another
+    task count; a query batch that meta_loss='inner' would silently ignore."""
+    model, lopt = _model(), _lopt()
+    trainer = mk.LearnedOptimizerTrainer(lopt, model)
+    batches = _batches(2, 2)
+    P = trainer.layout.numel
+    good = trainer.unroll(lm_loss, batches, 2, track_meta_gradient=False).state
+    other_model = mk.LearnedOptimizerTrainer(lopt, torch.nn.Linear(3, 2).double()).initial_state(2)
+    bad_states = {
+        rf"state.fast must be \[2, {P}\].*got \[2, 8\]": other_model,
+        rf"state.fast must be \[2, {P}\].*got \[3, {P}\]": trainer.initial_state(3),
+        rf"state.opt_state must be \[4, 2, {P}\], got \[3, 2, {P}\]":
+            mk.lopt_training.UnrollState(good.fast, good.opt_state[:3], good.step),
+        "state.fast is torch.float32 on cpu; the model's adapted parameters are torch.float64 on cpu":
+            mk.lopt_training.UnrollState(good.fast.float(), good.opt_state, good.step),
+        "state.step must be an int >= 0, got -1": mk.lopt_training.UnrollState(good.fast, good.opt_state, -1),
+        "state must be an UnrollState": (good.fast, good.opt_state, good.step),
+    }
+    for message, state in bad_states.items():
+        with pytest.raises((TypeError, ValueError), match=message):
+            trainer.unroll(lm_loss, batches, 2, state=state)
+    with pytest.raises(TypeError, match="init is torch.float32 on cpu; the model's adapted parameters are torch.float64"):
+        trainer.initial_state(2, init=torch.zeros(P))
+    with pytest.raises(ValueError, match=r"support\[1\] has T=3 tasks, support\[0\] has T=2"):
+        trainer.unroll(lm_loss, [batches[0], _batches(3, 1)[0]], 2)
+    with pytest.raises(ValueError, match="meta_loss='inner' does not use it"):
+        trainer.unroll(lm_loss, batches, 2, query=_batches(2, 1)[0])
+
+
 def test_nan_inner_loss_names_task_and_step():
     model, lopt = _model(), _lopt()
     trainer = mk.LearnedOptimizerTrainer(lopt, model)
