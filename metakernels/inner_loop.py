@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from . import ops
 from .layout import ParamLayout
+from .ops._checks import require_number
 from .ops.linear import TaskLinearMode
 from .saved_views import saved_as_copies, storage_held_only_by
 from .tasks import select_tasks
@@ -42,6 +43,10 @@ class InnerOptimizer:
             raise ValueError(f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {self.name!r}")
         if len(self.betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        require_number("MAML", "momentum", self.momentum, low=0.0)
+        for name, beta in zip(("beta1", "beta2"), self.betas):
+            require_number("MAML", name, beta, low=0.0, high=1.0, high_open=True)
+        require_number("MAML", "eps", self.eps, low=0.0)
 
     def initial_state(self, P: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         zeros = torch.zeros(P, dtype=like.dtype, device=like.device)

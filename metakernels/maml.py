@@ -19,6 +19,7 @@ from ._autograd import cached_signature
 from .inner_loop import NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, run_inner_loop
 from .layout import AdaptSpec, ParamLayout
 from .nn import fuse_layers
+from .ops._checks import require_number
 from .reverse_sweep import add_optional, chunk_meta_gradients
 from .saved_views import saved_as_copies
 from .tasks import select_tasks, task_count
@@ -70,12 +71,30 @@ class AdaptedModel:
             return self._evaluator.losses(loss_fn, self.fast, batch, T)
 
 
+def _check_inner_lr(inner_lr, P: int) -> None:
+    """A clear error unless inner_lr is a finite number >= 0, or a floating-point tensor of such rates
+    shaped as the update ops take it: [] (one rate), [P] (per parameter) or [T, P] (per task)."""
+    if isinstance(inner_lr, torch.Tensor):
+        if not inner_lr.dtype.is_floating_point:
+            raise TypeError(f"MAML: argument 'inner_lr' must be a floating-point tensor, got dtype {inner_lr.dtype}")
+        if inner_lr.dim() > 2 or (inner_lr.dim() > 0 and inner_lr.shape[-1] != P):
+            raise ValueError(f"MAML: argument 'inner_lr' must be a number or a tensor [], [{P}] or [T, {P}] (this "
+                             f"model's {P} adapted parameters), got shape {list(inner_lr.shape)}")
+        with torch.no_grad():
+            valid = bool(torch.isfinite(inner_lr).all() and (inner_lr >= 0).all())
+        if not valid:
+            raise ValueError("MAML: argument 'inner_lr' must hold finite rates >= 0; this tensor has a NaN, Inf "
+                             "or negative one")
+    else:
+        require_number("MAML", "inner_lr", inner_lr, low=0.0)
+
+
 class MAML(nn.Module):
     """Model-agnostic meta-learning over a batch of tasks.
 
     Args:
         model: any nn.Module; its parameters with requires_grad=False never adapt.
-        inner_lr: inner learning rate (a number).
+        inner_lr: inner learning rate: a number >= 0, or a tensor [] / [P] / [T, P] of rates.
         inner_steps: K, the number of inner updates.
         first_order: drop the second-order terms (FOMAML).
         inner_optimizer: "sgd" (default), "momentum" or "adam", run by the fused update ops;
@@ -125,6 +144,7 @@ class MAML(nn.Module):
         self.task_chunk = task_chunk
         self.nan_policy = nan_policy
         self.layout = ParamLayout(model, adapt)
+        _check_inner_lr(inner_lr, self.layout.numel)
         self._evaluator = TaskBatchedModel(model, self.layout, vectorize)
         self._second_order_checked = False
 

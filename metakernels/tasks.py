@@ -19,6 +19,8 @@ def task_count(batch, name: str) -> int:
             raise ValueError(f"'{name}' leaf {i} is a 0-d tensor; every tensor needs a leading task dimension T")
         if T is None:
             T = leaf.shape[0]
+            if T == 0:
+                raise ValueError(f"'{name}' leaf 0 has shape {list(leaf.shape)}: no tasks; a task batch needs T >= 1")
         elif leaf.shape[0] != T:
             raise ValueError(
                 f"'{name}' leaves disagree on the task count: leaf 0 has T={T}, leaf {i} has shape {list(leaf.shape)}"

@@ -202,6 +202,7 @@ def test_adapt_returns_weights_and_callables():
 
 @pytest.mark.parametrize("bad,exc,words", [
     ("t_mismatch", ValueError, ["support has T=3", "query has T=2"]),
+    ("no_tasks", ValueError, ["'support' leaf 0 has shape [0, 2, 8]: no tasks"]),
     ("no_task_dim", ValueError, ["0-d"]),
     ("non_scalar", ValueError, ["scalar", "[2]"]),
     ("not_tensor", TypeError, ["scalar tensor", "float"]),
@@ -212,6 +213,8 @@ def test_bad_input_is_explained(bad, exc, words):
     loss_fn = lm_loss
     if bad == "t_mismatch":
         query = query[:2]
+    elif bad == "no_tasks":
+        support, query = support[:0], query[:0]
     elif bad == "no_task_dim":
         support = (support, torch.tensor(1.0))
     elif bad == "non_scalar":
@@ -232,6 +235,16 @@ def test_bad_input_is_explained(bad, exc, words):
     ({"nan_policy": "warn"}, ValueError, "nan_policy must be one of"),
     ({"inner_optimizer": "rmsprop"}, ValueError, "inner_optimizer must be one of ('sgd', 'momentum', 'adam')"),
     ({"inner_optimizer": "adam", "betas": (0.9, 0.99, 0.9)}, ValueError, "betas must be a pair"),
+    ({"inner_optimizer": "adam", "betas": (0.9, 1.5)}, ValueError, "argument 'beta2' must be in [0.0, 1.0), got 1.5"),
+    ({"inner_optimizer": "adam", "eps": -1e-8}, ValueError, "argument 'eps' must be in [0.0, inf], got -1e-08"),
+    ({"inner_optimizer": "momentum", "momentum": float("nan")}, ValueError, "argument 'momentum' must be finite"),
+    ({"inner_lr": -0.1}, ValueError, "argument 'inner_lr' must be in [0.0, inf], got -0.1"),
+    ({"inner_lr": float("inf")}, ValueError, "argument 'inner_lr' must be finite, got inf"),
+    ({"inner_lr": "0.1"}, TypeError, "argument 'inner_lr' must be a real number, got str"),
+    ({"inner_lr": torch.tensor([0.1, 0.2])}, ValueError, "argument 'inner_lr' must be a number or a tensor [], ["),
+    ({"inner_lr": torch.tensor([1, 2])}, TypeError, "argument 'inner_lr' must be a floating-point tensor, got dtype torch.int64"),
+    ({"inner_lr": torch.tensor(float("nan"))}, ValueError, "argument 'inner_lr' must hold finite rates >= 0"),
+    ({"inner_lr": -0.1, "learn_lr": "scalar"}, ValueError, "argument 'inner_lr' must be in [0.0, inf], got -0.1"),
     ({"model": "not a module"}, TypeError, "model must be an nn.Module, got str"),
     ({"learn_lr": "row"}, ValueError, "learn_lr must be one of ('parameter', 'tensor', 'scalar'), got 'row'"),
 ], ids=lambda v: str(v)[:40] if isinstance(v, dict) else None)
@@ -241,6 +254,21 @@ def test_bad_settings_are_refused_when_constructed(kwargs, exc, message):
     cls = mk.MetaSGD if "learn_lr" in kwargs else mk.MAML
     with pytest.raises(exc, match=re.escape(message)):
         cls(kwargs.pop("model"), **kwargs)
+
+
+@pytest.mark.parametrize("shape", ["scalar", "per_parameter", "per_task"])
+def test_a_tensor_inner_lr_of_every_accepted_shape_equals_the_number(shape):
+    """inner_lr as a 0-d, [P] or [T, P] tensor of one value gives the number's meta-loss and meta-gradient
+    (the construction check accepts the shapes the update ops take; the number runs the seeded-SGD path)."""
+    support, query = _tasks(3)
+    model = _model()
+    want = mk.MAML(model, inner_lr=0.3, inner_steps=2)(lm_loss, support, query)
+    want_grads = _grads(want, list(model.parameters()))
+    P = sum(p.numel() for p in model.parameters())
+    rate = torch.tensor(0.3, dtype=torch.float64).expand({"scalar": (), "per_parameter": (P,), "per_task": (3, P)}[shape])
+    got = mk.MAML(model, inner_lr=rate, inner_steps=2)(lm_loss, support, query)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    _assert_grads_close(_grads(got, list(model.parameters())), want_grads)
 
 
 class _ScaleByDataSign(torch.nn.Module):
