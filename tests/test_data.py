@@ -67,6 +67,17 @@ def test_lm_sampler_names_domains_too_small():
         LMTaskSampler({"big": "y" * 1000}, n_query=0)
 
 
+def test_samplers_refuse_data_of_the_other_kind():
+    """A labelled-class dict given to the LM sampler, or a domain's text given as a class, is named; the
+    episode sampler would otherwise take each character of a str as one example."""
+    with pytest.raises(DataError, match="domain 'b' is a list; each domain must be one str"):
+        LMTaskSampler({"a": "x" * 1000, "b": ["y" * 1000]})
+    with pytest.raises(DataError, match="class 'a' must be a list of str, one text per example; got str"):
+        EpisodeSampler({"a": "x" * 100, "b": ["y"] * 10}, n_way=2, k_shot=1, n_query=1)
+    with pytest.raises(DataError, match="class 'b' must be a list of str, one text per example; got list holding"):
+        EpisodeSampler({"a": ["x"] * 10, "b": [b"y"] * 10}, n_way=2, k_shot=1, n_query=1)
+
+
 def test_folder_domains(tmp_path):
     (tmp_path / "alpha.txt").write_text("hello " * 10, encoding="utf-8")
     (tmp_path / "beta.txt").write_text("world " * 10, encoding="utf-8")

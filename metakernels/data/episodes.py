@@ -85,6 +85,11 @@ class EpisodeSampler:
                  max_len: int = 48, seed: int = 0):
         check_positive_ints(n_way=n_way, k_shot=k_shot, n_query=n_query, max_len=max_len)
         self.names = sorted(classes)
+        for name in self.names:
+            texts = classes[name]
+            if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+                raise DataError(f"class {name!r} must be a list of str, one text per example; got "
+                                f"{type(texts).__name__}" + ("" if isinstance(texts, str) else " holding other items"))
         if len(self.names) < n_way:
             raise DataError(f"{n_way}-way episodes need at least {n_way} classes, there are {len(self.names)}")
         needed = k_shot + n_query

@@ -38,6 +38,10 @@ class LMTaskSampler:
             raise DataError("no domains to sample tasks from")
         self.n_support, self.n_query, self.seq_len, self.seed = n_support, n_query, seq_len, seed
         self.names = sorted(domains)
+        not_text = [n for n in self.names if not isinstance(domains[n], str)]
+        if not_text:
+            raise DataError(f"domain {not_text[0]!r} is a {type(domains[not_text[0]]).__name__}; each domain must "
+                            "be one str of text (for labelled texts, one list per class, use EpisodeSampler)")
         needed = (n_support + n_query) * (seq_len + 1) + seq_len
         too_small = [(n, len(domains[n])) for n in self.names if len(domains[n]) < needed]
         if too_small:
