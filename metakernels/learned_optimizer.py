@@ -138,12 +138,19 @@ class LearnedOptimizer(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> "LearnedOptimizer":
+        """The learned optimizer saved at ``path``, in the dtype it was saved in, on the device its weights
+        load to (``map_location`` as for ``torch.load``; default: where they were saved from, moved to the
+        cpu by ``save``)."""
         meta, state = load_checked(path, _CHECKPOINT_KIND, map_location=map_location)
+        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{os.fspath(path)}: holds no learned-optimizer weights (expected a dict of tensors)")
         try:
             hyper = LoptHyper(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["hyper"].items()})
             lopt = cls(hidden=meta["hidden"], layers=meta["layers"], hyper=hyper, init=meta["init"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{os.fspath(path)}: invalid learned-optimizer configuration: {exc}") from None
+        first = next(iter(state.values()))
+        lopt.to(device=first.device, dtype=first.dtype)
         try:
             lopt.load_state_dict(state)
         except RuntimeError as exc:

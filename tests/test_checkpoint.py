@@ -28,6 +28,30 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["lopt.mk"]  # no temporary file left behind
 
 
+def test_load_keeps_the_saved_dtype(tmp_path):
+    """A float64 rule comes back float64, bit for bit (loading into a float32 module rounded it)."""
+    lopt = _lopt().double()
+    with torch.no_grad():
+        lopt.w_in.add_(1e-12)  # a difference float32 cannot hold
+    lopt.save(tmp_path / "lopt.mk")
+    loaded = mk.LearnedOptimizer.load(tmp_path / "lopt.mk")
+    for (n, a), (_, b) in zip(lopt.state_dict().items(), loaded.state_dict().items()):
+        assert b.dtype == torch.float64 and torch.equal(a, b), n
+
+
+def test_saving_onto_a_folder_names_it(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder; give the path of a file to write"):
+        _lopt().save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_without_weights_is_refused(tmp_path):
+    path = tmp_path / "lopt.mk"
+    save_checked(path, "metakernels.LearnedOptimizer", [1, 2], meta=_lopt().config())
+    with pytest.raises(mk.CheckpointError, match="holds no learned-optimizer weights"):
+        mk.LearnedOptimizer.load(path)
+
+
 @pytest.mark.parametrize("damage,match", [
     (lambda b: b[:-10], "truncated"),
     (lambda b: b[:-100] + bytes([b[-100] ^ 0xFF]) + b[-99:], "corrupted"),
