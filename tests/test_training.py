@@ -90,7 +90,8 @@ def test_resume_refuses_other_settings_and_run_refuses_to_overwrite(tmp_path, te
 
 @pytest.mark.parametrize("field, value, message", [
     ("algos", ("maml", "adam"), "algos must be distinct names"), ("steps", 0, "steps must be a positive int"),
-    ("task", "vision", "task must be one of"), ("inner_lr", -1.0, "inner_lr must be > 0"),
+    ("task", "vision", "task must be one of"), ("inner_lr", -1.0, "inner_lr must be a finite number > 0"),
+    ("meta_lr", float("inf"), "meta_lr must be a finite number > 0, got inf"),
     ("d_model", 30, "d_model=30 must be divisible by n_heads=4"),
 ])
 def test_config_errors(field, value, message):
@@ -149,6 +150,18 @@ def test_cli_bad_arguments_exit_2_with_the_reason(tmp_path, args, message):
     done = cli("train", *args, "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_cli_an_out_that_cannot_be_a_folder_exits_2_before_training(tmp_path, where):
+    """Named before anything runs (before: a file as --out failed at the first checkpoint, after minutes of
+    training, and a path under a file ended in a traceback)."""
+    (tmp_path / "f").write_text("")
+    out = tmp_path / "f" if where == "a_file" else tmp_path / "f" / "out"
+    done = cli("train", "--out", str(out), cwd=tmp_path)
+    message = "is a file; expected a folder" if where == "a_file" else "cannot create the folder: Not a directory"
+    assert done.returncode == 2 and f"--out {out}" in done.stderr and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "tasks:" not in done.stdout
 
 
 def test_every_command_line_option_says_what_it_is():

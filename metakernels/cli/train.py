@@ -69,6 +69,13 @@ def main(args) -> int:
         config = TrainConfig(**values, algos=tuple(a.strip() for a in args.algo.split(",") if a.strip()))
     except ValueError as e:
         return _fail(str(e))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return _fail(f"--out {args.out} is a file; expected a folder (it receives {METRICS_FILE}, {PLOT_FILE} "
+                     "and the checkpoint)")
+    try:  # now, not at the first checkpoint minutes later
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        return _fail(f"--out {args.out}: cannot create the folder: {e.strerror}")
     process_group = _join_process_group()
     try:
         distributed.local_tasks(config.tasks_per_step)

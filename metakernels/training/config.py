@@ -7,6 +7,7 @@ language-modelling tasks from the standard library's docstrings: T=8 tasks per m
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from ..data.text import check_positive_ints
 
@@ -52,8 +53,8 @@ class TrainConfig:
             "steps", "tasks_per_step", "inner_steps", "d_model", "n_heads", "n_layers", "seq_len", "n_support",
             "n_query", "n_way", "eval_tasks", "val_tasks", "val_every", "checkpoint_every")})
         for name in ("inner_lr", "meta_lr", "lopt_meta_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
