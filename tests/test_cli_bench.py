@@ -42,7 +42,12 @@ def test_bench_runs_a_table_and_saves_it(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--tables", "update,flash"], "--tables takes names from update, layers, lopt, maml, distributed"),
     (["--benchmarks", "/no/such/dir"], "/no/such/dir lacks update_table.py"),
+    (["--out", "f"], "--out f is a file; expected a folder (it receives bench.json and bench.png)"),
+    (["--out", "f/b"], "--out f/b: cannot create the folder: Not a directory"),
 ])
 def test_bench_bad_arguments(tmp_path, args, message):
+    """Each named before any table runs (a bad --out failed only after all of them)."""
+    (tmp_path / "f").write_text("")
     done = bench(*args, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "device:" not in done.stdout

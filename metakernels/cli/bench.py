@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
+from .out_folder import prepare_out_folder
 
 TABLES = {"update": "update_table.py", "layers": "layers_table.py", "lopt": "lopt_table.py", "maml": "maml_table.py",
           "distributed": "distributed_scaling.py"}
@@ -59,6 +60,10 @@ def main(args) -> int:
     if missing:
         print(f"error: {folder} lacks {', '.join(missing)}: bench runs the benchmark scripts of a source checkout "
               "(pass --benchmarks PATH)", file=sys.stderr)
+        return 2
+    problem = prepare_out_folder(args.out, "bench.json and bench.png")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     env_info = environment()
     versions = ", ".join(f"{k} {v}" for k, v in env_info["versions"].items())

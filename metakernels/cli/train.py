@@ -12,6 +12,7 @@ from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..training import ALGORITHMS, TASKS, TrainConfig, run
 from ..training.report import METRICS_FILE, PLOT_FILE, format_table, write_outputs
+from .out_folder import prepare_out_folder
 
 _HELP = {
     "steps": "meta-steps per algorithm, and pretraining steps of the baseline",
@@ -69,13 +70,9 @@ def main(args) -> int:
         config = TrainConfig(**values, algos=tuple(a.strip() for a in args.algo.split(",") if a.strip()))
     except ValueError as e:
         return _fail(str(e))
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return _fail(f"--out {args.out} is a file; expected a folder (it receives {METRICS_FILE}, {PLOT_FILE} "
-                     "and the checkpoint)")
-    try:  # now, not at the first checkpoint minutes later
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        return _fail(f"--out {args.out}: cannot create the folder: {e.strerror}")
+    problem = prepare_out_folder(args.out, f"{METRICS_FILE}, {PLOT_FILE} and the checkpoint")
+    if problem:
+        return _fail(problem)
     process_group = _join_process_group()
     try:
         distributed.local_tasks(config.tasks_per_step)
