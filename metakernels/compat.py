@@ -23,27 +23,29 @@ from .layout import ParamLayout
 
 
 class _Learner(nn.Module):
-    """One task's clone: the model called with its own (differentiable) copy of the parameters."""
+    """One task's clone: the model called with its own (differentiable) copy of the parameters, and its own
+    settings (learn2learn's clone is a MAML of its own: changing them on one clone leaves the others)."""
 
-    def __init__(self, owner: "MAML", params: dict[str, torch.Tensor]):
+    def __init__(self, owner: "MAML", params: dict[str, torch.Tensor], first_order: bool, allow_unused: bool,
+                 allow_nograd: bool):
         super().__init__()
         object.__setattr__(self, "_owner", owner)  # not a submodule: keeps owner's parameters single
         self._fast = params
+        self.first_order, self.allow_unused, self.allow_nograd = first_order, allow_unused, allow_nograd
 
     def forward(self, *args, **kwargs):
         return functional_call(self._owner.module, self._fast, args, kwargs)
 
-    def clone(self) -> "_Learner":
-        return _Learner(self._owner, dict(self._fast))
+    def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> "_Learner":
+        """A copy of this clone's current parameters; unset settings are this clone's."""
+        return _Learner(self._owner, dict(self._fast), *_settings(self, first_order, allow_unused, allow_nograd))
 
     def adapt(self, loss: torch.Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> None:
         """One inner step in place: params <- params - lr * d loss / d params."""
+        first_order, allow_unused, allow_nograd = _settings(self, first_order, allow_unused, allow_nograd)
         owner = self._owner
-        first_order = owner.first_order if first_order is None else first_order
-        allow_nograd = owner.allow_nograd if allow_nograd is None else allow_nograd
-        allow_unused = owner.allow_unused if allow_unused is None else allow_unused
-        allow_unused = allow_nograd if allow_unused is None else allow_unused
         frozen = [n for n, p in owner.module.named_parameters() if not p.requires_grad]
         if frozen and not allow_nograd:
             raise ValueError(
@@ -58,6 +60,13 @@ class _Learner(nn.Module):
         self._fast.update(layout.unflatten(updated))
 
 
+def _settings(holder, first_order, allow_unused, allow_nograd) -> tuple[bool, bool, bool]:
+    """(first_order, allow_unused, allow_nograd): each argument given, else holder's."""
+    return (holder.first_order if first_order is None else first_order,
+            holder.allow_unused if allow_unused is None else allow_unused,
+            holder.allow_nograd if allow_nograd is None else allow_nograd)
+
+
 class MAML(nn.Module):
     """learn2learn.algorithms.MAML(model, lr, first_order=False, allow_unused=None, allow_nograd=False)."""
 
@@ -67,7 +76,7 @@ class MAML(nn.Module):
         self.module = model
         self.lr = lr
         self.first_order = first_order
-        self.allow_unused = allow_unused
+        self.allow_unused = allow_nograd if allow_unused is None else allow_unused  # learn2learn's default
         self.allow_nograd = allow_nograd
 
     def forward(self, *args, **kwargs):
@@ -76,10 +85,11 @@ class MAML(nn.Module):
     def rate(self, layout: ParamLayout):
         return self.lr
 
-    def clone(self, first_order: bool | None = None) -> _Learner:
-        if first_order is not None:
-            self.first_order = first_order
-        return _Learner(self, dict(self.module.named_parameters()))
+    def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> _Learner:
+        """A clone for one task; unset settings are this MAML's (which the arguments do not change)."""
+        return _Learner(self, dict(self.module.named_parameters()),
+                        *_settings(self, first_order, allow_unused, allow_nograd))
 
 
 class MetaSGD(MAML):

@@ -59,6 +59,33 @@ def test_compat_frozen_parameters_need_allow_nograd():
     assert learner._fast["tok.weight"] is model.tok.weight
 
 
+def test_clone_settings_belong_to_the_clone():
+    """learn2learn's clone(first_order, allow_unused, allow_nograd) sets them for that clone (and its own
+    clones) only: a first-order clone does not turn the next clone first order (it did, through the parent)."""
+    model = _model()
+    support, query = _tasks(1)
+    params = list(model.parameters())
+
+    def meta_grads(learner):
+        learner.adapt(lm_loss(learner, support[0]))
+        return _grads(lm_loss(learner, query[0]), params)
+
+    maml = compat.MAML(model, lr=0.3)
+    first = meta_grads(maml.clone(first_order=True))
+    second = meta_grads(maml.clone())
+    assert maml.first_order is False
+    _assert_grads_close(first, meta_grads(compat.MAML(model, lr=0.3, first_order=True).clone()))
+    _assert_grads_close(second, meta_grads(compat.MAML(model, lr=0.3).clone()))
+    assert not all(torch.allclose(a, b) for a, b in zip(first, second))
+    _assert_grads_close(meta_grads(maml.clone(first_order=True).clone()), first)  # a clone's clone inherits
+    model.tok.weight.requires_grad_(False)
+    learner = maml.clone(allow_nograd=True)
+    learner.adapt(lm_loss(learner, support[0]))
+    with pytest.raises(ValueError, match="allow_nograd=True"):
+        learner = maml.clone()
+        learner.adapt(lm_loss(learner, support[0]))
+
+
 def test_matches_learn2learn_when_installed():
     l2l = pytest.importorskip("learn2learn", reason="learn2learn 0.2 does not build on Python 3.11 (see TOOLCHAIN.md)")
     model = _model()
