@@ -310,6 +310,34 @@ def test_lr_schedulers_drive_the_step():
     assert opt.param_groups[0]["lr"] == 0.25
 
 
+@pytest.mark.parametrize("make", [
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2.0, total_steps=6, cycle_momentum=False),
+    lambda opt: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=4),
+    lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=2),
+                                                            torch.optim.lr_scheduler.CosineAnnealingLR(opt, 3)], [2]),
+], ids=["one_cycle", "warm_restarts", "sequential"])
+def test_other_schedulers_step_as_their_lr_set_by_hand(make):
+    """The schedulers the README names (OneCycleLR with cycle_momentum=False, as the rule has no momentum
+    setting), each stepping exactly as its lr values set by hand."""
+    gen = torch.Generator().manual_seed(8)
+    lopt = mk.LearnedOptimizer(hidden=4, layers=1, seed=0)
+    w0 = torch.randn(50, generator=gen)
+    w, by_hand = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt, opt_by_hand = lopt.optimizer([w]), lopt.optimizer([by_hand])
+    sched = make(opt)
+    rates = set()
+    for _ in range(5):
+        rate = opt.param_groups[0]["lr"]
+        rates.add(rate)
+        opt_by_hand.param_groups[0]["lr"] = rate
+        g = torch.randn(50, generator=gen)
+        w.grad, by_hand.grad = g.clone(), g.clone()
+        opt.step()
+        opt_by_hand.step()
+        sched.step()
+    assert torch.equal(w.detach(), by_hand.detach()) and len(rates) >= 3
+
+
 def test_state_dict_from_before_groups_had_rates_loads():
     """A state_dict whose groups have no lr or weight_decay (saved before the optimizer had them) loads
     with this optimizer's defaults."""
