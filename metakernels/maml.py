@@ -54,12 +54,14 @@ class AdaptedModel:
 
     def params(self, task: int) -> dict[str, torch.Tensor]:
         """The adapted parameters of one task, by name (the others are the model's own)."""
+        if isinstance(task, bool) or not isinstance(task, int):
+            raise TypeError(f"task must be an int in [0, {self.num_tasks}), got {type(task).__name__}")
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} is out of range for {self.num_tasks} adapted tasks")
         return self._evaluator.layout.unflatten(self.fast[task])
 
     def task(self, task: int):
         """The model bound to task ``task``'s weights: call it like the model."""
-        if not 0 <= task < self.num_tasks:
-            raise IndexError(f"task {task} is out of range for {self.num_tasks} adapted tasks")
         return self._evaluator.bind(self.params(task))
 
     def losses(self, loss_fn, batch) -> torch.Tensor:
