@@ -12,6 +12,8 @@ gradients (Hessian-vector products); first order treats them as constants.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -54,11 +56,15 @@ class AdaptedModel:
 
     def params(self, task: int) -> dict[str, torch.Tensor]:
         """The adapted parameters of one task, by name (the others are the model's own)."""
-        if isinstance(task, bool) or not isinstance(task, int):
-            raise TypeError(f"task must be an int in [0, {self.num_tasks}), got {type(task).__name__}")
-        if not 0 <= task < self.num_tasks:
-            raise IndexError(f"task {task} is out of range for {self.num_tasks} adapted tasks")
-        return self._evaluator.layout.unflatten(self.fast[task])
+        try:
+            index = operator.index(task)  # ints, numpy ints, integer 0-d tensors
+        except TypeError:
+            index = None
+        if index is None or isinstance(task, bool):
+            raise TypeError(f"task must be an int in [0, {self.num_tasks}), got {type(task).__name__}") from None
+        if not 0 <= index < self.num_tasks:
+            raise IndexError(f"task {index} is out of range for {self.num_tasks} adapted tasks")
+        return self._evaluator.layout.unflatten(self.fast[index])
 
     def task(self, task: int):
         """The model bound to task ``task``'s weights: call it like the model."""
