@@ -1,5 +1,7 @@
 """The fused learned-optimizer step on every backend against the float64 reference: values, the fused
 backward, gradcheck / gradgradcheck, determinism, the [P] form, and bad input."""
+import re
+
 import pytest
 import torch
 
@@ -241,6 +243,24 @@ def test_bad_input_names_the_argument(change, match, op):
     change(args)
     with pytest.raises((ValueError, TypeError), match=match):
         op(args.pop("params"), args.pop("grads"), args.pop("state"), args.pop("weights"), **args)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"betas": (0.5, 0.9)}, "argument 'betas' must be three momentum decays, got (0.5, 0.9)"),
+    ({"betas": (0.5, 0.9, 1.5)}, "argument 'betas[2]' must be in [0.0, 1.0), got 1.5"),
+    ({"beta_v": 1.0}, "argument 'beta_v' must be in [0.0, 1.0), got 1.0"),
+    ({"eps_v": float("nan")}, "argument 'eps_v' must be finite, got nan"),
+    ({"eps_n": -1e-12}, "argument 'eps_n' must be in [0.0, inf], got -1e-12"),
+    ({"step_mult": -1e-3}, "argument 'step_mult' must be in [0.0, inf], got -0.001"),
+    ({"exp_mult": float("inf")}, "argument 'exp_mult' must be finite, got inf"),
+    ({"step_mult": "0.1"}, "argument 'step_mult' must be a real number, got str"),
+], ids=lambda v: str(v)[:30] if isinstance(v, dict) else None)
+def test_hyper_parameters_are_checked_where_they_are_given(fields, message):
+    """Before, a NaN eps reached the parameters as NaN, a decay of 1 froze a moment at zero, and two betas
+    failed inside the extension."""
+    with pytest.raises((ValueError, TypeError), match=re.escape("LoptHyper: " + message)):
+        LoptHyper(**fields)
+    assert LoptHyper(betas=[0.5, 0.9, 0.99]).betas == (0.5, 0.9, 0.99)  # a list, as JSON gives it, is kept a tuple
 
 
 def step_(params, grads, state, weights, segments, hidden, layers, hyper=HYPER):

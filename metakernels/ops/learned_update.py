@@ -56,6 +56,19 @@ class LoptHyper:
     step_mult: float = 1e-3
     exp_mult: float = 1e-3
 
+    def __post_init__(self):
+        """Each field checked where it is given (a NaN or a decay of 1 would otherwise reach the
+        parameters as NaN, or a state that never moves, with no error)."""
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 3:
+            raise ValueError(f"LoptHyper: argument 'betas' must be three momentum decays, got {self.betas!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))  # hashable, as the frozen dataclass is
+        for index, beta in enumerate(self.betas):
+            _checks.require_number("LoptHyper", f"betas[{index}]", beta, low=0.0, high=1.0, high_open=True)
+        _checks.require_number("LoptHyper", "beta_v", self.beta_v, low=0.0, high=1.0, high_open=True)
+        for name in ("eps_v", "eps_n", "step_mult"):
+            _checks.require_number("LoptHyper", name, getattr(self, name), low=0.0)
+        _checks.require_number("LoptHyper", "exp_mult", self.exp_mult)
+
     def values(self) -> list[float]:
         """In the order of mk::LoptHyper."""
         return [*self.betas, self.beta_v, self.eps_v, self.eps_n, self.step_mult, self.exp_mult]
