@@ -65,8 +65,9 @@ class LoptHyper:
         for index, beta in enumerate(self.betas):
             _checks.require_number("LoptHyper", f"betas[{index}]", beta, low=0.0, high=1.0, high_open=True)
         _checks.require_number("LoptHyper", "beta_v", self.beta_v, low=0.0, high=1.0, high_open=True)
-        for name in ("eps_v", "eps_n", "step_mult"):
-            _checks.require_number("LoptHyper", name, getattr(self, name), low=0.0)
+        for name in ("eps_v", "eps_n"):  # 0 divides 0 by 0 where a tensor or its gradients are all zero
+            _checks.require_number("LoptHyper", name, getattr(self, name), low=0.0, low_open=True)
+        _checks.require_number("LoptHyper", "step_mult", self.step_mult, low=0.0)
         _checks.require_number("LoptHyper", "exp_mult", self.exp_mult)
 
     def values(self) -> list[float]:
