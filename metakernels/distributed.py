@@ -17,8 +17,12 @@ with the backward; this helper runs after the backward.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.distributed as dist
+
+from .ops._checks import require_number
 
 BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket size
 
@@ -38,8 +42,13 @@ def world_size() -> int:
 def local_tasks(num_tasks: int, rank_: int | None = None, world: int | None = None) -> slice:
     """This rank's contiguous share of ``num_tasks`` tasks: sizes differ by at most one, the first
     ``num_tasks % world`` ranks taking one more.  Every rank needs at least one task."""
-    rank_ = rank() if rank_ is None else rank_
-    world = world_size() if world is None else world
+    num_tasks = _integer("num_tasks", num_tasks)
+    rank_ = rank() if rank_ is None else _integer("rank_", rank_)
+    world = world_size() if world is None else _integer("world", world)
+    if world < 1:
+        raise ValueError(f"local_tasks: argument 'world' must be >= 1, got {world}")
+    if not 0 <= rank_ < world:
+        raise ValueError(f"local_tasks: argument 'rank_' must be in [0, {world}) for {world} processes, got {rank_}")
     if num_tasks < world:
         raise ValueError(f"{num_tasks} tasks cannot be shared by {world} processes: each needs at least one "
                          f"(use at least {world} tasks per meta-step or fewer processes)")
@@ -54,6 +63,7 @@ def all_reduce_gradients(parameters, weight: float = 1.0) -> None:
     device, one all-reduce per bucket, all in flight at once.  A parameter without a gradient on every
     rank gets one of zeros (a rank whose tasks did not use it still contributes).  Without an initialised
     process group of more than one process, only the scaling is applied (to the gradients there are)."""
+    weight = require_number("all_reduce_gradients", "weight", weight)
     params = [p for p in (parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters)
               if p.requires_grad]
     if not is_distributed():
@@ -76,6 +86,16 @@ def all_reduce_gradients(parameters, weight: float = 1.0) -> None:
         for p in bucket:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
+
+
+def _integer(name: str, value) -> int:
+    """``value`` as an int (Python and numpy integers, integer 0-d tensors); bools and floats refused."""
+    if isinstance(value, bool):
+        raise TypeError(f"local_tasks: argument '{name}' must be an integer, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"local_tasks: argument '{name}' must be an integer, got {type(value).__name__}") from None
 
 
 def all_reduce_mean(value: torch.Tensor, weight: float) -> torch.Tensor:

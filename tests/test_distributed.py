@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,30 @@ def test_local_tasks_share_the_batch():
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match="3 tasks cannot be shared by 4 processes"):
         distributed.local_tasks(3, 0, 4)
+    assert distributed.local_tasks(torch.tensor(5), np.int64(1), 2) == slice(3, 5)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((5, 4, 4), ValueError, r"'rank_' must be in \[0, 4\) for 4 processes, got 4"),
+    ((5, -1, 4), ValueError, r"'rank_' must be in \[0, 4\) for 4 processes, got -1"),
+    ((5, 0, 0), ValueError, "'world' must be >= 1, got 0"),
+    ((5.0, 0, 2), TypeError, "'num_tasks' must be an integer, got float"),
+    ((True, 0, 1), TypeError, "'num_tasks' must be an integer, got bool"),
+    ((5, 0.0, 2), TypeError, "'rank_' must be an integer, got float"),
+    ((5, 0, "2"), TypeError, "'world' must be an integer, got str"),
+])
+def test_local_tasks_refuses_a_rank_or_sizes_that_do_not_fit(args, error, match):
+    with pytest.raises(error, match=match):
+        distributed.local_tasks(*args)
+
+
+@pytest.mark.parametrize("weight, error", [(float("nan"), ValueError), (float("inf"), ValueError), ("0.5", TypeError)])
+def test_all_reduce_refuses_a_weight_that_is_not_a_finite_number(weight, error):
+    a = torch.nn.Parameter(torch.ones(3))
+    a.grad = torch.full((3,), 4.0)
+    with pytest.raises(error, match="argument 'weight'"):
+        distributed.all_reduce_gradients([a], weight=weight)
+    assert torch.equal(a.grad, torch.full((3,), 4.0))
 
 
 def test_single_process_all_reduce_only_scales():
