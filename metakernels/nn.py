@@ -11,7 +11,10 @@ checkpoints and parameter orders are unaffected.  What is swapped:
 * ``nn.LayerNorm`` over the last dimension -> :class:`LayerNorm` (``metakernels.ops.layer_norm``);
 * ``nn.RMSNorm`` over the last dimension -> :class:`RMSNorm` (``metakernels.ops.rms_norm``);
 * ``nn.Linear`` directly followed by ``nn.GELU`` in an ``nn.Sequential`` -> :class:`LinearGELU` (the
-  matrix product, then the fused bias + GELU) and ``nn.Identity`` in the GELU's place;
+  matrix product, then the fused bias + GELU) and ``nn.Identity`` in the GELU's place, unless the model
+  holds that Linear in more than one place (the GELU would then apply at every use; it is kept and
+  listed).  NOTE: a forward that calls the Sequential's Linear directly (``self.mlp[0](x)``) is not seen
+  and would get the GELU too;
 * any other ``nn.GELU`` -> :class:`GELU` (the fused activation, no bias);
 * ``metakernels.models.CausalSelfAttention`` -> :class:`CausalSelfAttention` (its core by
   ``metakernels.ops.causal_attention``: head split, scores, mask, softmax, weighted sum, head merge).
@@ -22,6 +25,8 @@ scores; the vocabulary head with cross-entropy is
 ``metakernels.ops.linear_cross_entropy``, called from the loss (it is not a module swap).
 """
 from __future__ import annotations
+
+import collections
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +101,7 @@ def fuse_layers(model: nn.Module) -> list[str]:
     classes = ((models.CausalSelfAttention, CausalSelfAttention, "metakernels.models.CausalSelfAttention"),
                (nn.GELU, GELU, "torch.nn.GELU"))
     modules = dict(model.named_modules())
+    places = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for name, child in list(modules.items())[1:]:
         parent_name, _, child_name = name.rpartition(".")
         parent = modules[parent_name]
@@ -113,11 +119,15 @@ def fuse_layers(model: nn.Module) -> list[str]:
             if type(child) is old_cls:
                 child.__class__ = fused_cls
                 changes.append(f"{name}: {old_name} -> metakernels.nn.{fused_cls.__name__}")
-        siblings = list(parent.named_children())
+        siblings = list(parent._modules.items())  # every slot: named_children() skips repeated modules
         position = [n for n, _ in siblings].index(child_name)
         if type(child) is nn.Linear and isinstance(parent, nn.Sequential) and position + 1 < len(siblings) \
                 and type(siblings[position + 1][1]) is nn.GELU:
             gelu_name, gelu = siblings[position + 1]
+            if places[id(child)] > 1:
+                changes.append(f"{name}: Linear kept (the model holds it in {places[id(child)]} places; folding "
+                               "the GELU after it into it would apply the GELU at every one)")
+                continue
             child.__class__ = LinearGELU
             child.approximate = gelu.approximate
             setattr(parent, gelu_name, nn.Identity())

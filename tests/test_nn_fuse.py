@@ -52,6 +52,27 @@ def test_fuse_layers_rmsnorm_standalone_gelu_and_what_it_keeps():
     torch.testing.assert_close(model[:4](x), before, rtol=1e-13, atol=1e-13)
 
 
+def test_fuse_layers_folds_only_a_linear_used_once_and_the_slot_right_after_it():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    shared, tanh = nn.Linear(4, 4), nn.Tanh()
+    models = [
+        nn.Sequential(shared, nn.GELU(), shared),       # one Linear in two slots: must not get the GELU
+        nn.Sequential(tanh, nn.Linear(4, 4), tanh, nn.GELU()),  # the GELU follows the Tanh's second slot
+    ]
+    expected = [
+        ["0: Linear kept (the model holds it in 2 places; folding the GELU after it into it would apply the "
+         "GELU at every one)", "1: torch.nn.GELU -> metakernels.nn.GELU"],
+        ["3: torch.nn.GELU -> metakernels.nn.GELU"],
+    ]
+    for model, changes in zip(models, expected):
+        model.double()
+        before = model(x)
+        assert mk.nn.fuse_layers(model) == changes
+        torch.testing.assert_close(model(x), before, rtol=1e-13, atol=1e-13)
+        assert not any(isinstance(m, mk.nn.LinearGELU) for m in model.modules())
+
+
 def test_fuse_layers_refuses_a_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         mk.nn.fuse_layers(lambda x: x)
