@@ -59,6 +59,8 @@ class LearnedOptimizer(nn.Module):
             raise ValueError("LearnedOptimizer: init='adam' needs hidden >= 2 (two units carry the Adam direction)")
         if not isinstance(hyper, LoptHyper):
             raise TypeError(f"LearnedOptimizer: hyper must be a LoptHyper, got {type(hyper).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"LearnedOptimizer: argument 'seed' must be an int or None, got {type(seed).__name__}")
         self.hidden, self.layers, self.hyper, self.init = hidden, layers, hyper, init
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         small = 0.01 if init == "adam" else 1.0
@@ -99,6 +101,7 @@ class LearnedOptimizer(nn.Module):
     def flat_weights(self, step: int) -> torch.Tensor:
         """The kernel's flat weight vector for (0-based) step ``step``: the time embedding is folded
         into the first layer's bias.  Differentiable with respect to every meta-parameter."""
+        _check_step("LearnedOptimizer.flat_weights", step)
         scales = torch.tensor(TIME_SCALES, dtype=self.w_time.dtype, device=self.w_time.device)
         time_features = torch.tanh(float(step) / scales - 1.0)
         b_in = self.b_in + self.w_time @ time_features
@@ -115,8 +118,7 @@ class LearnedOptimizer(nn.Module):
     def update(self, params: torch.Tensor, grads: torch.Tensor, state: torch.Tensor, step: int, segments=None):
         """One learned step for [T, P] (or [P]) operands: returns (params', state').  ``segments``: the
         sizes of the parameter tensors packed in P (normalisation groups); default one tensor."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"LearnedOptimizer.update: step must be an int >= 0 (0-based), got {step!r}")
+        _check_step("LearnedOptimizer.update", step)
         return ops.learned_update(params, grads, state, self.flat_weights(step), hidden=self.hidden,
                                   layers=self.layers, segments=segments, hyper=self.hyper)
 
@@ -156,3 +158,8 @@ class LearnedOptimizer(nn.Module):
         except RuntimeError as exc:
             raise CheckpointError(f"{os.fspath(path)}: weights do not match the configuration: {exc}") from None
         return lopt
+
+
+def _check_step(where: str, step) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{where}: step must be an int >= 0 (0-based), got {step!r}")

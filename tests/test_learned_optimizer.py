@@ -203,3 +203,9 @@ def test_learned_optimizer_bad_arguments():
         mk.LearnedOptimizer(init="zeros")
     with pytest.raises(ValueError, match="step"):
         mk.LearnedOptimizer(hidden=4).update(torch.zeros(3), torch.zeros(3), torch.zeros(4, 3), -1)
+    for seed in (1.5, "0", True):
+        with pytest.raises(TypeError, match="argument 'seed' must be an int or None"):
+            mk.LearnedOptimizer(hidden=4, seed=seed)
+    for step in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"LearnedOptimizer.flat_weights: step must be an int >= 0"):
+            mk.LearnedOptimizer(hidden=4).flat_weights(step)
