@@ -29,6 +29,14 @@ INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 NAN_POLICIES = ("raise", "ignore")  # what to do with a non-finite inner loss (see check_finite)
 
 
+def refuse_inference_mode(where: str) -> None:
+    """Inner steps take gradients, which torch.inference_mode() forbids (and enable_grad cannot undo)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{where}: the inner steps take gradients, which torch.inference_mode() forbids; "
+                           "use torch.no_grad() instead (the inner gradients are then still taken, and no "
+                           "meta-gradient is recorded)")
+
+
 @dataclasses.dataclass(frozen=True)
 class InnerOptimizer:
     """The inner update rule and its fixed hyper-parameters (the rate is passed separately)."""

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite
+from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite, refuse_inference_mode
 from .layout import AdaptSpec, ParamLayout
 from .learned_optimizer import LearnedOptimizer
 from .tasks import task_count
@@ -115,7 +115,9 @@ class LearnedOptimizerTrainer:
     def unroll(self, loss_fn, support, steps: int, *, state: UnrollState | None = None, query=None,
                meta_loss: str = "inner", step_weights=None, track_meta_gradient: bool = True) -> UnrollResult:
         """Runs ``steps`` learned updates of every task.  ``support`` is one batch with a leading task
-        dimension used at every step, or a list of ``steps`` such batches (one per step)."""
+        dimension used at every step, or a list of ``steps`` such batches (one per step).  Under
+        torch.no_grad() it runs as with ``track_meta_gradient=False``: inner gradients only."""
+        refuse_inference_mode("LearnedOptimizerTrainer.unroll")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if meta_loss not in META_LOSSES:
@@ -141,18 +143,20 @@ class LearnedOptimizerTrainer:
             state = self.initial_state(T)
         else:
             self._check_state(state, T)
+        track_meta_gradient = track_meta_gradient and torch.is_grad_enabled()
         create_graph = track_meta_gradient and not self.first_order
         fast, opt_state = state.fast, state.opt_state
         history, terms = [], []
         for k in range(steps):
-            if not fast.requires_grad:
-                fast = fast.detach().requires_grad_()
-            losses = self._losses(loss_fn, fast, batches[k], T, state.step + k)
+            with torch.enable_grad():  # the inner gradients, also under the caller's no_grad
+                if not fast.requires_grad:
+                    fast = fast.detach().requires_grad_()
+                losses = self._losses(loss_fn, fast, batches[k], T, state.step + k)
+                (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph,
+                                               retain_graph=track_meta_gradient)
             history.append(losses.detach())
             if k > 0 and meta_loss == "inner":
-                terms.append(weights[k - 1] * losses.mean())
-            (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph,
-                                           retain_graph=track_meta_gradient)
+                terms.append(weights[k - 1] * (losses.mean() if track_meta_gradient else losses.detach().mean()))
             with torch.set_grad_enabled(track_meta_gradient):
                 fast, opt_state = self.lopt.update(fast, grads, opt_state, state.step + k, segments=self.layout.numels)
             if not track_meta_gradient:

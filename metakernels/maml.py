@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ._autograd import cached_signature
-from .inner_loop import NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, run_inner_loop
+from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
+                         run_inner_loop)
 from .layout import AdaptSpec, ParamLayout
 from .nn import fuse_layers
 from .ops._checks import require_number
@@ -161,7 +162,9 @@ class MAML(nn.Module):
         return self.inner_lr
 
     def forward(self, loss_fn, support, query) -> torch.Tensor:
-        """Mean query loss over the T tasks after K inner steps on their support sets."""
+        """Mean query loss over the T tasks after K inner steps on their support sets.  Under
+        torch.no_grad() the inner gradients are still taken and the loss comes back without a graph."""
+        refuse_inference_mode("MAML.forward")
         T = task_count(support, "support")
         T_query = task_count(query, "query")
         if T_query != T:
@@ -187,11 +190,14 @@ class MAML(nn.Module):
         return _InjectGradients.apply(total, grads, *meta_params)
 
     def _meta_loss(self, loss_fn, support, query, T: int, first_task: int = 0) -> torch.Tensor:
-        second_order = not self.first_order and torch.is_grad_enabled()
-        fast = run_inner_loop(
-            self._evaluator, self.layout.flatten(), self.inner_rate(), loss_fn, support, T, self.inner_steps,
-            self.optimizer, create_graph=second_order, nan_policy=self.nan_policy, first_task=first_task,
-        )
+        tracked = torch.is_grad_enabled()
+        second_order = not self.first_order and tracked
+        theta0, rate = self.layout.flatten(), self.inner_rate()
+        with torch.enable_grad():  # the inner gradients, also under the caller's no_grad
+            fast = run_inner_loop(
+                self._evaluator, theta0, rate, loss_fn, support, T, self.inner_steps, self.optimizer,
+                create_graph=second_order, keep_graph=tracked, nan_policy=self.nan_policy, first_task=first_task,
+            )
         if second_order and not self._second_order_checked:
             self._check_twice_differentiable(fast)
         with saved_as_copies(fast):
@@ -224,6 +230,7 @@ class MAML(nn.Module):
 
     def adapt(self, loss_fn, support, steps: int | None = None) -> AdaptedModel:
         """Adapted weights for evaluation or serving: K (or ``steps``) inner steps, no graph kept."""
+        refuse_inference_mode("MAML.adapt")
         T = task_count(support, "support")
         rate = self.inner_rate()
         rate = rate.detach() if isinstance(rate, torch.Tensor) else rate

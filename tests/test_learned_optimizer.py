@@ -160,6 +160,21 @@ def test_unroll_refuses_a_state_init_or_batches_that_do_not_fit():
         trainer.unroll(lm_loss, batches, 2, query=_batches(2, 1)[0])
 
 
+@pytest.mark.parametrize("meta_loss", ["inner", "query"])
+def test_unroll_under_no_grad_takes_inner_gradients_only(meta_loss):
+    support, query = _batches(3, 2)
+    trainer = mk.LearnedOptimizerTrainer(_lopt(), _model())
+    query = query if meta_loss == "query" else None
+    tracked = trainer.unroll(lm_loss, support, steps=2, meta_loss=meta_loss, query=query)
+    with torch.no_grad():
+        evaluated = trainer.unroll(lm_loss, support, steps=2, meta_loss=meta_loss, query=query)
+    assert tracked.meta_loss.requires_grad and not evaluated.meta_loss.requires_grad
+    torch.testing.assert_close(evaluated.meta_loss, tracked.meta_loss.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(evaluated.state.fast, tracked.state.fast, rtol=1e-12, atol=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"LearnedOptimizerTrainer.unroll: .*inference_mode"):
+        trainer.unroll(lm_loss, support, steps=1)
+
+
 def test_nan_inner_loss_names_task_and_step():
     model, lopt = _model(), _lopt()
     trainer = mk.LearnedOptimizerTrainer(lopt, model)

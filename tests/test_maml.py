@@ -205,6 +205,30 @@ def test_adapt_returns_weights_and_callables():
                 get(bad)
 
 
+@pytest.mark.parametrize("cls", [mk.MAML, mk.MetaSGD])
+@pytest.mark.parametrize("settings", [{}, {"first_order": True}, {"task_chunk": 2}, {"memory": "low", "task_chunk": 1},
+                                      {"inner_optimizer": "adam"}])
+def test_meta_loss_under_no_grad_is_the_tracked_one_without_a_graph(cls, settings):
+    support, query = _tasks(3)
+    maml = cls(_model(), inner_lr=0.3, inner_steps=2, **settings)
+    tracked = maml(lm_loss, support, query)
+    with torch.no_grad():
+        evaluated = maml(lm_loss, support, query)
+    assert tracked.requires_grad and not evaluated.requires_grad
+    torch.testing.assert_close(evaluated, tracked.detach(), rtol=1e-12, atol=0)
+
+
+def test_inference_mode_is_refused_with_advice():
+    support, query = _tasks(2)
+    maml = mk.MAML(_model(), inner_lr=0.3, inner_steps=1)
+    with torch.inference_mode():
+        for name, call in (("MAML.forward", lambda: maml(lm_loss, support, query)),
+                           ("MAML.adapt", lambda: maml.adapt(lm_loss, support))):
+            with pytest.raises(RuntimeError, match=f"{name}: the inner steps take gradients, which "
+                                                   r"torch.inference_mode\(\) forbids; use torch.no_grad\(\)"):
+                call()
+
+
 @pytest.mark.parametrize("bad,exc,words", [
     ("t_mismatch", ValueError, ["support has T=3", "query has T=2"]),
     ("no_tasks", ValueError, ["'support' leaf 0 has shape [0, 2, 8]: no tasks"]),
