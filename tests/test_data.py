@@ -125,6 +125,15 @@ def test_labelled_folder(tmp_path):
     (tmp_path / "yes.txt").write_text("sure\n\nok\n", encoding="utf-8")
     (tmp_path / "no.txt").write_text("nope\n", encoding="utf-8")
     assert load_labelled_folder(tmp_path) == {"no": ["nope"], "yes": ["sure", "ok"]}
+    (tmp_path / "crlf.txt").write_bytes("un\r\ndeux\u2028trois\r\n".encode("utf-8"))
+    assert load_labelled_folder(tmp_path)["crlf"] == ["un", "deux\u2028trois"]  # lines as iterating the file
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(invalid continuation byte at byte 3\)"):
+        load_labelled_folder(tmp_path)
+    (tmp_path / "latin1.txt").unlink()
+    (tmp_path / "folder.txt").mkdir()
+    with pytest.raises(DataError, match="folder.txt: cannot be read"):
+        load_labelled_folder(tmp_path)
 
 
 @needs_clinc
@@ -158,4 +167,7 @@ def test_clinc150_missing_or_corrupt_file(tmp_path):
         load_clinc150(tmp_path)
     (tmp_path / "data_full.json").write_text("{not json")
     with pytest.raises(DataError, match="data_full.json: not valid JSON"):
+        load_clinc150(tmp_path)
+    (tmp_path / "data_full.json").write_bytes(b'{"train": "\xff"}')
+    with pytest.raises(DataError, match="data_full.json: not UTF-8 text"):
         load_clinc150(tmp_path)

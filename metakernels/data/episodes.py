@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from .lm_tasks import batch_generator
-from .text import PAD, DataError, check_positive_ints, encode
+from .text import PAD, DataError, check_positive_ints, encode, read_utf8
 
 _CLINC_SPLITS = ("train", "val", "test")
 
@@ -33,10 +33,7 @@ class EpisodeBatch:
 
 def _read_json(path: str):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
@@ -71,8 +68,8 @@ def load_labelled_folder(path: str | os.PathLike) -> dict[str, list[str]]:
     classes = {}
     for name in sorted(os.listdir(path)):
         if name.endswith(".txt"):
-            with open(os.path.join(path, name), encoding="utf-8") as f:
-                classes[name[:-4]] = [line.strip() for line in f if line.strip()]
+            lines = read_utf8(os.path.join(path, name)).split("\n")  # as iterating the file: universal newlines
+            classes[name[:-4]] = [line.strip() for line in lines if line.strip()]
     if not classes:
         raise DataError(f"{path}: holds no .txt files (one file per class)")
     return classes

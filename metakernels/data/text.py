@@ -114,17 +114,26 @@ def folder_domains(path: str | os.PathLike, min_chars: int = 1) -> dict[str, str
         if not name.endswith(".txt"):
             continue
         file = os.path.join(path, name)
-        try:
-            with open(file, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        text = read_utf8(file)
         if len(text) < min_chars:
             raise DataError(f"{file}: {len(text)} characters, fewer than the {min_chars} a domain needs")
         domains[name[:-4]] = text
     if not domains:
         raise DataError(f"{path}: holds no .txt files (one file per domain)")
     return domains
+
+
+def read_utf8(file: str) -> str:
+    """The text of ``file``; a DataError naming it where it is not UTF-8 or cannot be read."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except FileNotFoundError:
+        raise DataError(f"{file}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{file}: cannot be read ({e.strerror})") from None
 
 
 def split_domains(names, fractions=(0.7, 0.15, 0.15), seed: int = 0) -> dict[str, list[str]]:
