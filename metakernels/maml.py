@@ -135,8 +135,7 @@ class MAML(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
-            raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
+        _check_steps("inner_steps", inner_steps)
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
         if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1):
@@ -231,6 +230,8 @@ class MAML(nn.Module):
     def adapt(self, loss_fn, support, steps: int | None = None) -> AdaptedModel:
         """Adapted weights for evaluation or serving: K (or ``steps``) inner steps, no graph kept."""
         refuse_inference_mode("MAML.adapt")
+        if steps is not None:
+            _check_steps("steps", steps)
         T = task_count(support, "support")
         rate = self.inner_rate()
         rate = rate.detach() if isinstance(rate, torch.Tensor) else rate
@@ -241,6 +242,11 @@ class MAML(nn.Module):
                 create_graph=False, keep_graph=False, nan_policy=self.nan_policy,
             )
         return AdaptedModel(self._evaluator, fast.detach())
+
+
+def _check_steps(name: str, steps) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {steps!r}")
 
 
 class MetaSGD(MAML):

@@ -199,6 +199,10 @@ def test_adapt_returns_weights_and_callables():
     torch.testing.assert_close(lm_loss(adapted.task(1), query[1]), adapted.losses(lm_loss, query)[1])
     assert set(adapted.params(0)) == set(maml.layout.names)
     assert torch.equal(adapted.params(torch.tensor(2))["head.bias"], adapted.params(2)["head.bias"])
+    for steps in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"steps must be an int >= 0, got {steps!r}"):
+            maml.adapt(lm_loss, support, steps=steps)
+    torch.testing.assert_close(maml.adapt(lm_loss, support, steps=0).fast, maml.layout.flatten().detach().expand(3, -1))
     for get in (adapted.params, adapted.task):  # the same checks for both (params(-1) was the last task)
         for bad, exc in ((-1, IndexError), (3, IndexError), (1.0, TypeError), (True, TypeError)):
             with pytest.raises(exc, match="out of range for 3 adapted tasks|task must be an int in \\[0, 3\\)"):
