@@ -93,14 +93,31 @@ class MAML(nn.Module):
 
 
 class MetaSGD(MAML):
-    """learn2learn.algorithms.MetaSGD(model, lr=1.0, first_order=False): one learned rate per parameter
-    element, in ``lrs`` (model parameter order)."""
+    """learn2learn.algorithms.MetaSGD(model, lr=1.0, first_order=False, lrs=None): learned rates in ``lrs``,
+    one tensor per parameter (model parameter order), by default one rate per element; as in learn2learn a
+    given rate may be any shape that broadcasts to its parameter's (``[1]``: one rate per tensor)."""
 
     def __init__(self, model: nn.Module, lr: float = 1.0, first_order: bool = False, lrs=None):
         super().__init__(model, lr, first_order)
-        if lrs is None:
-            lrs = [nn.Parameter(torch.ones_like(p) * lr) for p in model.parameters()]
+        params = list(model.parameters())
+        lrs = [nn.Parameter(torch.ones_like(p) * lr) for p in params] if lrs is None else list(lrs)
+        if len(lrs) != len(params):
+            raise ValueError(f"MetaSGD: lrs holds {len(lrs)} rates for the model's {len(params)} parameters; give "
+                             "one per parameter, in model order")
+        for i, (rate, p) in enumerate(zip(lrs, params)):
+            if not isinstance(rate, torch.Tensor):
+                raise TypeError(f"MetaSGD: lrs[{i}] must be a tensor, got {type(rate).__name__}")
+            if _broadcast_shape(rate.shape, p.shape) != p.shape:
+                raise ValueError(f"MetaSGD: lrs[{i}] has shape {list(rate.shape)}, which does not broadcast to its "
+                                 f"parameter's shape {list(p.shape)}")
         self.lrs = nn.ParameterList(lrs)
 
     def rate(self, layout: ParamLayout) -> torch.Tensor:
-        return layout.flatten(dict(zip([n for n, _ in self.module.named_parameters()], self.lrs)))
+        return layout.flatten({n: rate.expand_as(p) for (n, p), rate in zip(self.module.named_parameters(), self.lrs)})
+
+
+def _broadcast_shape(a: torch.Size, b: torch.Size) -> torch.Size | None:
+    try:
+        return torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        return None

@@ -47,6 +47,28 @@ def test_compat_meta_sgd_matches_reference():
     _assert_grads_close(got, want)
 
 
+def test_compat_meta_sgd_rates_broadcast_to_their_parameters_as_in_learn2learn():
+    model = _model()
+    support, query = _tasks(2)
+    params = list(model.parameters())
+    per_tensor = compat.MetaSGD(model, lrs=[torch.full([1], 0.2 + 0.01 * i, dtype=p.dtype) for i, p in enumerate(params)])
+    got = _grads(_l2l_loop(per_tensor, support, query, 2), params + list(per_tensor.lrs))
+    names = [n for n, _ in model.named_parameters()]
+    rates = [r.expand_as(p) for r, p in zip(per_tensor.lrs, params)]
+    want = _grads(sequential_meta_loss(model, lm_loss, support, query, names=names, lrs=dict(zip(names, rates)),
+                                       steps=2), params + list(per_tensor.lrs))
+    _assert_grads_close(got, want)
+    assert all(g.shape == (1,) for g in got[len(params):])
+    transposed = [torch.ones(p.shape[::-1], dtype=p.dtype) for p in params]
+    with pytest.raises(ValueError, match=r"lrs\[0\] has shape \[16, 11\], which does not broadcast to its "
+                                         r"parameter's shape \[11, 16\]"):
+        compat.MetaSGD(model, lrs=transposed)
+    with pytest.raises(ValueError, match=f"lrs holds 1 rates for the model's {len(params)} parameters"):
+        compat.MetaSGD(model, lrs=[torch.ones(1)])
+    with pytest.raises(TypeError, match=r"lrs\[0\] must be a tensor, got float"):
+        compat.MetaSGD(model, lrs=[0.1] * len(params))
+
+
 def test_compat_frozen_parameters_need_allow_nograd():
     model = _model()
     model.tok.weight.requires_grad_(False)
