@@ -30,6 +30,7 @@ from torch import nn
 
 from . import ops
 from .checkpoint import CheckpointError, load_checked, save_checked
+from .ops._checks import require_seed
 from .ops.learned_update import NUM_FEATURES, NUM_STATES, LoptHyper, check_mlp_size
 
 TIME_SCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
@@ -59,8 +60,7 @@ class LearnedOptimizer(nn.Module):
             raise ValueError("LearnedOptimizer: init='adam' needs hidden >= 2 (two units carry the Adam direction)")
         if not isinstance(hyper, LoptHyper):
             raise TypeError(f"LearnedOptimizer: hyper must be a LoptHyper, got {type(hyper).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"LearnedOptimizer: argument 'seed' must be an int or None, got {type(seed).__name__}")
+        require_seed("LearnedOptimizer", seed)
         self.hidden, self.layers, self.hyper, self.init = hidden, layers, hyper, init
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         small = 0.01 if init == "adam" else 1.0

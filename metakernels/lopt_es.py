@@ -33,6 +33,7 @@ import math
 import torch
 
 from .lopt_training import LearnedOptimizerTrainer, UnrollState
+from .ops._checks import require_seed
 from .tasks import task_count
 
 
@@ -64,6 +65,9 @@ class ESEstimator:
             raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
         if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
             raise ValueError(f"pairs must be an int >= 1, got {pairs!r}")
+        if not isinstance(persistent, bool):
+            raise TypeError(f"persistent must be True or False, got {persistent!r}")
+        require_seed("ESEstimator", seed)
         self.trainer = trainer
         self.sigma = float(sigma)
         self.pairs = pairs

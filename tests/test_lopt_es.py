@@ -177,6 +177,17 @@ def test_bad_settings_are_named(kwargs, match):
         mk.ESEstimator(trainer, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(seed=1.5), "ESEstimator: argument 'seed' must be an int or None, got float"),
+    (dict(seed="1"), "ESEstimator: argument 'seed' must be an int or None, got str"),
+    (dict(persistent="yes"), "persistent must be True or False, got 'yes'"),
+])
+def test_settings_of_the_wrong_type_are_named(kwargs, match):
+    _, trainer, _ = _setup()
+    with pytest.raises(TypeError, match=match):
+        mk.ESEstimator(trainer, **kwargs)
+
+
 def test_trainer_must_be_a_trainer():
     with pytest.raises(TypeError, match="trainer must be a LearnedOptimizerTrainer, got LearnedOptimizer"):
         mk.ESEstimator(mk.LearnedOptimizer(hidden=4, layers=1))

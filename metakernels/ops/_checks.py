@@ -52,6 +52,12 @@ def require_number(op: str, name: str, value, *, low=None, high=None, high_open=
     return value
 
 
+def require_seed(where: str, seed) -> None:
+    """TypeError unless ``seed`` is an int or None (torch.Generator.manual_seed's own error names no argument)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"{where}: argument 'seed' must be an int or None, got {type(seed).__name__}")
+
+
 def task_operand_shape(op: str, named: list[tuple[str, torch.Tensor]]) -> tuple[int | None, int]:
     """Checks operands that are each [P] (shared by all tasks) or [T, P] (one row per task).
 
