@@ -2,6 +2,7 @@
 classification episode samplers, and clear errors for bad data."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -76,6 +77,20 @@ def test_samplers_refuse_data_of_the_other_kind():
         EpisodeSampler({"a": "x" * 100, "b": ["y"] * 10}, n_way=2, k_shot=1, n_query=1)
     with pytest.raises(DataError, match="class 'b' must be a list of str, one text per example; got list holding"):
         EpisodeSampler({"a": ["x"] * 10, "b": [b"y"] * 10}, n_way=2, k_shot=1, n_query=1)
+
+
+def test_samplers_check_their_seed_and_the_batch_index():
+    lm = dict(domains={"a": "x" * 500, "b": "y" * 500}, n_support=2, n_query=2, seq_len=8)
+    episodes = dict(classes={c: ["t"] * 12 for c in "abcdef"}, n_way=2, k_shot=2, n_query=2)
+    for make in (lambda seed: LMTaskSampler(**lm, seed=seed), lambda seed: EpisodeSampler(**episodes, seed=seed)):
+        for seed in (1.5, "1", None, True):
+            with pytest.raises(TypeError, match=f"seed must be an int, got {re.escape(repr(seed))}"):
+                make(seed)
+        sampler = make(-3)  # any int
+        for index in (-1, 1.5, True):
+            with pytest.raises(ValueError, match=f"index must be an int >= 0 \\(the batch's number\\), got {index!r}"):
+                sampler.batch(index, 2)
+        assert torch.equal(sampler.batch(4, 2).support[0], sampler.batch(4, 2).support[0])
 
 
 def test_folder_domains(tmp_path):

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .lm_tasks import batch_generator
+from .lm_tasks import batch_generator, check_seed
 from .text import PAD, DataError, check_positive_ints, encode, read_utf8
 
 _CLINC_SPLITS = ("train", "val", "test")
@@ -81,6 +81,7 @@ class EpisodeSampler:
     def __init__(self, classes: Mapping[str, list[str]], n_way: int = 5, k_shot: int = 5, n_query: int = 5,
                  max_len: int = 48, seed: int = 0):
         check_positive_ints(n_way=n_way, k_shot=k_shot, n_query=n_query, max_len=max_len)
+        check_seed(seed)
         self.names = sorted(classes)
         for name in self.names:
             texts = classes[name]

@@ -23,8 +23,16 @@ class LMTaskBatch:
     domains: list[str]      # the T task domains
 
 
+def check_seed(seed) -> None:
+    """A sampler's seed: any int (its batches are a pure function of it and the batch index)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+
 def batch_generator(seed: int, index: int) -> torch.Generator:
     """The generator of batch ``index`` of a sampler seeded ``seed`` (independent of other batches)."""
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"index must be an int >= 0 (the batch's number), got {index!r}")
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2 ** 63))
 
 
@@ -34,6 +42,7 @@ class LMTaskSampler:
     def __init__(self, domains: Mapping[str, str], n_support: int = 4, n_query: int = 4, seq_len: int = 48,
                  seed: int = 0):
         check_positive_ints(n_support=n_support, n_query=n_query, seq_len=seq_len)
+        check_seed(seed)
         if not domains:
             raise DataError("no domains to sample tasks from")
         self.n_support, self.n_query, self.seq_len, self.seed = n_support, n_query, seq_len, seed
