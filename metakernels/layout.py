@@ -24,6 +24,9 @@ class ParamLayout:
         elif callable(adapt):
             chosen = [(n, p) for n, p in trainable if adapt(n, p)]
         else:
+            if isinstance(adapt, str) or not isinstance(adapt, Iterable):
+                raise TypeError(f"adapt must be None, a predicate (name, param) -> bool or a list of parameter names, "
+                                f"got {adapt!r}" + (f" (one name: adapt=[{adapt!r}])" if isinstance(adapt, str) else ""))
             wanted = list(adapt)
             known = {n for n, _ in named}
             unknown = [n for n in wanted if n not in known]

@@ -109,6 +109,10 @@ def test_predicate_and_frozen_parameters():
         mk.MAML(model, adapt=["tok.weight"])
     with pytest.raises(ValueError, match="no parameter to adapt"):
         mk.MAML(model, adapt=lambda n, p: False)
+    with pytest.raises(TypeError, match=r"got 'head.weight' \(one name: adapt=\['head.weight'\]\)"):
+        mk.MAML(model, adapt="head.weight")
+    with pytest.raises(TypeError, match="adapt must be None, a predicate .* or a list of parameter names, got 5"):
+        mk.MAML(model, adapt=5)
 
 
 @pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
