@@ -17,12 +17,10 @@ with the backward; this helper runs after the backward.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.distributed as dist
 
-from .ops._checks import require_number
+from .ops._checks import as_integer, require_number
 
 BUCKET_BYTES = 25 * 2**20  # DistributedDataParallel's default bucket size
 
@@ -90,12 +88,10 @@ def all_reduce_gradients(parameters, weight: float = 1.0) -> None:
 
 def _integer(name: str, value) -> int:
     """``value`` as an int (Python and numpy integers, integer 0-d tensors); bools and floats refused."""
-    if isinstance(value, bool):
-        raise TypeError(f"local_tasks: argument '{name}' must be an integer, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"local_tasks: argument '{name}' must be an integer, got {type(value).__name__}") from None
+    integer = as_integer(value)
+    if integer is None:
+        raise TypeError(f"local_tasks: argument '{name}' must be an integer, got {type(value).__name__}")
+    return integer
 
 
 def all_reduce_mean(value: torch.Tensor, weight: float) -> torch.Tensor:

@@ -12,8 +12,6 @@ gradients (Hessian-vector products); first order treats them as constants.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
@@ -22,7 +20,7 @@ from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_f
                          run_inner_loop)
 from .layout import AdaptSpec, ParamLayout
 from .nn import fuse_layers
-from .ops._checks import require_number
+from .ops._checks import as_integer, require_number
 from .reverse_sweep import add_optional, chunk_meta_gradients
 from .saved_views import saved_as_copies
 from .tasks import select_tasks, task_count
@@ -57,12 +55,9 @@ class AdaptedModel:
 
     def params(self, task: int) -> dict[str, torch.Tensor]:
         """The adapted parameters of one task, by name (the others are the model's own)."""
-        try:
-            index = operator.index(task)  # ints, numpy ints, integer 0-d tensors
-        except TypeError:
-            index = None
-        if index is None or isinstance(task, bool):
-            raise TypeError(f"task must be an int in [0, {self.num_tasks}), got {type(task).__name__}") from None
+        index = as_integer(task)
+        if index is None:
+            raise TypeError(f"task must be an int in [0, {self.num_tasks}), got {type(task).__name__}")
         if not 0 <= index < self.num_tasks:
             raise IndexError(f"task {index} is out of range for {self.num_tasks} adapted tasks")
         return self._evaluator.layout.unflatten(self.fast[index])

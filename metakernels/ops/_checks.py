@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 
@@ -50,6 +51,17 @@ def require_number(op: str, name: str, value, *, low=None, high=None, high_open=
             f"{'inf' if high is None else high}{hi}, got {value}"
         )
     return value
+
+
+def as_integer(value) -> int | None:
+    """``value`` as an int where it is one (Python and numpy integers, integer 0-d tensors), else None;
+    bools are not integers here."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def require_seed(where: str, seed) -> None:
