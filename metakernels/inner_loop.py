@@ -80,7 +80,8 @@ class InnerOptimizer:
         gradients differently)."""
         plain_sgd = self.name == "sgd" and isinstance(lr, (int, float)) and _seed_can_carry_rate(params)
         seed = losses.sum() * -lr if plain_sgd else losses.sum()
-        parts = torch.autograd.grad(seed, tuple(views.values()), create_graph=create_graph, allow_unused=True)
+        parts = (torch.autograd.grad(seed, tuple(views.values()), create_graph=create_graph, allow_unused=True)
+                 if seed.requires_grad else ())  # a loss of the data alone has no graph at all
         if all(g is None for g in parts):
             raise ValueError(f"the inner loss does not depend on any adapted parameter (inner step {step}); "
                              "check loss_fn, or what 'adapt' selects")

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import ops
 from .checkpoint import CheckpointError, load_checked, save_checked
-from .ops._checks import require_seed
+from .ops._checks import require_int, require_seed
 from .ops.learned_update import NUM_FEATURES, NUM_STATES, LoptHyper, check_mlp_size
 
 TIME_SCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
@@ -53,14 +53,14 @@ class LearnedOptimizer(nn.Module):
     def __init__(self, hidden: int = 32, layers: int = 2, hyper: LoptHyper = LoptHyper(), init: str = "adam",
                  seed: int | None = None):
         super().__init__()
-        check_mlp_size("LearnedOptimizer", hidden, layers)
+        hidden, layers = check_mlp_size("LearnedOptimizer", hidden, layers)
         if init not in ("adam", "random"):
             raise ValueError(f"LearnedOptimizer: init must be 'adam' or 'random', got {init!r}")
         if init == "adam" and hidden < 2:
             raise ValueError("LearnedOptimizer: init='adam' needs hidden >= 2 (two units carry the Adam direction)")
         if not isinstance(hyper, LoptHyper):
             raise TypeError(f"LearnedOptimizer: hyper must be a LoptHyper, got {type(hyper).__name__}")
-        require_seed("LearnedOptimizer", seed)
+        seed = require_seed("LearnedOptimizer", seed)
         self.hidden, self.layers, self.hyper, self.init = hidden, layers, hyper, init
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         small = 0.01 if init == "adam" else 1.0
@@ -101,7 +101,7 @@ class LearnedOptimizer(nn.Module):
     def flat_weights(self, step: int) -> torch.Tensor:
         """The kernel's flat weight vector for (0-based) step ``step``: the time embedding is folded
         into the first layer's bias.  Differentiable with respect to every meta-parameter."""
-        _check_step("LearnedOptimizer.flat_weights", step)
+        step = _check_step("LearnedOptimizer.flat_weights", step)
         scales = torch.tensor(TIME_SCALES, dtype=self.w_time.dtype, device=self.w_time.device)
         time_features = torch.tanh(float(step) / scales - 1.0)
         b_in = self.b_in + self.w_time @ time_features
@@ -118,7 +118,7 @@ class LearnedOptimizer(nn.Module):
     def update(self, params: torch.Tensor, grads: torch.Tensor, state: torch.Tensor, step: int, segments=None):
         """One learned step for [T, P] (or [P]) operands: returns (params', state').  ``segments``: the
         sizes of the parameter tensors packed in P (normalisation groups); default one tensor."""
-        _check_step("LearnedOptimizer.update", step)
+        step = _check_step("LearnedOptimizer.update", step)
         return ops.learned_update(params, grads, state, self.flat_weights(step), hidden=self.hidden,
                                   layers=self.layers, segments=segments, hyper=self.hyper)
 
@@ -160,6 +160,5 @@ class LearnedOptimizer(nn.Module):
         return lopt
 
 
-def _check_step(where: str, step) -> None:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"{where}: step must be an int >= 0 (0-based), got {step!r}")
+def _check_step(where: str, step) -> int:
+    return require_int(f"{where}: step", step, 0, note=" (0-based)")

@@ -33,7 +33,7 @@ import math
 import torch
 
 from .lopt_training import LearnedOptimizerTrainer, UnrollState
-from .ops._checks import require_seed
+from .ops._checks import require_int, require_seed
 from .tasks import task_count
 
 
@@ -63,11 +63,10 @@ class ESEstimator:
             raise TypeError(f"trainer must be a LearnedOptimizerTrainer, got {type(trainer).__name__}")
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
             raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
-        if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
-            raise ValueError(f"pairs must be an int >= 1, got {pairs!r}")
+        pairs = require_int("pairs", pairs, 1)
         if not isinstance(persistent, bool):
             raise TypeError(f"persistent must be True or False, got {persistent!r}")
-        require_seed("ESEstimator", seed)
+        seed = require_seed("ESEstimator", seed)
         self.trainer = trainer
         self.sigma = float(sigma)
         self.pairs = pairs

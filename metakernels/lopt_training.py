@@ -27,6 +27,7 @@ from torch import nn
 from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite, refuse_inference_mode
 from .layout import AdaptSpec, ParamLayout
 from .learned_optimizer import LearnedOptimizer
+from .ops._checks import require_int
 from .tasks import task_count
 
 META_LOSSES = ("inner", "query")
@@ -109,8 +110,7 @@ class LearnedOptimizerTrainer:
             raise ValueError(f"state.opt_state must be [4, {T}, {P}], got {list(state.opt_state.shape)}")
         self._check_like_model("state.fast", state.fast)
         self._check_like_model("state.opt_state", state.opt_state)
-        if isinstance(state.step, bool) or not isinstance(state.step, int) or state.step < 0:
-            raise ValueError(f"state.step must be an int >= 0, got {state.step!r}")
+        require_int("state.step", state.step, 0)
 
     def unroll(self, loss_fn, support, steps: int, *, state: UnrollState | None = None, query=None,
                meta_loss: str = "inner", step_weights=None, track_meta_gradient: bool = True) -> UnrollResult:
@@ -118,8 +118,7 @@ class LearnedOptimizerTrainer:
         dimension used at every step, or a list of ``steps`` such batches (one per step).  Under
         torch.no_grad() it runs as with ``track_meta_gradient=False``: inner gradients only."""
         refuse_inference_mode("LearnedOptimizerTrainer.unroll")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        steps = require_int("steps", steps, 1)
         if meta_loss not in META_LOSSES:
             raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {meta_loss!r}")
         per_step = isinstance(support, list)

@@ -20,7 +20,7 @@ from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_f
                          run_inner_loop)
 from .layout import AdaptSpec, ParamLayout
 from .nn import fuse_layers
-from .ops._checks import as_integer, require_number
+from .ops._checks import as_integer, require_int, require_number
 from .reverse_sweep import add_optional, chunk_meta_gradients
 from .saved_views import saved_as_copies
 from .tasks import select_tasks, task_count
@@ -130,11 +130,11 @@ class MAML(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        _check_steps("inner_steps", inner_steps)
+        inner_steps = require_int("inner_steps", inner_steps, 0)
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-        if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, int) or task_chunk < 1):
-            raise ValueError(f"task_chunk must be a positive int or None, got {task_chunk!r}")
+        if task_chunk is not None:
+            task_chunk = require_int("task_chunk", task_chunk, 1, note=" or None")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         self.fused_layers = fuse_layers(model) if fused_layers else []
@@ -226,7 +226,7 @@ class MAML(nn.Module):
         """Adapted weights for evaluation or serving: K (or ``steps``) inner steps, no graph kept."""
         refuse_inference_mode("MAML.adapt")
         if steps is not None:
-            _check_steps("steps", steps)
+            steps = require_int("steps", steps, 0)
         T = task_count(support, "support")
         rate = self.inner_rate()
         rate = rate.detach() if isinstance(rate, torch.Tensor) else rate
@@ -237,11 +237,6 @@ class MAML(nn.Module):
                 create_graph=False, keep_graph=False, nan_policy=self.nan_policy,
             )
         return AdaptedModel(self._evaluator, fast.detach())
-
-
-def _check_steps(name: str, steps) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {steps!r}")
 
 
 class MetaSGD(MAML):

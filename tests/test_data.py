@@ -64,7 +64,7 @@ def test_lm_sampler_draws_disjoint_chunks_of_one_domain_reproducibly():
 def test_lm_sampler_names_domains_too_small():
     with pytest.raises(DataError, match=r"at least 43\): 'tiny' \(30 characters\)"):
         LMTaskSampler({"tiny": "x" * 30, "big": "y" * 1000}, n_support=2, n_query=1, seq_len=10)
-    with pytest.raises(ValueError, match="n_query must be a positive int"):
+    with pytest.raises(ValueError, match="n_query must be an int >= 1"):
         LMTaskSampler({"big": "y" * 1000}, n_query=0)
 
 

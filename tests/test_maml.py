@@ -116,12 +116,39 @@ def test_predicate_and_frozen_parameters():
 
 
 @pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
-def test_inner_loss_that_ignores_every_adapted_parameter_is_refused(inner_optimizer):
+@pytest.mark.parametrize("loss_of", ["a parameter not adapted", "the data alone"])
+def test_inner_loss_that_ignores_every_adapted_parameter_is_refused(inner_optimizer, loss_of):
     net = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 1), "unused": torch.nn.Linear(3, 1)})
     maml = mk.MAML(net, inner_lr=0.1, inner_steps=1, adapt=["unused.weight"], inner_optimizer=inner_optimizer)
     x = torch.randn(2, 4, 3)
+    loss_fn = (lambda f, b: net["used"](b).pow(2).mean()) if loss_of == "a parameter not adapted" else (
+        lambda f, b: b.pow(2).mean())
     with pytest.raises(ValueError, match="inner loss does not depend on any adapted parameter"):
-        maml(lambda f, b: net["used"](b).pow(2).mean(), x, x)
+        maml(loss_fn, x, x)
+
+
+class _WithUnusedLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(3, 1), torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("settings", [{}, {"task_chunk": 1}, {"memory": "low"}, {"first_order": True}])
+def test_a_parameter_no_loss_uses_gets_zeros_adapted_and_none_shared(settings):
+    net = _WithUnusedLayer().double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    loss_fn = lambda f, b: f(b).pow(2).mean()  # noqa: E731
+    for adapt, expected in ((None, torch.zeros(2, 2, dtype=torch.float64)), (["used.weight", "used.bias"], None)):
+        net.zero_grad(set_to_none=True)
+        mk.MAML(net, inner_lr=0.1, inner_steps=2, adapt=adapt, **settings)(loss_fn, x, x).backward()
+        assert net.used.weight.grad is not None
+        if expected is None:
+            assert net.unused.weight.grad is None
+        else:
+            assert torch.equal(net.unused.weight.grad, expected)
 
 
 def test_meta_loss_matches_finite_differences_along_a_random_direction():
@@ -268,7 +295,7 @@ def test_bad_input_is_explained(bad, exc, words):
     ({"inner_steps": -1}, ValueError, "inner_steps must be an int >= 0, got -1"),
     ({"inner_steps": 1.5}, ValueError, "inner_steps must be an int >= 0, got 1.5"),
     ({"memory": "tiny"}, ValueError, "memory must be one of ('fast', 'low'), got 'tiny'"),
-    ({"task_chunk": 0}, ValueError, "task_chunk must be a positive int or None, got 0"),
+    ({"task_chunk": 0}, ValueError, "task_chunk must be an int >= 1 or None, got 0"),
     ({"nan_policy": "warn"}, ValueError, "nan_policy must be one of"),
     ({"inner_optimizer": "rmsprop"}, ValueError, "inner_optimizer must be one of ('sgd', 'momentum', 'adam')"),
     ({"inner_optimizer": "adam", "betas": (0.9, 0.99, 0.9)}, ValueError, "betas must be a pair"),

@@ -89,7 +89,7 @@ def test_resume_refuses_other_settings_and_run_refuses_to_overwrite(tmp_path, te
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("algos", ("maml", "adam"), "algos must be distinct names"), ("steps", 0, "steps must be a positive int"),
+    ("algos", ("maml", "adam"), "algos must be distinct names"), ("steps", 0, "steps must be an int >= 1"),
     ("task", "vision", "task must be one of"), ("inner_lr", -1.0, "inner_lr must be a finite number > 0"),
     ("meta_lr", float("inf"), "meta_lr must be a finite number > 0, got inf"),
     ("d_model", 30, "d_model=30 must be divisible by n_heads=4"),
@@ -140,7 +140,7 @@ def test_cli_train_writes_table_metrics_plot_and_checkpoint(tmp_path, text_folde
     (["--algo", "maml,reptile"], "algos must be distinct names"),
     (["--task", "clinc"], "task 'clinc' needs a data folder"),
     (["--data", "/no/such/folder"], "/no/such/folder: not a folder"),
-    (["--steps", "0"], "steps must be a positive int"),
+    (["--steps", "0"], "steps must be an int >= 1"),
     (["--resume"], "no checkpoint to resume from"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--n-support", "500"], "the standard-library docstrings: "),

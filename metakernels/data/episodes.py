@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from .lm_tasks import batch_generator, check_seed
-from .text import PAD, DataError, check_positive_ints, encode, read_utf8
+from .text import PAD, DataError, encode, positive_ints, read_utf8
 
 _CLINC_SPLITS = ("train", "val", "test")
 
@@ -80,8 +80,8 @@ class EpisodeSampler:
 
     def __init__(self, classes: Mapping[str, list[str]], n_way: int = 5, k_shot: int = 5, n_query: int = 5,
                  max_len: int = 48, seed: int = 0):
-        check_positive_ints(n_way=n_way, k_shot=k_shot, n_query=n_query, max_len=max_len)
-        check_seed(seed)
+        n_way, k_shot, n_query, max_len = positive_ints(n_way=n_way, k_shot=k_shot, n_query=n_query, max_len=max_len)
+        seed = check_seed(seed)
         self.names = sorted(classes)
         for name in self.names:
             texts = classes[name]
@@ -103,7 +103,7 @@ class EpisodeSampler:
         return torch.cat([tokens, torch.full((self.max_len - tokens.numel(),), PAD, dtype=torch.int64)])
 
     def batch(self, index: int, num_tasks: int) -> EpisodeBatch:
-        check_positive_ints(num_tasks=num_tasks)
+        num_tasks, = positive_ints(num_tasks=num_tasks)
         gen = batch_generator(self.seed, index)
         support, query, names = [], [], []
         for _ in range(num_tasks):

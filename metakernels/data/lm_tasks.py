@@ -13,7 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
-from .text import DataError, check_positive_ints, encode
+from ..ops._checks import as_integer, require_int
+from .text import DataError, encode, positive_ints
 
 
 @dataclasses.dataclass
@@ -23,16 +24,18 @@ class LMTaskBatch:
     domains: list[str]      # the T task domains
 
 
-def check_seed(seed) -> None:
-    """A sampler's seed: any int (its batches are a pure function of it and the batch index)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+def check_seed(seed) -> int:
+    """A sampler's seed as an int: any int, None refused (its batches are a pure function of it and the
+    batch index)."""
+    integer = as_integer(seed)
+    if integer is None:
         raise TypeError(f"seed must be an int, got {seed!r}")
+    return integer
 
 
 def batch_generator(seed: int, index: int) -> torch.Generator:
     """The generator of batch ``index`` of a sampler seeded ``seed`` (independent of other batches)."""
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ValueError(f"index must be an int >= 0 (the batch's number), got {index!r}")
+    index = require_int("index", index, 0, note=" (the batch's number)")
     return torch.Generator().manual_seed((seed * 1_000_003 + index) % (2 ** 63))
 
 
@@ -41,8 +44,8 @@ class LMTaskSampler:
 
     def __init__(self, domains: Mapping[str, str], n_support: int = 4, n_query: int = 4, seq_len: int = 48,
                  seed: int = 0):
-        check_positive_ints(n_support=n_support, n_query=n_query, seq_len=seq_len)
-        check_seed(seed)
+        n_support, n_query, seq_len = positive_ints(n_support=n_support, n_query=n_query, seq_len=seq_len)
+        seed = check_seed(seed)
         if not domains:
             raise DataError("no domains to sample tasks from")
         self.n_support, self.n_query, self.seq_len, self.seed = n_support, n_query, seq_len, seed
@@ -62,7 +65,7 @@ class LMTaskSampler:
         self.tokens = [encode(domains[n]) for n in self.names]
 
     def batch(self, index: int, num_tasks: int) -> LMTaskBatch:
-        check_positive_ints(num_tasks=num_tasks)
+        num_tasks, = positive_ints(num_tasks=num_tasks)
         gen = batch_generator(self.seed, index)
         n = len(self.names)
         if num_tasks <= n:

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from ..ops._checks import require_int
+
 VOCAB_SIZE = 256
 PAD = 0
 _UNKNOWN = 255
@@ -34,11 +36,9 @@ class DataError(ValueError):
     """A data file or domain is missing, malformed or too small; the message names it."""
 
 
-def check_positive_ints(**values) -> None:
-    """Raises ValueError naming the first argument that is not an int >= 1 (bools are not ints here)."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+def positive_ints(**values) -> list[int]:
+    """The values as ints, in order; ValueError naming the first that is not an int >= 1 (require_int)."""
+    return [require_int(name, value, 1) for name, value in values.items()]
 
 
 def encode(text: str) -> torch.Tensor:

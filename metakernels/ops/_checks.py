@@ -64,10 +64,26 @@ def as_integer(value) -> int | None:
         return None
 
 
-def require_seed(where: str, seed) -> None:
-    """TypeError unless ``seed`` is an int or None (torch.Generator.manual_seed's own error names no argument)."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+def require_int(name: str, value, low: int, high: int | None = None, note: str = "") -> int:
+    """``value`` as a Python int (Python and numpy integers, integer 0-d tensors; not bools or floats) in
+    [low, high]; else a ValueError "<name> must be an int >= <low><note>, got <value>" (``in [low, high]``
+    where there is a high bound).  ``name`` says where, e.g. "adam_update: argument 'step'"."""
+    integer = as_integer(value)
+    if integer is None or integer < low or (high is not None and integer > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {bound}{note}, got {value!r}")
+    return integer
+
+
+def require_seed(where: str, seed) -> int | None:
+    """``seed`` as a Python int, or None; TypeError for anything else (torch.Generator.manual_seed's own error
+    names no argument)."""
+    if seed is None:
+        return None
+    integer = as_integer(seed)
+    if integer is None:
         raise TypeError(f"{where}: argument 'seed' must be an int or None, got {type(seed).__name__}")
+    return integer
 
 
 def task_operand_shape(op: str, named: list[tuple[str, torch.Tensor]]) -> tuple[int | None, int]:

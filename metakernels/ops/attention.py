@@ -190,8 +190,7 @@ def causal_attention(qkv: torch.Tensor, n_heads: int, scale: float | None = None
     """Multi-head causal self-attention of a fused q|k|v projection; see the module docstring."""
     op = "causal_attention"
     _checks.require_tensor(op, "qkv", qkv)
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-        raise ValueError(f"{op}: argument 'n_heads' must be a positive int, got {n_heads!r}")
+    n_heads = _checks.require_int(f"{op}: argument 'n_heads'", n_heads, 1)
     if qkv.dim() < 2 or qkv.shape[-1] % (3 * n_heads):
         raise ValueError(f"{op}: argument 'qkv' must be [..., S, 3 * n_heads * d_head] (q|k|v of {n_heads} heads "
                          f"each), got shape {_checks.shape_str(qkv.shape)}")

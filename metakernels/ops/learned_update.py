@@ -80,11 +80,10 @@ def num_weights(hidden: int, layers: int) -> int:
     return hidden * NUM_FEATURES + hidden + (layers - 1) * (hidden * hidden + hidden) + 2 * hidden + 2
 
 
-def check_mlp_size(where: str, hidden, layers) -> None:
-    """Raises ValueError unless hidden and layers are ints in [1, MAX_HIDDEN] and [1, MAX_LAYERS]."""
-    for name, value, high in (("hidden", hidden, MAX_HIDDEN), ("layers", layers, MAX_LAYERS)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-            raise ValueError(f"{where}: argument '{name}' must be an int in [1, {high}], got {value!r}")
+def check_mlp_size(where: str, hidden, layers) -> tuple[int, int]:
+    """(hidden, layers) as ints; ValueError unless they are in [1, MAX_HIDDEN] and [1, MAX_LAYERS]."""
+    return (_checks.require_int(f"{where}: argument 'hidden'", hidden, 1, MAX_HIDDEN),
+            _checks.require_int(f"{where}: argument 'layers'", layers, 1, MAX_LAYERS))
 
 
 def split_weights(weights: torch.Tensor, hidden: int, layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -189,8 +188,9 @@ def _check_segments(segments, P: int) -> list[int]:
 
 
 def _operands(params, grads, state, weights, hidden, layers, segments, hyper):
-    """Validates the operands of learned_update / learned_update_; returns them as [T, P] (state
-    [4, T, P]) views, the weights in the accumulation dtype, the segment sizes and whether params was [P]."""
+    """Validates the operands of learned_update / learned_update_ (their callers check hidden and layers with
+    check_mlp_size); returns them as [T, P] (state [4, T, P]) views, the weights in the accumulation dtype,
+    the segment sizes and whether params was [P]."""
     params = _checks.require_tensor(_OP, "params", params)
     grads = _checks.require_tensor(_OP, "grads", grads)
     state = _checks.require_tensor(_OP, "state", state)
@@ -206,7 +206,6 @@ def _operands(params, grads, state, weights, hidden, layers, segments, hyper):
     if tuple(state.shape) != expected_state:
         raise ValueError(f"{_OP}: argument 'state' must be {_checks.shape_str(expected_state)} (4 planes: three momenta "
                          f"and the second moment), got {_checks.shape_str(state.shape)}")
-    check_mlp_size(_OP, hidden, layers)
     if weights.dim() != 1 or weights.numel() != num_weights(hidden, layers):
         raise ValueError(f"{_OP}: argument 'weights' must be [{num_weights(hidden, layers)}] for hidden={hidden}, "
                          f"layers={layers}, got {_checks.shape_str(weights.shape)}")
@@ -227,6 +226,7 @@ def learned_update(params: torch.Tensor, grads: torch.Tensor, state: torch.Tenso
     """One learned-optimizer step for every task: returns ``(params', state')``; see the module
     docstring for the math and shapes.  ``weights`` is float32 or float64; it is cast to the
     accumulation dtype (float64 for float64 params, else float32)."""
+    hidden, layers = check_mlp_size(_OP, hidden, layers)
     params, grads, state, weights, sizes, single = _operands(params, grads, state, weights, hidden, layers,
                                                              segments, hyper)
     backend = _backend.select(params.device, _OP)
@@ -259,6 +259,7 @@ def learned_update_(params: torch.Tensor, grads: torch.Tensor, state: torch.Tens
                                        for t in (params, grads, state, weights)):
         raise RuntimeError(f"{_OP}_: writes params and state in place and records nothing for autograd; an input "
                            f"requires grad: call {_OP} for a meta-gradient, or run under torch.no_grad()")
+    hidden, layers = check_mlp_size(_OP, hidden, layers)
     p, g, s, w, sizes, _ = _operands(params, grads, state, weights, hidden, layers, segments, hyper)
     for name, t in (("params", p), ("state", s)):
         if not t.is_contiguous():

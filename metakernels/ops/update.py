@@ -237,8 +237,7 @@ def adam_update(params: torch.Tensor, grads: torch.Tensor, m: torch.Tensor, v: t
                 beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
     """Adam with bias correction at 1-based ``step``: returns ``(params', m', v')``."""
     op = "adam_update"
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"{op}: argument 'step' must be an int >= 1 (the 1-based step count), got {step!r}")
+    step = _checks.require_int(f"{op}: argument 'step'", step, 1, note=" (the 1-based step count)")
     hyper = {
         "beta1": _checks.require_number(op, "beta1", beta1, low=0.0, high=1.0, high_open=True),
         "beta2": _checks.require_number(op, "beta2", beta2, low=0.0, high=1.0, high_open=True),

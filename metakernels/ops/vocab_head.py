@@ -236,8 +236,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          f"last dimension), got {_checks.shape_str(targets.shape)}")
     if targets.device != h.device:
         raise ValueError(f"{op}: argument 'targets' is on {targets.device} but 'h' is on {h.device}")
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"{op}: argument 'chunk_rows' must be a positive int, got {chunk_rows!r}")
+    if chunk_rows is not None:
+        chunk_rows = _checks.require_int(f"{op}: argument 'chunk_rows'", chunk_rows, 1, note=" or None")
     N = weight[..., 0, 0].numel()
     h3 = h.reshape(N, -1, D)
     if h3.shape[1] == 0:

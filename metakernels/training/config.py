@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..data.text import check_positive_ints
+from ..data.lm_tasks import check_seed
+from ..data.text import positive_ints
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "lopt")
 TASKS = ("lm", "clinc", "labelled")
@@ -49,9 +50,11 @@ class TrainConfig:
         unknown = [a for a in self.algos if a not in ALGORITHMS]
         if not self.algos or unknown or len(set(self.algos)) != len(self.algos):
             raise ValueError(f"algos must be distinct names from {ALGORITHMS}, got {list(self.algos)}")
-        check_positive_ints(**{name: getattr(self, name) for name in (
-            "steps", "tasks_per_step", "inner_steps", "d_model", "n_heads", "n_layers", "seq_len", "n_support",
-            "n_query", "n_way", "eval_tasks", "val_tasks", "val_every", "checkpoint_every")})
+        counts = ("steps", "tasks_per_step", "inner_steps", "d_model", "n_heads", "n_layers", "seq_len", "n_support",
+                  "n_query", "n_way", "eval_tasks", "val_tasks", "val_every", "checkpoint_every")
+        for name, value in zip(counts, positive_ints(**{name: getattr(self, name) for name in counts})):
+            setattr(self, name, value)
+        self.seed = check_seed(self.seed)
         for name in ("inner_lr", "meta_lr", "lopt_meta_lr"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
