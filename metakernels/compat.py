@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from . import ops
 from .layout import ParamLayout
+from .recompute_guard import forward_not_recomputed
 
 
 class _Learner(nn.Module):
@@ -52,8 +53,9 @@ class _Learner(nn.Module):
                 f"parameters {frozen[:3]} have requires_grad=False; pass allow_nograd=True to adapt only the others"
             )
         layout = ParamLayout(owner.module)  # every trainable parameter, in model order
-        grads = torch.autograd.grad(loss, [self._fast[n] for n in layout.names], retain_graph=not first_order,
-                                    create_graph=not first_order, allow_unused=allow_unused)
+        with forward_not_recomputed(owner.module, "compat.MAML adapt"):
+            grads = torch.autograd.grad(loss, [self._fast[n] for n in layout.names], retain_graph=not first_order,
+                                        create_graph=not first_order, allow_unused=allow_unused)
         flat_grads = layout.flatten({n: torch.zeros_like(self._fast[n]) if g is None else g
                                      for n, g in zip(layout.names, grads)})
         updated = ops.sgd_update(layout.flatten(self._fast), flat_grads, owner.rate(layout))

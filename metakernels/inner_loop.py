@@ -22,6 +22,7 @@ from . import ops
 from .layout import ParamLayout
 from .ops._checks import require_number
 from .ops.linear import TaskLinearMode
+from .recompute_guard import forward_not_recomputed
 from .saved_views import saved_as_copies, storage_held_only_by
 from .tasks import select_tasks
 
@@ -184,7 +185,7 @@ def check_finite(losses: torch.Tensor, what: str, step: int, first_task: int = 0
 
 def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_fn, support, T: int, steps: int,
                    optimizer: InnerOptimizer, create_graph: bool, keep_graph: bool = True,
-                   nan_policy: str = "raise", first_task: int = 0) -> torch.Tensor:
+                   nan_policy: str = "raise", first_task: int = 0, where: str = "MAML") -> torch.Tensor:
     """Fast weights [T, P] after ``steps`` updates from the shared initialisation ``theta0`` [P].
 
     create_graph: record the inner gradients' graph (second order).  Each step from the second on then
@@ -192,7 +193,7 @@ def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_f
     (:mod:`metakernels.saved_views`), and plain SGD writes the next weights into the memory of the
     previous ones where nothing else holds it.  keep_graph=False detaches the weights after every step
     (adaptation for evaluation, no meta-gradient).  first_task: the index of this batch's first task in
-    the caller's, for error messages."""
+    the caller's, and ``where`` the caller's name, for error messages."""
     if not keep_graph:
         theta0 = theta0.detach()
     params = theta0
@@ -207,8 +208,9 @@ def run_inner_loop(evaluator: TaskBatchedModel, theta0: torch.Tensor, lr, loss_f
             if nan_policy == "raise":
                 check_finite(losses, "inner (support)", k, first_task)
             holders = len(views) + 2 if compact else None  # params, base and the views hold its storage
-            params, state = optimizer.descend(base, views, losses, state, lr, k, evaluator.layout, create_graph,
-                                              reuse_holders=holders)
+            with forward_not_recomputed(evaluator.model, where):
+                params, state = optimizer.descend(base, views, losses, state, lr, k, evaluator.layout, create_graph,
+                                                  reuse_holders=holders)
         if not keep_graph:
             params = params.detach()
             state = tuple(s.detach() for s in state)

@@ -28,6 +28,7 @@ from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite, refuse_inf
 from .layout import AdaptSpec, ParamLayout
 from .learned_optimizer import LearnedOptimizer
 from .ops._checks import require_int
+from .recompute_guard import forward_not_recomputed
 from .tasks import task_count
 
 META_LOSSES = ("inner", "query")
@@ -151,8 +152,9 @@ class LearnedOptimizerTrainer:
                 if not fast.requires_grad:
                     fast = fast.detach().requires_grad_()
                 losses = self._losses(loss_fn, fast, batches[k], T, state.step + k)
-                (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph,
-                                               retain_graph=track_meta_gradient)
+                with forward_not_recomputed(self.evaluator.model, "LearnedOptimizerTrainer.unroll"):
+                    (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph,
+                                                   retain_graph=track_meta_gradient)
             history.append(losses.detach())
             if k > 0 and meta_loss == "inner":
                 terms.append(weights[k - 1] * (losses.mean() if track_meta_gradient else losses.detach().mean()))

@@ -191,6 +191,7 @@ class MAML(nn.Module):
             fast = run_inner_loop(
                 self._evaluator, theta0, rate, loss_fn, support, T, self.inner_steps, self.optimizer,
                 create_graph=second_order, keep_graph=tracked, nan_policy=self.nan_policy, first_task=first_task,
+                where=type(self).__name__,
             )
         if second_order and not self._second_order_checked:
             self._check_twice_differentiable(fast)
@@ -234,7 +235,7 @@ class MAML(nn.Module):
             fast = run_inner_loop(
                 self._evaluator, self.layout.flatten(), rate, loss_fn, support, T,
                 self.inner_steps if steps is None else steps, self.optimizer,
-                create_graph=False, keep_graph=False, nan_policy=self.nan_policy,
+                create_graph=False, keep_graph=False, nan_policy=self.nan_policy, where=f"{type(self).__name__}.adapt",
             )
         return AdaptedModel(self._evaluator, fast.detach())
 

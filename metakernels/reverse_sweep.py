@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .inner_loop import check_finite
+from .recompute_guard import forward_not_recomputed
 
 
 def _rng_state(device: torch.device):
@@ -58,7 +59,8 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
             losses = evaluator.losses_of(loss_fn, views, support, T)
             if maml.nan_policy == "raise":
                 check_finite(losses, "inner (support)", k, first_task)
-            params, state = optimizer.descend(params, views, losses, state, rate, k, maml.layout)
+            with forward_not_recomputed(evaluator.model, type(maml).__name__):
+                params, state = optimizer.descend(params, views, losses, state, rate, k, maml.layout)
 
     with torch.enable_grad():
         theta = params.detach().requires_grad_()  # [P] when K = 0: v is then summed over the tasks
