@@ -15,7 +15,8 @@ from .learned_optimizer import LearnedOptimizer
 from .lopt_es import ESEstimator, ESResult
 from .lopt_training import LearnedOptimizerTrainer, UnrollResult, UnrollState
 from .maml import MAML, AdaptedModel, MetaSGD
+from .recompute_guard import RecomputedForwardError
 
 __version__ = "0.1.0"
 __all__ = ["ops", "nn", "data", "MAML", "MetaSGD", "AdaptedModel", "LearnedOptimizer", "LearnedOptimizerTrainer", "UnrollState",
-           "UnrollResult", "ESEstimator", "ESResult", "CheckpointError", "backend_info", "use_backend", "BackendUnavailableError", "__version__"]
+           "UnrollResult", "ESEstimator", "ESResult", "CheckpointError", "RecomputedForwardError", "backend_info", "use_backend", "BackendUnavailableError", "__version__"]

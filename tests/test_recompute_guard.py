@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 import metakernels as mk
 from metakernels import compat
-from metakernels.recompute_guard import RecomputedForwardError
+from metakernels import RecomputedForwardError
 from test_maml import _tasks, _tiny_gpt2
 
 ADVICE = "gradient_checkpointing_disable"
