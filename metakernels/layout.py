@@ -15,6 +15,35 @@ from .saved_views import storage_held_only_by
 AdaptSpec = None | Callable[[str, nn.Parameter], bool] | Iterable[str]
 
 
+def _check_one_float_layout(chosen: list[tuple[str, nn.Parameter]]) -> None:
+    """The adapted parameters become one [T, P] tensor: they must share a floating dtype and a device
+    (torch.cat would silently promote a float32 model's weights to the dtype of one float64 parameter)."""
+    not_float = [(n, p.dtype) for n, p in chosen if not p.dtype.is_floating_point]
+    if not_float:
+        name, dtype = not_float[0]
+        raise TypeError(f"adapted parameter {name!r} has dtype {dtype}; adapted parameters must be real floating point "
+                        "(leave it out of 'adapt' or freeze it)")
+    for attribute in ("dtype", "device"):
+        first_name, first = chosen[0]
+        for name, p in chosen[1:]:
+            if getattr(p, attribute) != getattr(first, attribute):
+                raise ValueError(
+                    f"adapted parameters must share one {attribute} (they are packed into one [T, P] tensor): "
+                    f"{first_name!r} has {getattr(first, attribute)}, {name!r} has {getattr(p, attribute)}; "
+                    f"move the model with .to(...) or leave one of them out of 'adapt'")
+
+
+def _refuse_sparse_gradients(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> None:
+    """An embedding with sparse=True returns a sparse gradient, which cannot be taken through the dense
+    per-task fast weights (torch fails with 'reshape is not implemented for sparse tensors')."""
+    adapted = {id(p) for _, p in chosen}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and id(module.weight) in adapted:
+            raise ValueError(f"module {name or 'the model'!r} ({type(module).__name__}) has sparse=True, and its weight is "
+                             "adapted: its gradient would be sparse, which the dense per-task fast weights cannot "
+                             "take; build it with sparse=False or leave its weight out of 'adapt'")
+
+
 class ParamLayout:
     def __init__(self, model: nn.Module, adapt: AdaptSpec = None):
         named = list(model.named_parameters())
@@ -42,6 +71,8 @@ class ParamLayout:
                 "the model has no parameter to adapt: every parameter is frozen or excluded by 'adapt'; "
                 "give a predicate or list of names that selects at least one trainable parameter"
             )
+        _check_one_float_layout(chosen)
+        _refuse_sparse_gradients(model, chosen)
         self.names = [n for n, _ in chosen]
         self.shapes = [p.shape for _, p in chosen]
         self.numels = [p.numel() for _, p in chosen]

@@ -1,5 +1,8 @@
 """ParamLayout: which parameters adapt, and the flat [..., P] layout's unflatten / pack pair."""
+import pytest
 import torch
+
+import metakernels as mk
 
 from metakernels.layout import ParamLayout
 
@@ -117,3 +120,57 @@ def test_the_update_and_the_views_cotangents_meet_without_a_separate_flat_add():
     (want,) = torch.autograd.grad((flat + torch.autograd.grad((layout.unflatten(flat)["lin.weight"] ** 3).sum(), flat,
                                                                create_graph=True)[0]).sum(), flat)
     torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+
+
+def test_adapted_parameters_of_two_dtypes_are_refused_and_a_frozen_odd_one_is_not():
+    """torch.cat would silently promote the float32 weights to the float64 one's dtype."""
+    net = _Net()
+    net.scale.data = net.scale.data.double()
+    with pytest.raises(ValueError, match=r"share one dtype .*'scale' has torch.float64, 'lin.weight' has torch.float32"):
+        ParamLayout(net)
+    with pytest.raises(ValueError, match="share one dtype"):
+        mk.MAML(net)
+    assert ParamLayout(net, adapt=lambda name, p: name != "scale").names == ["lin.weight", "lin.bias", "emb.weight"]
+    net.scale.requires_grad_(False)
+    assert ParamLayout(net).names == ["lin.weight", "lin.bias", "emb.weight"]
+
+
+def test_an_adapted_complex_parameter_is_refused():
+    net = _Net()
+    net.scale = torch.nn.Parameter(torch.tensor(1 + 2j))
+    with pytest.raises(TypeError, match=r"'scale' has dtype torch.complex64; adapted parameters must be real floating"):
+        ParamLayout(net)
+
+
+def test_an_adapted_sparse_embedding_is_refused_and_an_unadapted_one_is_not():
+    net = _Net()
+    net.emb.sparse = True
+    with pytest.raises(ValueError, match=r"module 'emb' \(Embedding\) has sparse=True.*sparse=False"):
+        ParamLayout(net)
+    with pytest.raises(ValueError, match="sparse=True"):
+        mk.LearnedOptimizerTrainer(mk.LearnedOptimizer(hidden=4), net)
+    assert ParamLayout(net, adapt=["lin.weight"]).names == ["lin.weight"]
+
+
+def test_maml_with_an_unadapted_sparse_embedding_gives_its_sparse_meta_gradient():
+    """ANIL over a sparse embedding: the embedding is meta-trained only, and its gradient stays sparse
+    (SparseAdam can take it), equal to the dense embedding's."""
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 5, sparse=sparse), torch.nn.Flatten(1), torch.nn.Linear(35, 3))
+        model.double()
+        torch.manual_seed(1)
+        x, y = torch.randint(0, 10, (4, 6, 7)), torch.randint(0, 3, (4, 6))
+        loss_fn = lambda f, b: torch.nn.functional.cross_entropy(f(b[0]), b[1])  # noqa: E731
+        mk.MAML(model, adapt=["2.weight", "2.bias"], inner_steps=2)(loss_fn, (x, y), (x, y)).backward()
+        grads.append(model[0].weight.grad)
+    assert grads[1].layout == torch.sparse_coo
+    torch.testing.assert_close(grads[1].to_dense(), grads[0], rtol=1e-12, atol=1e-15)
+
+
+def test_adapted_parameters_on_two_devices_are_refused():
+    net = _Net()
+    net.scale = torch.nn.Parameter(torch.tensor(1.5, device="meta"))
+    with pytest.raises(ValueError, match=r"share one device .*'scale' has meta, 'lin.weight' has cpu"):
+        ParamLayout(net)
