@@ -4,6 +4,7 @@ The adapted parameters are concatenated (model order) into one vector of P eleme
 fused update ops run on [T, P] fast weights; ``unflatten`` gives per-parameter views back."""
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -44,6 +45,21 @@ def _refuse_sparse_gradients(model: nn.Module, chosen: list[tuple[str, nn.Parame
                              "take; build it with sparse=False or leave its weight out of 'adapt'")
 
 
+def _refuse_compiled_modules(model: nn.Module) -> None:
+    """A torch.compile'd module cannot run with per-task fast weights: its compiled backward has no double
+    backward (second order), and under torch.vmap or a second call with other weights it failed inside the
+    compiled code (torch 2.14: a stride assertion, or 'donated buffers' needing create_graph=False)."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled (and importing dynamo takes a second)
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, sys.modules["torch._dynamo"].eval_frame.OptimizedModule):
+            where = f"module {name!r}" if name else "the model"
+            raise TypeError(f"{where} is a torch.compile'd module, which metakernels cannot run with per-task fast "
+                            "weights (under torch.vmap its compiled backward fails) or differentiate twice (no double "
+                            "backward); pass the module it wraps (its ._orig_mod), and for speed swap in "
+                            "metakernels' fused layers (mk.nn.fuse_layers)")
+
+
 class ParamLayout:
     def __init__(self, model: nn.Module, adapt: AdaptSpec = None):
         named = list(model.named_parameters())
@@ -71,6 +87,7 @@ class ParamLayout:
                 "the model has no parameter to adapt: every parameter is frozen or excluded by 'adapt'; "
                 "give a predicate or list of names that selects at least one trainable parameter"
             )
+        _refuse_compiled_modules(model)
         _check_one_float_layout(chosen)
         _refuse_sparse_gradients(model, chosen)
         self.names = [n for n, _ in chosen]

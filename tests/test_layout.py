@@ -174,3 +174,15 @@ def test_adapted_parameters_on_two_devices_are_refused():
     net.scale = torch.nn.Parameter(torch.tensor(1.5, device="meta"))
     with pytest.raises(ValueError, match=r"share one device .*'scale' has meta, 'lin.weight' has cpu"):
         ParamLayout(net)
+
+
+def test_a_compiled_module_is_refused_with_the_module_it_wraps_as_advice():
+    """torch 2.14 measured: second order through a compiled module fails ('does not currently support double
+    backward', or a stride assertion under vmap)."""
+    net = _Net()
+    with pytest.raises(TypeError, match=r"the model is a torch.compile'd module.*\._orig_mod"):
+        mk.MAML(torch.compile(net))
+    outer = torch.nn.Sequential(torch.compile(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"module '0' is a torch.compile'd module"):
+        ParamLayout(outer)
+    assert ParamLayout(torch.compile(net)._orig_mod).names == ["scale", "lin.weight", "lin.bias", "emb.weight"]
