@@ -98,8 +98,21 @@ class ParamLayout:
         self._spec = (tuple(self.numels), tuple(self.shapes))
 
     def parameters(self) -> list[nn.Parameter]:
+        """The adapted parameters, fetched by name (so that a module moved with .to() is followed);
+        raises if the model no longer has them with the shapes, one dtype and one device the layout was
+        built for (a head swapped for another size after MAML was built)."""
         params = dict(self._module.named_parameters())
-        return [params[n] for n in self.names]
+        for name, shape in zip(self.names, self.shapes):
+            if name not in params:
+                raise RuntimeError(f"the model changed after it was wrapped: it no longer has the adapted parameter "
+                                   f"{name!r}; wrap the changed model anew (the [T, P] layout is fixed when built)")
+            if params[name].shape != shape:
+                raise RuntimeError(f"the model changed after it was wrapped: adapted parameter {name!r} has shape "
+                                   f"{list(params[name].shape)}, {list(shape)} when wrapped; wrap the changed model "
+                                   "anew (the [T, P] layout is fixed when built)")
+        chosen = [(n, params[n]) for n in self.names]
+        _check_one_float_layout(chosen)
+        return [p for _, p in chosen]
 
     def flatten(self, values: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The adapted parameters (or ``values``, by name, in their place) as one differentiable [P]

@@ -186,3 +186,64 @@ def test_a_compiled_module_is_refused_with_the_module_it_wraps_as_advice():
     with pytest.raises(TypeError, match=r"module '0' is a torch.compile'd module"):
         ParamLayout(outer)
     assert ParamLayout(torch.compile(net)._orig_mod).names == ["scale", "lin.weight", "lin.bias", "emb.weight"]
+
+
+def _classifier():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+
+
+def _classification_tasks(classes=3):
+    torch.manual_seed(1)
+    batch = torch.randn(4, 6, 5), torch.randint(0, classes, (4, 6))
+    return lambda f, b: torch.nn.functional.cross_entropy(f(b[0]), b[1]), batch
+
+
+def test_a_model_whose_adapted_parameters_changed_shape_or_vanished_after_wrapping_is_refused():
+    """Before: 'split_with_sizes expects split_sizes to sum exactly to 84' and KeyError('2.bias')."""
+    loss_fn, batch = _classification_tasks(4)
+    model = _classifier()
+    maml, trainer = mk.MAML(model), mk.LearnedOptimizerTrainer(mk.LearnedOptimizer(hidden=4), model)
+    model[2] = torch.nn.Linear(8, 4)
+    message = r"model changed after it was wrapped: adapted parameter '2.weight' has shape \[4, 8\], \[3, 8\] when"
+    with pytest.raises(RuntimeError, match=message):
+        maml(loss_fn, batch, batch)
+    with pytest.raises(RuntimeError, match=message):
+        maml.adapt(loss_fn, batch)
+    with pytest.raises(RuntimeError, match=message):
+        trainer.unroll(loss_fn, batch, 1)
+    model[2] = torch.nn.Linear(8, 3, bias=False)
+    with pytest.raises(RuntimeError, match="no longer has the adapted parameter '2.bias'"):
+        maml(loss_fn, batch, batch)
+
+
+def test_a_model_cast_whole_after_wrapping_is_followed_and_one_cast_in_part_is_refused():
+    loss_fn, batch = _classification_tasks()
+    model = _classifier()
+    maml = mk.MAML(model)
+    model.double()
+    assert maml(loss_fn, (batch[0].double(), batch[1]), (batch[0].double(), batch[1])).dtype == torch.float64
+    model[2].float()
+    with pytest.raises(ValueError, match=r"share one dtype .*'0.weight' has torch.float64, '2.weight' has torch.float32"):
+        maml(loss_fn, batch, batch)
+
+
+def test_a_head_replaced_by_one_of_the_same_shape_is_used():
+    loss_fn, batch = _classification_tasks()
+    model = _classifier()
+    maml = mk.MAML(model)
+    model[2] = torch.nn.Linear(8, 3)
+    maml(loss_fn, batch, batch).backward()
+    assert model[2].weight.grad is not None
+
+
+def test_a_parameter_frozen_after_wrapping_still_adapts_and_gets_no_meta_gradient():
+    """The README's rule (evaluation code that freezes the model before adapt keeps working)."""
+    loss_fn, batch = _classification_tasks()
+    model = _classifier()
+    maml = mk.MAML(model, inner_lr=0.5)
+    model[2].weight.requires_grad_(False)
+    maml(loss_fn, batch, batch).backward()
+    assert model[2].weight.grad is None and model[0].weight.grad is not None
+    adapted = maml.adapt(loss_fn, batch).params(0)["2.weight"]
+    assert not torch.allclose(adapted, model[2].weight)
