@@ -34,11 +34,10 @@ def _message(where: str, what: str) -> str:
 def forward_not_recomputed(model: nn.Module, where: str):
     """Runs the body (a ``torch.autograd.grad`` through ``model`` called with fast weights) and raises
     :class:`RecomputedForwardError` if one of ``model``'s modules runs a forward meanwhile."""
-    names = {id(module): name for name, module in model.named_modules()}
-
-    def refuse(module, args):
-        if id(module) in names:
-            label = names[id(module)] or "the model"
+    def refuse(module, args):  # runs only when a forward runs inside the backward: look the module up then
+        name = next((name for name, known in model.named_modules() if known is module), None)
+        if name is not None:
+            label = name or "the model"
             raise RecomputedForwardError(_message(where, f"{label!r} ({type(module).__name__}) ran its forward again"))
 
     handle = nn.modules.module.register_module_forward_pre_hook(refuse)
