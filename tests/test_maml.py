@@ -266,7 +266,7 @@ def test_inference_mode_is_refused_with_advice():
 
 @pytest.mark.parametrize("bad,exc,words", [
     ("t_mismatch", ValueError, ["support has T=3", "query has T=2"]),
-    ("no_tasks", ValueError, ["'support' leaf 0 has shape [0, 2, 8]: no tasks"]),
+    ("no_tasks", ValueError, ["support has shape [0, 2, 8]: no tasks"]),
     ("no_task_dim", ValueError, ["0-d"]),
     ("non_scalar", ValueError, ["scalar", "[2]"]),
     ("not_tensor", TypeError, ["scalar tensor", "float"]),
