@@ -93,6 +93,7 @@ class LearnedOptimizer(nn.Module):
         self.w_out[0, 0], self.w_out[0, 1] = 1.0, -1.0
 
     def config(self) -> dict:
+        """The constructor's settings as plain JSON values (saved beside the weights by ``save``)."""
         return {"hidden": self.hidden, "layers": self.layers, "init": self.init,
                 "hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.hyper).items()}}
 

@@ -265,6 +265,8 @@ class MetaSGD(MAML):
         self.inner_lrs = nn.ParameterList(nn.Parameter(r) for r in rates)
 
     def inner_rate(self) -> torch.Tensor:
+        """The learned inner rates as the update ops take them: [P] per parameter ("parameter" and
+        "tensor", a tensor's rate repeated over its elements) or one 0-d rate ("scalar")."""
         if self.learn_lr == "parameter":
             return self.layout.flatten(dict(zip(self.layout.names, self.inner_lrs)))
         if self.learn_lr == "tensor":

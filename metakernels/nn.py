@@ -38,6 +38,8 @@ from .ops.gelu import bias_gelu
 from .ops.norm import layer_norm, rms_norm
 from .ops.softmax import causal_softmax
 
+__all__ = ["LayerNorm", "RMSNorm", "GELU", "LinearGELU", "CausalSelfAttention", "fuse_layers"]
+
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension, computed by the fused op."""
@@ -88,6 +90,7 @@ class CausalSelfAttention(models.CausalSelfAttention):
         return self.proj(causal_attention(self.qkv(x), self.n_heads))
 
     def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The fused causal softmax of the scaled scores; q, k: [B, heads, S, d_head] -> [B, heads, S, S]."""
         return causal_softmax(q @ k.transpose(-2, -1), q.shape[-1] ** -0.5)
 
 

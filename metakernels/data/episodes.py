@@ -103,6 +103,9 @@ class EpisodeSampler:
         return torch.cat([tokens, torch.full((self.max_len - tokens.numel(),), PAD, dtype=torch.int64)])
 
     def batch(self, index: int, num_tasks: int) -> EpisodeBatch:
+        """Batch number ``index``: ``num_tasks`` episodes, each ``n_way`` classes drawn anew and labelled
+        0..n_way-1 in the order drawn, with disjoint support and query texts; a pure function of the seed
+        and ``index``."""
         num_tasks, = positive_ints(num_tasks=num_tasks)
         gen = batch_generator(self.seed, index)
         support, query, names = [], [], []

@@ -65,6 +65,8 @@ class LMTaskSampler:
         self.tokens = [encode(domains[n]) for n in self.names]
 
     def batch(self, index: int, num_tasks: int) -> LMTaskBatch:
+        """Batch number ``index``: ``num_tasks`` domains (without repeats while there are enough), each
+        with disjoint support and query chunks; a pure function of the seed and ``index``."""
         num_tasks, = positive_ints(num_tasks=num_tasks)
         gen = batch_generator(self.seed, index)
         n = len(self.names)

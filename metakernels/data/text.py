@@ -48,6 +48,7 @@ def encode(text: str) -> torch.Tensor:
 
 
 def decode(tokens) -> str:
+    """The text of ``encode``'s tokens; token 255 (any character from U+00FF up) comes back as U+FFFD."""
     return "".join("\ufffd" if t == _UNKNOWN else chr(t) for t in torch.as_tensor(tokens).tolist())
 
 
