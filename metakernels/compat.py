@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from . import ops
 from .layout import ParamLayout
+from .ops._checks import require_bool
 from .recompute_guard import forward_not_recomputed
 
 
@@ -63,10 +64,10 @@ class _Learner(nn.Module):
 
 
 def _settings(holder, first_order, allow_unused, allow_nograd) -> tuple[bool, bool, bool]:
-    """(first_order, allow_unused, allow_nograd): each argument given, else holder's."""
-    return (holder.first_order if first_order is None else first_order,
-            holder.allow_unused if allow_unused is None else allow_unused,
-            holder.allow_nograd if allow_nograd is None else allow_nograd)
+    """(first_order, allow_unused, allow_nograd): each argument given (True or False), else holder's."""
+    given = {"first_order": first_order, "allow_unused": allow_unused, "allow_nograd": allow_nograd}
+    return tuple(getattr(holder, name) if value is None else require_bool(name, value)
+                 for name, value in given.items())
 
 
 class MAML(nn.Module):
@@ -77,9 +78,10 @@ class MAML(nn.Module):
         super().__init__()
         self.module = model
         self.lr = lr
-        self.first_order = first_order
-        self.allow_unused = allow_nograd if allow_unused is None else allow_unused  # learn2learn's default
-        self.allow_nograd = allow_nograd
+        self.first_order = require_bool("first_order", first_order)
+        self.allow_nograd = require_bool("allow_nograd", allow_nograd)
+        self.allow_unused = (self.allow_nograd if allow_unused is None  # learn2learn's default
+                             else require_bool("allow_unused", allow_unused))
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

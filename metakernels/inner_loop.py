@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from . import ops
 from .layout import ParamLayout
-from .ops._checks import require_number
+from .ops._checks import require_bool, require_number
 from .ops.linear import TaskLinearMode
 from .recompute_guard import forward_not_recomputed
 from .saved_views import saved_as_copies, storage_held_only_by
@@ -114,7 +114,7 @@ class TaskBatchedModel:
     def __init__(self, model: nn.Module, layout: ParamLayout, vectorize: bool | None = None):
         self.model = model
         self.layout = layout
-        self.vectorize = vectorize  # None: try vmap, fall back to the loop once with a warning
+        self.vectorize = require_bool("vectorize", vectorize, none_ok=True)  # None: try vmap, else loop
 
     def bind(self, params: dict[str, torch.Tensor]):
         """The model called with ``params`` (one task's adapted parameters, by name) in place of its own."""

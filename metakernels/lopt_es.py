@@ -33,7 +33,7 @@ import math
 import torch
 
 from .lopt_training import LearnedOptimizerTrainer, UnrollState
-from .ops._checks import require_int, require_seed
+from .ops._checks import require_bool, require_int, require_seed
 from .tasks import task_count
 
 
@@ -64,8 +64,7 @@ class ESEstimator:
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
             raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
         pairs = require_int("pairs", pairs, 1)
-        if not isinstance(persistent, bool):
-            raise TypeError(f"persistent must be True or False, got {persistent!r}")
+        persistent = require_bool("persistent", persistent)
         seed = require_seed("ESEstimator", seed)
         self.trainer = trainer
         self.sigma = float(sigma)

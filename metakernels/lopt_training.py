@@ -27,7 +27,7 @@ from torch import nn
 from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite, refuse_inference_mode
 from .layout import AdaptSpec, ParamLayout
 from .learned_optimizer import LearnedOptimizer
-from .ops._checks import require_int
+from .ops._checks import require_bool, require_int
 from .recompute_guard import forward_not_recomputed
 from .tasks import task_count
 
@@ -71,7 +71,7 @@ class LearnedOptimizerTrainer:
         self.lopt = lopt
         self.layout = ParamLayout(model, adapt)
         self.evaluator = TaskBatchedModel(model, self.layout, vectorize)
-        self.first_order = first_order
+        self.first_order = require_bool("first_order", first_order)
         self.nan_policy = nan_policy
 
     def initial_state(self, num_tasks: int, init: torch.Tensor | None = None) -> UnrollState:

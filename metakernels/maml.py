@@ -20,7 +20,7 @@ from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_f
                          run_inner_loop)
 from .layout import AdaptSpec, ParamLayout
 from .nn import fuse_layers
-from .ops._checks import as_integer, require_int, require_number
+from .ops._checks import as_integer, require_bool, require_int, require_number
 from .reverse_sweep import add_optional, chunk_meta_gradients
 from .saved_views import saved_as_copies
 from .tasks import select_tasks, task_count
@@ -131,13 +131,14 @@ class MAML(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         inner_steps = require_int("inner_steps", inner_steps, 0)
+        first_order = require_bool("first_order", first_order)
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
         if task_chunk is not None:
             task_chunk = require_int("task_chunk", task_chunk, 1, note=" or None")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-        self.fused_layers = fuse_layers(model) if fused_layers else []
+        self.fused_layers = fuse_layers(model) if require_bool("fused_layers", fused_layers) else []
         self.module = model
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps

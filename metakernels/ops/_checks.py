@@ -6,6 +6,7 @@ import math
 import numbers
 import operator
 
+import numpy as np
 import torch
 
 
@@ -73,6 +74,17 @@ def require_int(name: str, value, low: int, high: int | None = None, note: str =
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be an int {bound}{note}, got {value!r}")
     return integer
+
+
+def require_bool(name: str, value, none_ok: bool = False) -> bool | None:
+    """``value`` as a Python bool (a bool or numpy bool; None too where ``none_ok``); else a TypeError
+    "<name> must be True or False, got <value>".  A flag is never read by truthiness: "false" from a
+    config file would otherwise switch it on."""
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False{' or None' if none_ok else ''}, got {value!r}")
+    return bool(value)
 
 
 def require_seed(where: str, seed) -> int | None:
