@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ._autograd import cached_signature
+from .graph_leaves import leaves_outside
 from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
                          run_inner_loop)
 from .layout import AdaptSpec, ParamLayout
@@ -167,7 +168,7 @@ class MAML(nn.Module):
         if not torch.is_grad_enabled() or (self.memory == "fast" and self.task_chunk is None):
             return self._meta_loss(loss_fn, support, query, T)
         meta_params = [p for p in self.parameters() if p.requires_grad]
-        total, grads = None, [None] * len(meta_params)
+        total, sums = None, {}  # id -> (target, its gradient summed over the chunks so far)
         chunk_size = self.task_chunk or 1
         for start in range(0, T, chunk_size):
             chunk = slice(start, min(start + chunk_size, T))
@@ -175,14 +176,19 @@ class MAML(nn.Module):
             chunk_support, chunk_query = select_tasks(support, chunk), select_tasks(query, chunk)
             if self.first_order or self.memory == "fast":
                 loss = self._meta_loss(loss_fn, chunk_support, chunk_query, n, first_task=start) * (n / T)
-                chunk_grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
+                targets = meta_params + leaves_outside([loss], meta_params)
+                # a leaf outside may hang on a graph built before this call, which every chunk traverses
+                chunk_grads = torch.autograd.grad(loss, targets, allow_unused=True,
+                                                  retain_graph=len(targets) > len(meta_params))
                 loss = loss.detach()  # frees this chunk's graph before the next one is built
             else:
-                loss, chunk_grads = chunk_meta_gradients(self, loss_fn, chunk_support, chunk_query, n, n / T, meta_params,
-                                                         first_task=start)
-            grads = [add_optional(acc, g) for acc, g in zip(grads, chunk_grads)]
+                loss, targets, chunk_grads = chunk_meta_gradients(self, loss_fn, chunk_support, chunk_query, n, n / T,
+                                                                  meta_params, first_task=start)
+            for target, g in zip(targets, chunk_grads):
+                sums[id(target)] = (target, add_optional(sums.get(id(target), (None, None))[1], g))
             total = loss if total is None else total + loss
-        return _InjectGradients.apply(total, grads, *meta_params)
+        targets, grads = zip(*sums.values()) if sums else ((), ())
+        return _InjectGradients.apply(total, list(grads), *targets)
 
     def _meta_loss(self, loss_fn, support, query, T: int, first_task: int = 0) -> torch.Tensor:
         tracked = torch.is_grad_enabled()

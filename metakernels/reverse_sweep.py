@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .graph_leaves import leaves_outside
 from .inner_loop import check_finite
 from .recompute_guard import forward_not_recomputed
 
@@ -43,8 +44,10 @@ def _detached(rate):
 
 def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, meta_params: list[torch.Tensor],
                          first_task: int = 0):
-    """(scale * mean query loss, its gradient for each of ``meta_params``, None where unused) for T tasks
-    of ``maml`` (an :class:`metakernels.MAML`), without keeping more than one inner step's graph.
+    """(scale * mean query loss, targets, its gradient for each target, None where unused) for T tasks of
+    ``maml`` (an :class:`metakernels.MAML`), without keeping more than one inner step's graph.  The
+    targets are ``meta_params`` followed by the leaves outside them that the losses or the inner rate
+    reach (:func:`metakernels.graph_leaves.leaves_outside`).
     first_task: the index of this chunk's first task in the whole batch, for error messages."""
     evaluator, optimizer = maml._evaluator, maml.optimizer
     theta0 = maml.layout.flatten().detach()
@@ -52,11 +55,15 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
     rate = _detached(maml.inner_rate())
     entering = []  # (theta_{k-1}, s_{k-1}, rng state) of step k
     params, state = theta0, optimizer.initial_state(theta0.shape[0], theta0)
+    targets = meta_params + leaves_outside([maml.inner_rate()], meta_params)
     for k in range(1, maml.inner_steps + 1):
         entering.append((params, state, _rng_state(device)))
         with torch.enable_grad():
-            views = maml.layout.unflatten(_task_rows(params, T).detach().requires_grad_())
+            rows = _task_rows(params, T).detach().requires_grad_()
+            views = maml.layout.unflatten(rows)
             losses = evaluator.losses_of(loss_fn, views, support, T)
+            if k == 1:
+                targets += leaves_outside([losses], [*targets, rows])
             if maml.nan_policy == "raise":
                 check_finite(losses, "inner (support)", k, first_task)
             with forward_not_recomputed(evaluator.model, type(maml).__name__):
@@ -68,7 +75,11 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         if maml.nan_policy == "raise":
             check_finite(losses, "query", maml.inner_steps, first_task)
         loss = losses.mean() * scale
-        v, *meta_grads = torch.autograd.grad(loss, [theta, *meta_params], allow_unused=True)
+        targets += leaves_outside([loss], [*targets, theta])
+        # a leaf outside may hang on a graph built before this call (an encoder's output in the batch),
+        # which every chunk and step traverses again
+        retain = len(targets) > len(meta_params)
+        v, *meta_grads = torch.autograd.grad(loss, [theta, *targets], allow_unused=True, retain_graph=retain)
     after_query = _rng_state(device)
 
     w = (None,) * len(state)
@@ -87,20 +98,21 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
             if not maml._second_order_checked:
                 maml._check_twice_differentiable(new_theta)
             pairs = [(out, cot) for out, cot in zip((new_theta, *new_s), (v, *w)) if cot is not None]
-            inputs = [theta, *(x for x in s if x.requires_grad), *meta_params]
-            back = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True)
+            inputs = [theta, *(x for x in s if x.requires_grad), *targets]
+            back = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True,
+                                       retain_graph=retain)
         v = back[0]
-        n_states = len(inputs) - 1 - len(meta_params)
+        n_states = len(inputs) - 1 - len(targets)
         w = tuple(back[1:1 + n_states]) if k > 1 else w
         meta_grads = [add_optional(a, b) for a, b in zip(meta_grads, back[1 + n_states:])]
     _set_rng_state(device, after_query)
 
     if v is not None:  # v = v_0, the cotangent of the initialisation: onto the adapted parameters
-        index = {id(p): i for i, p in enumerate(meta_params)}
+        index = {id(p): i for i, p in enumerate(targets)}
         for p, g in zip(maml.layout.parameters(), maml.layout.unflatten(v).values()):
             if id(p) in index:
                 meta_grads[index[id(p)]] = add_optional(meta_grads[index[id(p)]], g)
-    return loss.detach(), meta_grads
+    return loss.detach(), targets, meta_grads
 
 
 def add_optional(a, b):

@@ -1,0 +1,43 @@
+"""The leaf tensors an autograd graph reaches: what a meta-gradient taken inside the forward
+(MAML's task_chunk and memory="low") must also hand gradients to, besides the MAML's own parameters.
+
+Those modes differentiate each chunk of tasks with ``torch.autograd.grad`` before the caller's
+``backward`` and hand the sums over.  Anything else the losses depend on that requires grad (support
+or query tensors that do, an encoder ``loss_fn`` calls outside the wrapped model, an ``inner_lr``
+tensor that is not a parameter) would otherwise get no gradient at all, where the fast mode's single
+graph gives it one."""
+from __future__ import annotations
+
+import torch
+
+
+def leaves_outside(roots, inside) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that the autograd graphs of ``roots`` reach, other than those in
+    ``inside`` (compared by identity), in the order found.  A root that is itself such a leaf counts."""
+    known = {id(t) for t in inside}
+    found, seen = [], set()
+    stack = []
+    for root in roots:
+        if not isinstance(root, torch.Tensor) or not root.requires_grad:
+            continue
+        if root.grad_fn is None:
+            _keep_new(root, known, found)
+        else:
+            stack.append(root.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # an AccumulateGrad node: the graph ends at a leaf
+        if leaf is not None:
+            _keep_new(leaf, known, found)
+        else:
+            stack.extend(child for child, _ in node.next_functions if child is not None)
+    return found
+
+
+def _keep_new(leaf: torch.Tensor, known: set[int], found: list[torch.Tensor]) -> None:
+    if id(leaf) not in known:
+        known.add(id(leaf))
+        found.append(leaf)
