@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from . import ops
 from .layout import ParamLayout
-from .ops._checks import require_bool, require_number
+from .ops._checks import require_bool, require_number, warn_float16_second_moment
 from .ops.linear import TaskLinearMode
 from .recompute_guard import forward_not_recomputed
 from .saved_views import saved_as_copies, storage_held_only_by
@@ -58,6 +58,8 @@ class InnerOptimizer:
         require_number("MAML", "eps", self.eps, low=0.0)
 
     def initial_state(self, P: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.name == "adam":
+            warn_float16_second_moment("MAML inner_optimizer='adam'", like.dtype, self.betas[1])
         zeros = torch.zeros(P, dtype=like.dtype, device=like.device)
         return {"sgd": (), "momentum": (zeros,), "adam": (zeros, zeros)}[self.name]
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import ops
 from .checkpoint import CheckpointError, load_checked, save_checked
-from .ops._checks import require_int, require_seed
+from .ops._checks import require_int, require_seed, warn_float16_second_moment
 from .ops.learned_update import NUM_FEATURES, NUM_STATES, LoptHyper, check_mlp_size
 
 TIME_SCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
@@ -114,6 +114,7 @@ class LearnedOptimizer(nn.Module):
 
     def initial_state(self, params: torch.Tensor) -> torch.Tensor:
         """Zero optimizer state [4, *params.shape] (three momenta and the second moment)."""
+        warn_float16_second_moment("LearnedOptimizer", params.dtype, self.hyper.beta_v)
         return params.new_zeros((NUM_STATES, *params.shape))
 
     def update(self, params: torch.Tensor, grads: torch.Tensor, state: torch.Tensor, step: int, segments=None):

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 
 from . import ops
+from .ops._checks import warn_float16_second_moment
 
 NAN_POLICIES = ("raise", "skip")
 PACK_UP_TO = 1 << 14  # elements: tensors up to this size are stepped together (the module docstring)
@@ -176,6 +177,7 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
         for p, state in zip(params, states):
             if not state:
                 state["step"] = 0
+                warn_float16_second_moment("learned optimizer", p.dtype, self.lopt.hyper.beta_v)
                 state["lopt_state"] = torch.zeros((4, p.numel()), dtype=p.dtype, device=p.device)
         step = int(states[0]["step"])
         if step not in weights:

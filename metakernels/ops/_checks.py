@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import warnings
 
 import numpy as np
 import torch
@@ -85,6 +86,17 @@ def require_bool(name: str, value, none_ok: bool = False) -> bool | None:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False{' or None' if none_ok else ''}, got {value!r}")
     return bool(value)
+
+
+def warn_float16_second_moment(where: str, dtype: torch.dtype, beta: float) -> None:
+    """A warning where a second moment of gradients is kept in float16: ``(1 - beta) * g^2`` rounds to 0
+    below half float16's smallest subnormal, 2^-25, i.e. for ``|g| < sqrt(2^-25 / (1 - beta))`` (5.5e-3 at
+    beta = 0.999), and each step then divides by a moment that lost its history."""
+    if dtype == torch.float16:
+        threshold = math.sqrt(2.0 ** -25 / (1.0 - beta))
+        warnings.warn(f"{where}: the second moment of the gradients is kept in float16, where (1 - {beta}) * g^2 "
+                      f"is 0 for |g| < {threshold:.1e}; such steps lose their scale. Keep these parameters in "
+                      "bfloat16 or float32", stacklevel=3)
 
 
 def require_seed(where: str, seed) -> int | None:
