@@ -10,6 +10,7 @@ is the main job (``metakernels.training``).
 """
 from . import data, nn, ops
 from ._backend import BackendUnavailableError, backend_info, use_backend
+from .bound_model import BoundModel
 from .checkpoint import CheckpointError
 from .learned_optimizer import LearnedOptimizer
 from .lopt_es import ESEstimator, ESResult
@@ -18,5 +19,5 @@ from .maml import MAML, AdaptedModel, MetaSGD
 from .recompute_guard import RecomputedForwardError
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "data", "MAML", "MetaSGD", "AdaptedModel", "LearnedOptimizer", "LearnedOptimizerTrainer", "UnrollState",
+__all__ = ["ops", "nn", "data", "MAML", "MetaSGD", "AdaptedModel", "BoundModel", "LearnedOptimizer", "LearnedOptimizerTrainer", "UnrollState",
            "UnrollResult", "ESEstimator", "ESResult", "CheckpointError", "RecomputedForwardError", "backend_info", "use_backend", "BackendUnavailableError", "__version__"]

@@ -16,9 +16,9 @@ import warnings
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from . import ops
+from .bound_model import BoundModel
 from .layout import ParamLayout
 from .ops._checks import require_bool, require_number, warn_float16_second_moment
 from .ops.linear import TaskLinearMode
@@ -118,13 +118,9 @@ class TaskBatchedModel:
         self.layout = layout
         self.vectorize = require_bool("vectorize", vectorize, none_ok=True)  # None: try vmap, else loop
 
-    def bind(self, params: dict[str, torch.Tensor]):
+    def bind(self, params: dict[str, torch.Tensor]) -> BoundModel:
         """The model called with ``params`` (one task's adapted parameters, by name) in place of its own."""
-
-        def f(*args, **kwargs):
-            return functional_call(self.model, params, args, kwargs)
-
-        return f
+        return BoundModel(self.model, params)
 
     def _one_task(self, loss_fn, params, task_batch):
         loss = loss_fn(self.bind(params), task_batch)

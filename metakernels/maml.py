@@ -64,7 +64,8 @@ class AdaptedModel:
         return self._evaluator.layout.unflatten(self.fast[index])
 
     def task(self, task: int):
-        """The model bound to task ``task``'s weights: call it like the model."""
+        """The model bound to task ``task``'s weights (a :class:`metakernels.BoundModel`): call it like the
+        model; its ``named_parameters()`` are the task's weights."""
         return self._evaluator.bind(self.params(task))
 
     def losses(self, loss_fn, batch) -> torch.Tensor:
