@@ -96,3 +96,16 @@ def test_tied_weights_appear_once_as_in_the_model():
     mk.MAML(model, inner_lr=0.1, inner_steps=1, vectorize=False)(loss_fn, torch.randint(0, 5, (2, 3)),
                                                                   torch.randint(0, 5, (2, 3)))
     assert all(names == ["embed.weight"] for names in seen)
+
+
+def test_the_learned_optimizers_unroll_hands_f_the_unrolled_weights():
+    model, support, _ = _setting()
+    trainer = mk.LearnedOptimizerTrainer(mk.LearnedOptimizer(hidden=4).double(), model, vectorize=False)  # .item()
+    moved = []
+
+    def loss_fn(f, batch):
+        moved.append(max((w - own).abs().max().item() for w, own in zip(f.parameters(), model.parameters())))
+        return _regularised_loss(f, batch)
+
+    trainer.unroll(loss_fn, support, steps=2)
+    assert moved[0] == 0 and moved[-1] > 0  # the first step runs at the initialisation, later ones moved
