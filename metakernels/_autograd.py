@@ -51,24 +51,30 @@ def cached_signature(function_cls):
 
 
 @cached_signature
-class _NoThirdDerivative(torch.autograd.Function):
-    """Passes a double backward's outputs through (as views) with an edge to each of its differentiable
-    inputs; differentiating through it raises."""
+class _RaiseWhenDifferentiated(torch.autograd.Function):
+    """Passes tensors through (as views) with an edge to each of ``n_inputs`` tensors before them;
+    differentiating through it raises ``message``."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(name, n_inputs, *tensors):
+    def forward(message, n_inputs, *tensors):
         return tuple(None if t is None else t.view_as(t) for t in tensors[n_inputs:])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.name = inputs[0]
+        ctx.message = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(f"metakernels: {ctx.name} is twice differentiable, not three times (its double "
-                           "backward has no derivative of its own)")
+        raise RuntimeError(ctx.message)
+
+
+def raise_when_differentiated(message: str, inputs, outputs):
+    """``outputs`` (a backward's, computed without a graph) tied to those of ``inputs`` that require grad
+    through a node that raises ``message`` when differentiated; as they are where none does."""
+    tied = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return _RaiseWhenDifferentiated.apply(message, len(tied), *tied, *outputs) if tied else outputs
 
 
 def twice_differentiable(op: str):
@@ -87,8 +93,9 @@ def twice_differentiable(op: str):
                 outputs = backward(ctx, *grads)
             if not torch.is_grad_enabled():
                 return outputs
-            tied = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
-            return _NoThirdDerivative.apply(op, len(tied), *tied, *outputs) if tied else outputs
+            return raise_when_differentiated(f"metakernels: {op} is twice differentiable, not three times (its "
+                                             "double backward has no derivative of its own)",
+                                             (*ctx.saved_tensors, *grads), outputs)
 
         return wrapper
 

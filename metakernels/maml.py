@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._autograd import cached_signature
+from ._autograd import cached_signature, raise_when_differentiated
 from .graph_leaves import leaves_outside
 from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
                          run_inner_loop)
@@ -27,6 +27,9 @@ from .saved_views import saved_as_copies
 from .tasks import select_tasks, task_count
 
 MEMORY_MODES = ("fast", "low")
+_CHUNKED_NOT_TWICE = ("metakernels: with task_chunk or memory='low', MAML takes the meta-gradient inside the forward, "
+                      "so the meta-gradient has no derivative of its own (create_graph=True, then differentiating "
+                      "again); differentiate the meta-gradient in the fast mode (task_chunk=None, memory='fast')")
 # Nodes autograd records in place of a derivative it cannot take (DelayedError, NotImplemented).
 _NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImplemented")
 
@@ -34,16 +37,22 @@ _NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImpl
 @cached_signature
 class _InjectGradients(torch.autograd.Function):
     """Returns ``value``; its backward hands each parameter a precomputed gradient (times the
-    incoming cotangent).  Used when tasks are differentiated chunk by chunk in the forward (task_chunk)."""
+    incoming cotangent).  Used when tasks are differentiated chunk by chunk in the forward (task_chunk).
+    Those gradients are numbers, not functions of the parameters: a backward with create_graph=True
+    returns them tied to a node that raises when differentiated, instead of a silently zero Hessian."""
 
     @staticmethod
     def forward(ctx, value, grads, *params):
         ctx.grads = grads
+        ctx.save_for_backward(*params)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (None, None, *(None if g is None else g * grad_out for g in ctx.grads))
+        grads = tuple(None if g is None else g * grad_out for g in ctx.grads)
+        if torch.is_grad_enabled():
+            grads = raise_when_differentiated(_CHUNKED_NOT_TWICE, (*ctx.saved_tensors, grad_out), grads)
+        return (None, None, *grads)
 
 
 class AdaptedModel:

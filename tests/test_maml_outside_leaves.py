@@ -95,3 +95,21 @@ def test_leaves_outside_stops_at_the_known_leaves_and_finds_each_once():
     assert leaves_outside([y], [a, b, c]) == []
     assert leaves_outside([c], []) == [c]          # a root that is itself a leaf
     assert leaves_outside([frozen, 3.0], []) == []  # nothing that requires grad
+
+
+@pytest.mark.parametrize("mode", [{"task_chunk": 1}, {"memory": "low"}])
+def test_the_chunked_meta_gradient_refuses_to_be_differentiated_again(mode):
+    """The chunked modes hand over precomputed numbers: create_graph=True still gives the meta-gradient,
+    and differentiating it again raises, even where another term of the expression has a derivative
+    (before: "element 0 of tensors does not require grad", or a silently missing Hessian term)."""
+    model, loss_fn, support_x, raw_query, _, targets, _, _ = _setting()
+    support, query = (support_x.detach(), targets[0]), (raw_query, targets[1])
+    params = list(model.parameters())
+    want = torch.autograd.grad(mk.MAML(model, inner_lr=0.2, inner_steps=1)(loss_fn, support, query), params)
+    meta_loss = mk.MAML(model, inner_lr=0.2, inner_steps=1, **mode)(loss_fn, support, query)
+    got = torch.autograd.grad(meta_loss, params, create_graph=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+    mixed = sum(g.pow(2).sum() for g in got) + sum(p.pow(2).sum() for p in params)
+    with pytest.raises(RuntimeError, match="MAML takes the meta-gradient inside the forward"):
+        torch.autograd.grad(mixed, params)
