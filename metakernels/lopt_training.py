@@ -143,7 +143,7 @@ class LearnedOptimizerTrainer:
             state = self.initial_state(T)
         else:
             self._check_state(state, T)
-        track_meta_gradient = track_meta_gradient and torch.is_grad_enabled()
+        track_meta_gradient = require_bool("track_meta_gradient", track_meta_gradient) and torch.is_grad_enabled()
         create_graph = track_meta_gradient and not self.first_order
         fast, opt_state = state.fast, state.opt_state
         history, terms = [], []

@@ -49,6 +49,9 @@ BUILDERS = {
                                                                               first_order=v),
     "LearnedOptimizerTrainer.vectorize": lambda v: mk.LearnedOptimizerTrainer(mk.LearnedOptimizer(hidden=4), _model(),
                                                                             vectorize=v),
+    "LearnedOptimizerTrainer.unroll.track_meta_gradient": lambda v: mk.LearnedOptimizerTrainer(
+        mk.LearnedOptimizer(hidden=4), _model()).unroll(_loss, (torch.randn(2, 5, 3), torch.randn(2, 5, 2)), steps=1,
+                                                        track_meta_gradient=v),
     "ESEstimator.persistent": lambda v: mk.ESEstimator(mk.LearnedOptimizerTrainer(mk.LearnedOptimizer(hidden=4),
                                                                                   _model()), persistent=v),
     "compat.MAML.first_order": lambda v: compat.MAML(_model(), lr=0.1, first_order=v),
