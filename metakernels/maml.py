@@ -44,14 +44,14 @@ class _InjectGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, grads, *params):
         ctx.grads = grads
-        ctx.save_for_backward(*params)
+        ctx.params = params  # only to tie a create_graph backward to; not saved: no in-place check is due
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
         grads = tuple(None if g is None else g * grad_out for g in ctx.grads)
         if torch.is_grad_enabled():
-            grads = raise_when_differentiated(_CHUNKED_NOT_TWICE, (*ctx.saved_tensors, grad_out), grads)
+            grads = raise_when_differentiated(_CHUNKED_NOT_TWICE, (*ctx.params, grad_out), grads)
         return (None, None, *grads)
 
 

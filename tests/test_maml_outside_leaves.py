@@ -113,3 +113,19 @@ def test_the_chunked_meta_gradient_refuses_to_be_differentiated_again(mode):
     mixed = sum(g.pow(2).sum() for g in got) + sum(p.pow(2).sum() for p in params)
     with pytest.raises(RuntimeError, match="MAML takes the meta-gradient inside the forward"):
         torch.autograd.grad(mixed, params)
+
+
+def test_parameters_changed_in_place_before_the_backward_are_not_refused():
+    """The chunked meta-gradient is a number taken in the forward; a parameter stepped in place before the
+    backward (an optimizer stepping a previous loss) does not invalidate it, as it did not before the
+    create_graph tie held the parameters."""
+    model, loss_fn, support_x, raw_query, _, targets, _, _ = _setting()
+    maml = mk.MAML(model, inner_lr=0.2, inner_steps=1, task_chunk=1)
+    meta_loss = maml(loss_fn, (support_x.detach(), targets[0]), (raw_query, targets[1]))
+    want = torch.autograd.grad(meta_loss, list(model.parameters()), retain_graph=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    got = torch.autograd.grad(meta_loss, list(model.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
