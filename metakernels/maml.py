@@ -167,6 +167,20 @@ class MAML(nn.Module):
         """The inner learning rate as the update ops take it (a number or a tensor)."""
         return self.inner_lr
 
+    def inner_rate_of_tasks(self, first_task: int, T: int):
+        """The inner rate for tasks first_task .. first_task + T - 1 of the batch: a per-task [T', P] rate
+        restricted to those rows (a chunk of tasks gets its own tasks' rates), any other as it is."""
+        rate = self.inner_rate()
+        if isinstance(rate, torch.Tensor) and rate.dim() == 2:
+            return rate[first_task:first_task + T]
+        return rate
+
+    def _check_rate_fits(self, T: int) -> None:
+        rate = self.inner_rate()
+        if isinstance(rate, torch.Tensor) and rate.dim() == 2 and rate.shape[0] != T:
+            raise ValueError(f"inner_lr is a per-task rate of shape {list(rate.shape)}, one row per task, but the "
+                             f"batch has T={T} tasks; give {T} rows, or a [P] or [] rate for any T")
+
     def forward(self, loss_fn, support, query) -> torch.Tensor:
         """Mean query loss over the T tasks after K inner steps on their support sets.  Under
         torch.no_grad() the inner gradients are still taken and the loss comes back without a graph."""
@@ -175,6 +189,7 @@ class MAML(nn.Module):
         T_query = task_count(query, "query")
         if T_query != T:
             raise ValueError(f"support has T={T} tasks but query has T={T_query}; they must match")
+        self._check_rate_fits(T)
         if not torch.is_grad_enabled() or (self.memory == "fast" and self.task_chunk is None):
             return self._meta_loss(loss_fn, support, query, T)
         meta_params = [p for p in self.parameters() if p.requires_grad]
@@ -203,7 +218,7 @@ class MAML(nn.Module):
     def _meta_loss(self, loss_fn, support, query, T: int, first_task: int = 0) -> torch.Tensor:
         tracked = torch.is_grad_enabled()
         second_order = not self.first_order and tracked
-        theta0, rate = self.layout.flatten(), self.inner_rate()
+        theta0, rate = self.layout.flatten(), self.inner_rate_of_tasks(first_task, T)
         with torch.enable_grad():  # the inner gradients, also under the caller's no_grad
             fast = run_inner_loop(
                 self._evaluator, theta0, rate, loss_fn, support, T, self.inner_steps, self.optimizer,
@@ -246,6 +261,7 @@ class MAML(nn.Module):
         if steps is not None:
             steps = require_int("steps", steps, 0)
         T = task_count(support, "support")
+        self._check_rate_fits(T)
         rate = self.inner_rate()
         rate = rate.detach() if isinstance(rate, torch.Tensor) else rate
         with torch.enable_grad():

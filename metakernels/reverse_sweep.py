@@ -52,10 +52,10 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
     evaluator, optimizer = maml._evaluator, maml.optimizer
     theta0 = maml.layout.flatten().detach()
     device = theta0.device
-    rate = _detached(maml.inner_rate())
+    rate = _detached(maml.inner_rate_of_tasks(first_task, T))
     entering = []  # (theta_{k-1}, s_{k-1}, rng state) of step k
     params, state = theta0, optimizer.initial_state(theta0.shape[0], theta0)
-    targets = meta_params + leaves_outside([maml.inner_rate()], meta_params)
+    targets = meta_params + leaves_outside([maml.inner_rate_of_tasks(first_task, T)], meta_params)
     for k in range(1, maml.inner_steps + 1):
         entering.append((params, state, _rng_state(device)))
         with torch.enable_grad():
@@ -93,8 +93,8 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
             s = tuple(x.detach().requires_grad_(k > 1) for x in s)  # the initial state is a constant
             views, base = maml.layout.unflatten_for_update(theta, T)
             losses = evaluator.losses_of(loss_fn, views, support, T)
-            new_theta, new_s = optimizer.descend(base, views, losses, s, maml.inner_rate(), k, maml.layout,
-                                                 create_graph=True)
+            step_rate = maml.inner_rate_of_tasks(first_task, T)  # anew each step: its graph is freed with the step's
+            new_theta, new_s = optimizer.descend(base, views, losses, s, step_rate, k, maml.layout, create_graph=True)
             if not maml._second_order_checked:
                 maml._check_twice_differentiable(new_theta)
             pairs = [(out, cot) for out, cot in zip((new_theta, *new_s), (v, *w)) if cot is not None]
