@@ -29,9 +29,8 @@ def leaves_outside(roots, inside) -> list[torch.Tensor]:
         if node in seen:
             continue
         seen.add(node)
-        leaf = getattr(node, "variable", None)  # an AccumulateGrad node: the graph ends at a leaf
-        if leaf is not None:
-            _keep_new(leaf, known, found)
+        if node.name() == "torch::autograd::AccumulateGrad":  # the graph ends at a leaf
+            _keep_new(node.variable, known, found)
         else:
             stack.extend(child for child, _ in node.next_functions if child is not None)
     return found
