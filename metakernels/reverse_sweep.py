@@ -52,10 +52,11 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
     evaluator, optimizer = maml._evaluator, maml.optimizer
     theta0 = maml.layout.flatten().detach()
     device = theta0.device
-    rate = _detached(maml.inner_rate_of_tasks(first_task, T))
+    rate = maml.inner_rate_of_tasks(first_task, T)
+    targets = meta_params + leaves_outside([rate], meta_params)
+    rate = _detached(rate)
     entering = []  # (theta_{k-1}, s_{k-1}, rng state) of step k
     params, state = theta0, optimizer.initial_state(theta0.shape[0], theta0)
-    targets = meta_params + leaves_outside([maml.inner_rate_of_tasks(first_task, T)], meta_params)
     for k in range(1, maml.inner_steps + 1):
         entering.append((params, state, _rng_state(device)))
         with torch.enable_grad():
