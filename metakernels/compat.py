@@ -38,6 +38,13 @@ class _Learner(nn.Module):
     def forward(self, *args, **kwargs):
         return functional_call(self._owner.module, self._fast, args, kwargs)
 
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """This clone's current (adapted) parameters by name, in the model's order, as learn2learn's clone
+        has them (``parameters()`` gives the same without names): an inner-loss regulariser on them acts on
+        the task's weights."""
+        for name, _ in self._owner.module.named_parameters(remove_duplicate=remove_duplicate):
+            yield (f"{prefix}.{name}" if prefix else name), self._fast[name]
+
     def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> "_Learner":
         """A copy of this clone's current parameters; unset settings are this clone's."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from maml_reference import sequential_meta_loss
+import metakernels as mk
 from metakernels import compat
 from metakernels.models import lm_loss
 from test_maml import _assert_grads_close, _grads, _model, _tasks
@@ -121,3 +122,33 @@ def test_matches_learn2learn_when_installed():
     ours = _grads(_l2l_loop(ours_sgd, support, query, 2), params + list(ours_sgd.lrs))
     theirs = _grads(_l2l_loop(theirs_sgd, support, query, 2), params + list(theirs_sgd.lrs))
     _assert_grads_close(ours, theirs)
+
+
+def test_a_clones_parameters_are_its_adapted_weights():
+    """learn2learn's clone is a module whose parameters are the task's weights: code that regularises
+    ``learner.parameters()`` in the inner loss must act on them (before: the clone listed no parameters,
+    and such a term was silently 0)."""
+    model = _model()
+    support, query = _tasks(2)
+    decay, names = 1e-2, [n for n, _ in model.named_parameters()]
+    maml = compat.MAML(model, lr=0.3)
+
+    def regularised(f, batch):
+        return lm_loss(f, batch) + decay * sum(w.pow(2).sum() for w in f.parameters())
+
+    learner = maml.clone()
+    assert [n for n, _ in learner.named_parameters()] == names
+    assert all(w is p for w, p in zip(learner.parameters(), model.parameters()))
+    learner.adapt(regularised(learner, support[0]))
+    assert all(not torch.equal(w, p) for w, p in zip(learner.parameters(), model.parameters()))
+    assert [n for n, _ in learner.named_parameters(prefix="learner")][0] == f"learner.{names[0]}"
+
+    total = 0.0
+    for t in range(2):
+        learner = maml.clone()
+        learner.adapt(regularised(learner, support[t]))
+        total = total + regularised(learner, query[t]) / 2
+    params = list(model.parameters())
+    got = _grads(total, params)
+    want = _grads(mk.MAML(model, inner_lr=0.3, inner_steps=1, vectorize=False)(regularised, support, query), params)
+    _assert_grads_close(got, want)
