@@ -64,15 +64,21 @@ class ParamLayout:
     def __init__(self, model: nn.Module, adapt: AdaptSpec = None):
         named = list(model.named_parameters())
         trainable = [(n, p) for n, p in named if p.requires_grad]
+        # a tied parameter has one name here and more in the model (head.weight for embed.weight): each
+        # name selects it, as each selects the one tensor in a per-task loop
+        aliases = {}
+        for alias, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(alias)
         if adapt is None:
             chosen = trainable
         elif callable(adapt):
-            chosen = [(n, p) for n, p in trainable if adapt(n, p)]
+            chosen = [(n, p) for n, p in trainable if any(adapt(alias, p) for alias in aliases[id(p)])]
         else:
             if isinstance(adapt, str) or not isinstance(adapt, Iterable):
                 raise TypeError(f"adapt must be None, a predicate (name, param) -> bool or a list of parameter names, "
                                 f"got {adapt!r}" + (f" (one name: adapt=[{adapt!r}])" if isinstance(adapt, str) else ""))
-            wanted = list(adapt)
+            canonical = {alias: n for n, p in named for alias in aliases[id(p)]}
+            wanted = [canonical.get(n, n) for n in adapt]
             known = {n for n, _ in named}
             unknown = [n for n in wanted if n not in known]
             if unknown:

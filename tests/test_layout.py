@@ -247,3 +247,30 @@ def test_a_parameter_frozen_after_wrapping_still_adapts_and_gets_no_meta_gradien
     assert model[2].weight.grad is None and model[0].weight.grad is not None
     adapted = maml.adapt(loss_fn, batch).params(0)["2.weight"]
     assert not torch.allclose(adapted, model[2].weight)
+
+
+class _TiedHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 5)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.head(self.mid(self.embed(x)))
+
+
+@pytest.mark.parametrize("adapt", [["head.weight", "head.bias"], ["embed.weight", "head.bias", "head.weight"],
+                                   lambda name, p: name.startswith("head")], ids=["alias", "both", "predicate"])
+def test_a_tied_parameter_is_selected_by_any_of_its_names(adapt):
+    """model.named_parameters() names a tied tensor once (embed.weight); 'head.weight' names it too, and
+    selecting the head selects it (before: 'no parameter named head.weight', and the predicate adapted
+    head.bias alone)."""
+    layout = ParamLayout(_TiedHead(), adapt)
+    assert layout.names == ["embed.weight", "head.bias"]
+
+
+def test_an_unknown_name_is_still_refused_next_to_an_alias():
+    with pytest.raises(ValueError, match=r"adapt: no parameter named \['head.scale'\]"):
+        ParamLayout(_TiedHead(), ["head.weight", "head.scale"])
