@@ -60,19 +60,31 @@ def _refuse_compiled_modules(model: nn.Module) -> None:
                             "metakernels' fused layers (mk.nn.fuse_layers)")
 
 
+def _tied_verdict(adapt, names: list[str], param: nn.Parameter) -> bool:
+    """The predicate's answer for a parameter known by ``names`` (more than one where it is tied); answers
+    that differ are refused, since adapting one name adapts the one tensor under all of them."""
+    verdicts = {name: bool(adapt(name, param)) for name in names}
+    if len(set(verdicts.values())) > 1:
+        chosen = [n for n, v in verdicts.items() if v]
+        left = [n for n, v in verdicts.items() if not v]
+        raise ValueError(f"adapt: the predicate selects {chosen} but not {left}, which are one tied tensor; adapting "
+                         "it under one name adapts it under all, so make the predicate give its names one answer")
+    return verdicts[names[0]]
+
+
 class ParamLayout:
     def __init__(self, model: nn.Module, adapt: AdaptSpec = None):
         named = list(model.named_parameters())
         trainable = [(n, p) for n, p in named if p.requires_grad]
-        # a tied parameter has one name here and more in the model (head.weight for embed.weight): each
-        # name selects it, as each selects the one tensor in a per-task loop
+        # a tied parameter has one name here and more in the model (head.weight for embed.weight): a list
+        # selects it by any of them; a predicate must give all of them one answer
         aliases = {}
         for alias, p in model.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(p), []).append(alias)
         if adapt is None:
             chosen = trainable
         elif callable(adapt):
-            chosen = [(n, p) for n, p in trainable if any(adapt(alias, p) for alias in aliases[id(p)])]
+            chosen = [(n, p) for n, p in trainable if _tied_verdict(adapt, aliases[id(p)], p)]
         else:
             if isinstance(adapt, str) or not isinstance(adapt, Iterable):
                 raise TypeError(f"adapt must be None, a predicate (name, param) -> bool or a list of parameter names, "

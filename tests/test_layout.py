@@ -1,4 +1,6 @@
 """ParamLayout: which parameters adapt, and the flat [..., P] layout's unflatten / pack pair."""
+import re
+
 import pytest
 import torch
 
@@ -262,13 +264,24 @@ class _TiedHead(torch.nn.Module):
 
 
 @pytest.mark.parametrize("adapt", [["head.weight", "head.bias"], ["embed.weight", "head.bias", "head.weight"],
-                                   lambda name, p: name.startswith("head")], ids=["alias", "both", "predicate"])
+                                   lambda name, p: name.startswith(("head", "embed"))], ids=["alias", "both", "predicate"])
 def test_a_tied_parameter_is_selected_by_any_of_its_names(adapt):
     """model.named_parameters() names a tied tensor once (embed.weight); 'head.weight' names it too, and
-    selecting the head selects it (before: 'no parameter named head.weight', and the predicate adapted
-    head.bias alone)."""
+    a list naming the head selects it (before: 'no parameter named head.weight')."""
     layout = ParamLayout(_TiedHead(), adapt)
     assert layout.names == ["embed.weight", "head.bias"]
+
+
+@pytest.mark.parametrize("predicate,chosen,left", [
+    (lambda name, p: name.startswith("head"), "['head.weight']", "['embed.weight']"),
+    (lambda name, p: "embed" not in name, "['head.weight']", "['embed.weight']"),
+])
+def test_a_predicate_that_splits_a_tied_tensor_is_refused(predicate, chosen, left):
+    """Before, the predicate saw only embed.weight: selecting the head adapted head.bias alone, and leaving
+    out the embedding left out the head's weight, both without a word."""
+    message = f"adapt: the predicate selects {chosen} but not {left}, which are one tied tensor"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ParamLayout(_TiedHead(), predicate)
 
 
 def test_an_unknown_name_is_still_refused_next_to_an_alias():
