@@ -12,6 +12,8 @@ gradients (Hessian-vector products); first order treats them as constants.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -76,6 +78,16 @@ class AdaptedModel:
         """The model bound to task ``task``'s weights (a :class:`metakernels.BoundModel`): call it like the
         model; its ``named_parameters()`` are the task's weights."""
         return self._evaluator.bind(self.params(task))
+
+    def module(self, task: int) -> nn.Module:
+        """A standalone copy of the model holding task ``task``'s adapted weights, to save or serve alone;
+        changing it leaves the shared model and the other tasks' weights as they are."""
+        weights = self.params(task)
+        standalone = copy.deepcopy(self._evaluator.model)
+        with torch.no_grad():
+            for name, weight in weights.items():
+                standalone.get_parameter(name).copy_(weight)
+        return standalone
 
     def losses(self, loss_fn, batch) -> torch.Tensor:
         """[T] losses of every task on its own batch (leading task dimension T), without a graph."""

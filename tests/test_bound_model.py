@@ -109,3 +109,21 @@ def test_the_learned_optimizers_unroll_hands_f_the_unrolled_weights():
 
     trainer.unroll(loss_fn, support, steps=2)
     assert moved[0] == 0 and moved[-1] > 0  # the first step runs at the initialisation, later ones moved
+
+
+def test_adapted_module_is_a_standalone_copy_with_the_tasks_weights():
+    model, support, query = _setting()
+    model[3].weight = model[0].weight  # the head tied to the embedding, as in an LM
+    maml = mk.MAML(model, inner_lr=LR, inner_steps=STEPS)
+    adapted = maml.adapt(_regularised_loss, support)
+    shared = {n: p.clone() for n, p in model.state_dict().items()}
+    standalone = adapted.module(2)
+    assert isinstance(standalone, type(model)) and standalone is not model
+    assert standalone[3].weight is standalone[0].weight  # the tie is kept
+    torch.testing.assert_close(standalone(query[0][2]), adapted.task(2)(query[0][2]), rtol=0, atol=0)
+    with torch.no_grad():
+        for p in standalone.parameters():
+            p.zero_()
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, shared[n]), n
+    assert not torch.equal(adapted.task(2)(query[0][2]), standalone(query[0][2]))
