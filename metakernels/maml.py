@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._autograd import cached_signature, raise_when_differentiated
-from .graph_leaves import leaves_outside
+from .graph_leaves import graph_nodes, leaves_outside
 from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
                          run_inner_loop)
 from .layout import AdaptSpec, ParamLayout
@@ -188,7 +188,9 @@ class MAML(nn.Module):
         return rate
 
     def _check_rate_fits(self, T: int) -> None:
-        rate = self.inner_rate()
+        """A per-task rate has the batch's T rows.  Only ``inner_lr`` can be one (learned rates are [P] or
+        []): reading it spares MetaSGD building its rate one more time per call."""
+        rate = self.inner_lr
         if isinstance(rate, torch.Tensor) and rate.dim() == 2 and rate.shape[0] != T:
             raise ValueError(f"inner_lr is a per-task rate of shape {list(rate.shape)}, one row per task, but the "
                              f"batch has T={T} tasks; give {T} rows, or a [P] or [] rate for any T")
@@ -250,12 +252,7 @@ class MAML(nn.Module):
         graph for the nodes autograd puts where a backward is not differentiable (once_differentiable
         functions, ops without a double backward), so that such a layer fails here with advice rather
         than deep in .backward()."""
-        seen, stack = set(), [fast.grad_fn]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
+        for node in graph_nodes([fast.grad_fn]):
             if node.name() in _NOT_DIFFERENTIABLE_NODES:
                 raise RuntimeError(
                     "second-order MAML differentiates the inner gradients, but a layer of this model has no "
@@ -264,7 +261,6 @@ class MAML(nn.Module):
                     "replace that layer with a twice-differentiable one (for Hugging Face models, "
                     "attn_implementation='eager')."
                 )
-            stack.extend(next_node for next_node, _ in node.next_functions)
         self._second_order_checked = True
 
     def adapt(self, loss_fn, support, steps: int | None = None) -> AdaptedModel:
