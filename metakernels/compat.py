@@ -98,9 +98,12 @@ class MAML(nn.Module):
 
     def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> _Learner:
-        """A clone for one task; unset settings are this MAML's (which the arguments do not change)."""
-        return _Learner(self, dict(self.module.named_parameters()),
-                        *_settings(self, first_order, allow_unused, allow_nograd))
+        """A clone for one task; unset settings are this MAML's (which the arguments do not change).  Its
+        weights start as aliases of the model's parameters (views, as learn2learn's copies but without
+        the copy): the first inner gradient is then taken with respect to them, so hooks registered on
+        the parameters see only the meta-gradient, not each inner gradient too."""
+        weights = {name: p.view_as(p) for name, p in self.module.named_parameters()}
+        return _Learner(self, weights, *_settings(self, first_order, allow_unused, allow_nograd))
 
 
 class MetaSGD(MAML):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._autograd import cached_signature, raise_when_differentiated
-from .graph_leaves import graph_nodes, leaves_outside
+from .graph_leaves import grad_without_hooks, graph_nodes, leaves_outside, with_stand_ins
 from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
                          run_inner_loop)
 from .layout import AdaptSpec, ParamLayout
@@ -207,6 +207,8 @@ class MAML(nn.Module):
         if not torch.is_grad_enabled() or (self.memory == "fast" and self.task_chunk is None):
             return self._meta_loss(loss_fn, support, query, T)
         meta_params = [p for p in self.parameters() if p.requires_grad]
+        originals = {}  # id(stand-in) -> the batch tensor it stands in for
+        support, query = with_stand_ins(support, originals), with_stand_ins(query, originals)
         total, sums = None, {}  # id -> (target, its gradient summed over the chunks so far)
         chunk_size = self.task_chunk or 1
         for start in range(0, T, chunk_size):
@@ -216,14 +218,15 @@ class MAML(nn.Module):
             if self.first_order or self.memory == "fast":
                 loss = self._meta_loss(loss_fn, chunk_support, chunk_query, n, first_task=start) * (n / T)
                 targets = meta_params + leaves_outside([loss], meta_params)
-                # a leaf outside may hang on a graph built before this call, which every chunk traverses
-                chunk_grads = torch.autograd.grad(loss, targets, allow_unused=True,
-                                                  retain_graph=len(targets) > len(meta_params))
+                # a leaf outside may hang on a graph built before this call (a closure's), which every chunk traverses
+                chunk_grads = grad_without_hooks(loss, targets, allow_unused=True,
+                                                 retain_graph=len(targets) > len(meta_params))
                 loss = loss.detach()  # frees this chunk's graph before the next one is built
             else:
                 loss, targets, chunk_grads = chunk_meta_gradients(self, loss_fn, chunk_support, chunk_query, n, n / T,
                                                                   meta_params, first_task=start)
             for target, g in zip(targets, chunk_grads):
+                target = originals.get(id(target), target)
                 sums[id(target)] = (target, add_optional(sums.get(id(target), (None, None))[1], g))
             total = loss if total is None else total + loss
         targets, grads = zip(*sums.values()) if sums else ((), ())

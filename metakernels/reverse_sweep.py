@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .graph_leaves import leaves_outside
+from .graph_leaves import grad_without_hooks, leaves_outside
 from .inner_loop import check_finite
 from .recompute_guard import forward_not_recomputed
 
@@ -77,10 +77,10 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
             check_finite(losses, "query", maml.inner_steps, first_task)
         loss = losses.mean() * scale
         targets += leaves_outside([loss], [*targets, theta])
-        # a leaf outside may hang on a graph built before this call (an encoder's output in the batch),
-        # which every chunk and step traverses again
+        # a leaf outside may hang on a graph built before this call (a closure's), which every chunk and step
+        # traverses again
         retain = len(targets) > len(meta_params)
-        v, *meta_grads = torch.autograd.grad(loss, [theta, *targets], allow_unused=True, retain_graph=retain)
+        v, *meta_grads = grad_without_hooks(loss, [theta, *targets], allow_unused=True, retain_graph=retain)
     after_query = _rng_state(device)
 
     w = (None,) * len(state)
@@ -100,8 +100,8 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
                 maml._check_twice_differentiable(new_theta)
             pairs = [(out, cot) for out, cot in zip((new_theta, *new_s), (v, *w)) if cot is not None]
             inputs = [theta, *(x for x in s if x.requires_grad), *targets]
-            back = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True,
-                                       retain_graph=retain)
+            back = grad_without_hooks([o for o, _ in pairs], inputs, [c for _, c in pairs], allow_unused=True,
+                                      retain_graph=retain)
         v = back[0]
         n_states = len(inputs) - 1 - len(targets)
         w = tuple(back[1:1 + n_states]) if k > 1 else w

@@ -79,7 +79,7 @@ def test_compat_frozen_parameters_need_allow_nograd():
         learner.adapt(lm_loss(learner, support[0]))
     learner = compat.MAML(model, lr=0.1, allow_nograd=True).clone()
     learner.adapt(lm_loss(learner, support[0]))
-    assert learner._fast["tok.weight"] is model.tok.weight
+    assert torch.equal(learner._fast["tok.weight"], model.tok.weight)  # not adapted
 
 
 def test_clone_settings_belong_to_the_clone():
@@ -138,7 +138,7 @@ def test_a_clones_parameters_are_its_adapted_weights():
 
     learner = maml.clone()
     assert [n for n, _ in learner.named_parameters()] == names
-    assert all(w is p for w, p in zip(learner.parameters(), model.parameters()))
+    assert all(torch.equal(w, p) for w, p in zip(learner.parameters(), model.parameters()))
     learner.adapt(regularised(learner, support[0]))
     assert all(not torch.equal(w, p) for w, p in zip(learner.parameters(), model.parameters()))
     assert [n for n, _ in learner.named_parameters(prefix="learner")][0] == f"learner.{names[0]}"
@@ -151,4 +151,22 @@ def test_a_clones_parameters_are_its_adapted_weights():
     params = list(model.parameters())
     got = _grads(total, params)
     want = _grads(mk.MAML(model, inner_lr=0.3, inner_steps=1, vectorize=False)(regularised, support, query), params)
+    _assert_grads_close(got, want)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_hook_on_a_parameter_sees_the_meta_gradient_alone(first_order):
+    """As with learn2learn's cloned weights, a hook on a model parameter runs once, on the meta-gradient;
+    before, the first inner step's gradient was taken with respect to the parameter itself, so the hook
+    also ran on (and, doubling it, changed) the inner gradient."""
+    model = _model()
+    support, query = _tasks(2)
+    maml = compat.MAML(model, lr=0.3, first_order=first_order)
+    params = list(model.parameters())
+    want = [2 * g for g in _grads(_l2l_loop(maml, support, query, 2), params)]
+    calls = []
+    for p in params:
+        p.register_hook(lambda g: (calls.append(1), g * 2)[1])
+    got = _grads(_l2l_loop(maml, support, query, 2), params)
+    assert len(calls) == len(params)
     _assert_grads_close(got, want)

@@ -73,13 +73,14 @@ def test_leaves_outside_the_model_get_the_oracles_meta_gradient(memory, task_chu
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_a_graph_built_before_the_call_survives_every_chunk():
-    """The query's graph from before the call is traversed once per chunk (retained), and is still
-    there for the caller afterwards."""
+@pytest.mark.parametrize("mode", [{}, {"task_chunk": 1}, {"memory": "low"}])
+def test_a_graph_built_before_the_call_is_the_callers_to_keep(mode):
+    """As in the fast mode, the caller's backward goes through the query's graph from before the call,
+    and retain_graph=True keeps it for the caller afterwards."""
     model, loss_fn, support_x, raw_query, query_scale, targets, inner_lr, _ = _setting()
     query_x = raw_query * query_scale
-    maml = mk.MAML(model, inner_lr=0.2, inner_steps=1, task_chunk=1)
-    maml(loss_fn, (support_x, targets[0]), (query_x, targets[1])).backward()
+    maml = mk.MAML(model, inner_lr=0.2, inner_steps=1, **mode)
+    maml(loss_fn, (support_x, targets[0]), (query_x, targets[1])).backward(retain_graph=True)
     first = query_scale.grad.clone()
     query_x.sum().backward()
     assert query_scale.grad.item() == pytest.approx(first.item() + raw_query.sum().item(), rel=1e-12)
