@@ -41,16 +41,20 @@ class _InjectGradients(torch.autograd.Function):
     """Returns ``value``; its backward hands each parameter a precomputed gradient (times the
     incoming cotangent).  Used when tasks are differentiated chunk by chunk in the forward (task_chunk).
     Those gradients are numbers, not functions of the parameters: a backward with create_graph=True
-    returns them tied to a node that raises when differentiated, instead of a silently zero Hessian."""
+    returns them tied to a node that raises when differentiated, instead of a silently zero Hessian.
+    ``value`` is saved only so that a second backward without retain_graph=True raises as the fast
+    mode's graph does, instead of handing the gradients over twice."""
 
     @staticmethod
     def forward(ctx, value, grads, *params):
         ctx.grads = grads
         ctx.params = params  # only to tie a create_graph backward to; not saved: no in-place check is due
+        ctx.save_for_backward(value)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_out):
+        ctx.saved_tensors  # raises once the graph has been freed by an earlier backward
         grads = tuple(None if g is None else g * grad_out for g in ctx.grads)
         if torch.is_grad_enabled():
             grads = raise_when_differentiated(_CHUNKED_NOT_TWICE, (*ctx.params, grad_out), grads)

@@ -130,3 +130,20 @@ def test_parameters_changed_in_place_before_the_backward_are_not_refused():
     got = torch.autograd.grad(meta_loss, list(model.parameters()))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", [{}, {"task_chunk": 1}, {"memory": "low"}])
+def test_a_second_backward_raises_unless_the_graph_was_retained(mode):
+    """As the fast mode's graph does: retain_graph=True lets the caller run the backward twice (the
+    gradients accumulate twice), a second backward without it raises (before, the chunked modes handed
+    the gradients over again, silently doubling them)."""
+    model, loss_fn, support_x, raw_query, _, targets, _, _ = _setting()
+    maml = mk.MAML(model, inner_lr=0.2, inner_steps=1, **mode)
+    meta_loss = maml(loss_fn, (support_x.detach(), targets[0]), (raw_query, targets[1]))
+    meta_loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in model.parameters()]
+    meta_loss.backward()
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        meta_loss.backward()
