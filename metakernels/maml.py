@@ -17,7 +17,9 @@ import copy
 import torch
 from torch import nn
 
+from . import rng_state
 from ._autograd import cached_signature, raise_when_differentiated
+from .chunk_scale import ChunkLossScale, float16_backward
 from .graph_leaves import grad_without_hooks, graph_nodes, leaves_outside, with_stand_ins
 from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
                          run_inner_loop)
@@ -178,6 +180,7 @@ class MAML(nn.Module):
         _check_inner_lr(inner_lr, self.layout.numel)
         self._evaluator = TaskBatchedModel(model, self.layout, vectorize)
         self._second_order_checked = False
+        self._chunk_scale = ChunkLossScale()
 
     def inner_rate(self):
         """The inner learning rate as the update ops take it (a number or a tensor)."""
@@ -215,26 +218,43 @@ class MAML(nn.Module):
         support, query = with_stand_ins(support, originals), with_stand_ins(query, originals)
         total, sums = None, {}  # id -> (target, its gradient summed over the chunks so far)
         chunk_size = self.task_chunk or 1
+        scaled = float16_backward(meta_params)  # then each chunk's loss is scaled (metakernels.chunk_scale)
         for start in range(0, T, chunk_size):
             chunk = slice(start, min(start + chunk_size, T))
             n = chunk.stop - chunk.start
             chunk_support, chunk_query = select_tasks(support, chunk), select_tasks(query, chunk)
-            if self.first_order or self.memory == "fast":
-                loss = self._meta_loss(loss_fn, chunk_support, chunk_query, n, first_task=start) * (n / T)
-                targets = meta_params + leaves_outside([loss], meta_params)
-                # a leaf outside may hang on a graph built before this call (a closure's), which every chunk traverses
-                chunk_grads = grad_without_hooks(loss, targets, allow_unused=True,
-                                                 retain_graph=len(targets) > len(meta_params))
-                loss = loss.detach()  # frees this chunk's graph before the next one is built
-            else:
-                loss, targets, chunk_grads = chunk_meta_gradients(self, loss_fn, chunk_support, chunk_query, n, n / T,
-                                                                  meta_params, first_task=start)
+            factor = self._chunk_scale.value if scaled else 1.0
+            draws = rng_state.capture(meta_params[0].device) if factor != 1.0 else None
+            while True:
+                loss, targets, chunk_grads = self._chunk_gradients(loss_fn, chunk_support, chunk_query, n, T, start,
+                                                                   meta_params, factor)
+                if factor == 1.0 or self._chunk_scale.accepts(chunk_grads):
+                    break
+                rng_state.restore(meta_params[0].device, draws)  # the unscaled retake draws the same dropout masks
+                factor = 1.0
+            if factor != 1.0:
+                chunk_grads = [None if g is None else g / factor for g in chunk_grads]
             for target, g in zip(targets, chunk_grads):
                 target = originals.get(id(target), target)
                 sums[id(target)] = (target, add_optional(sums.get(id(target), (None, None))[1], g))
             total = loss if total is None else total + loss
         targets, grads = zip(*sums.values()) if sums else ((), ())
         return _InjectGradients.apply(total, list(grads), *targets)
+
+    def _chunk_gradients(self, loss_fn, support, query, n: int, T: int, first_task: int, meta_params, factor: float):
+        """For the chunk of n of the T tasks starting at ``first_task``: (n / T x its mean query loss, the
+        targets, factor x the loss's gradient for each target, None where unused), the chunk's graph freed on
+        return.  The targets are ``meta_params`` followed by what else the losses reach
+        (:mod:`metakernels.graph_leaves`)."""
+        if self.first_order or self.memory == "fast":
+            loss = self._meta_loss(loss_fn, support, query, n, first_task=first_task) * (n / T)
+            targets = meta_params + leaves_outside([loss], meta_params)
+            # a leaf outside may hang on a graph built before this call (a closure's), which every chunk traverses
+            grads = grad_without_hooks(loss * factor, targets, allow_unused=True,
+                                       retain_graph=len(targets) > len(meta_params))
+            return loss.detach(), targets, grads
+        return chunk_meta_gradients(self, loss_fn, support, query, n, n / T, meta_params, first_task=first_task,
+                                    seed_scale=factor)
 
     def _meta_loss(self, loss_fn, support, query, T: int, first_task: int = 0) -> torch.Tensor:
         tracked = torch.is_grad_enabled()

@@ -18,20 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from . import rng_state
 from .graph_leaves import grad_without_hooks, leaves_outside
 from .inner_loop import check_finite
 from .recompute_guard import forward_not_recomputed
-
-
-def _rng_state(device: torch.device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None, torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    device_state, cpu_state = state
-    torch.set_rng_state(cpu_state)
-    if device_state is not None:
-        torch.cuda.set_rng_state(device_state, device)
 
 
 def _task_rows(params: torch.Tensor, T: int) -> torch.Tensor:
@@ -43,8 +33,9 @@ def _detached(rate):
 
 
 def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, meta_params: list[torch.Tensor],
-                         first_task: int = 0):
-    """(scale * mean query loss, targets, its gradient for each target, None where unused) for T tasks of
+                         first_task: int = 0, seed_scale: float = 1.0):
+    """(scale * mean query loss, targets, seed_scale x its gradient for each target, None where unused;
+    seed_scale is a loss scale, see :mod:`metakernels.chunk_scale`) for T tasks of
     ``maml`` (an :class:`metakernels.MAML`), without keeping more than one inner step's graph.  The
     targets are ``meta_params`` followed by the leaves outside them that the losses or the inner rate
     reach (:func:`metakernels.graph_leaves.leaves_outside`).
@@ -58,7 +49,7 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
     entering = []  # (theta_{k-1}, s_{k-1}, rng state) of step k
     params, state = theta0, optimizer.initial_state(theta0.shape[0], theta0)
     for k in range(1, maml.inner_steps + 1):
-        entering.append((params, state, _rng_state(device)))
+        entering.append((params, state, rng_state.capture(device)))
         with torch.enable_grad():
             rows = _task_rows(params, T).detach().requires_grad_()
             views = maml.layout.unflatten(rows)
@@ -80,15 +71,16 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         # a leaf outside may hang on a graph built before this call (a closure's), which every chunk and step
         # traverses again
         retain = len(targets) > len(meta_params)
-        v, *meta_grads = grad_without_hooks(loss, [theta, *targets], allow_unused=True, retain_graph=retain)
-    after_query = _rng_state(device)
+        v, *meta_grads = grad_without_hooks(loss * seed_scale, [theta, *targets], allow_unused=True,
+                                            retain_graph=retain)
+    after_query = rng_state.capture(device)
 
     w = (None,) * len(state)
     for k in range(maml.inner_steps, 0, -1):
         theta, s, rng = entering[k - 1]
         if v is None and all(c is None for c in w):
             break  # nothing flows back from the query through this step
-        _set_rng_state(device, rng)
+        rng_state.restore(device, rng)
         with torch.enable_grad():
             theta = theta.detach().requires_grad_()
             s = tuple(x.detach().requires_grad_(k > 1) for x in s)  # the initial state is a constant
@@ -106,7 +98,7 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         n_states = len(inputs) - 1 - len(targets)
         w = tuple(back[1:1 + n_states]) if k > 1 else w
         meta_grads = [add_optional(a, b) for a, b in zip(meta_grads, back[1 + n_states:])]
-    _set_rng_state(device, after_query)
+    rng_state.restore(device, after_query)
 
     if v is not None:  # v = v_0, the cotangent of the initialisation: onto the adapted parameters
         index = {id(p): i for i, p in enumerate(targets)}
