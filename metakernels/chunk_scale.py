@@ -39,7 +39,8 @@ class ChunkLossScale:
     def accepts(self, grads) -> bool:
         """Whether a chunk's gradients taken at scale ``value`` (None for unused targets) are all finite.
         If not, ``value`` halves (down to 1) and the caller retakes the chunk unscaled."""
-        if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+        checks = [torch.isfinite(g).all() for g in grads if g is not None]
+        if not checks or bool(torch.stack(checks).all()):  # one device sync for all the targets
             self._good_chunks += 1
             if self._good_chunks >= GROWTH_INTERVAL:
                 self.value, self._good_chunks = self.value * 2.0, 0
