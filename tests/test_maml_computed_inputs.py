@@ -134,7 +134,12 @@ def _tangled_settings():
         support_x, query_x = encoder(raw).unbind(0)
         return (support_x, labels[0]), (query_x, labels[1]), _loss_fn, [*encoder.parameters(), support_x, query_x]
 
-    return [model_parameter_behind, closure_leaf_behind, computed_behind_computed, two_outputs_of_one_node]
+    def one_tensor_in_both(model, encoder, raw, labels):  # the support's inputs are the query's too
+        x = torch.tanh(encoder(raw[0]))
+        return (x, labels[0]), (x, labels[1]), _loss_fn, [*encoder.parameters(), x]
+
+    return [model_parameter_behind, closure_leaf_behind, computed_behind_computed, two_outputs_of_one_node,
+            one_tensor_in_both]
 
 
 @pytest.mark.parametrize("build", _tangled_settings(), ids=lambda f: f.__name__)
