@@ -1,6 +1,6 @@
 """The random-number state a computation draws from (the CPU generator's, and the device's on CUDA), to
 run it again with the same draws (dropout masks): MAML's reverse sweep recomputes inner steps, and a
-chunk retaken at a lower loss scale (:mod:`metakernels.chunk_scale`) repeats its forward."""
+chunk whose loss-scaled gradients overflowed is taken again unscaled (:mod:`metakernels.chunk_scale`)."""
 from __future__ import annotations
 
 import torch
