@@ -14,6 +14,8 @@ def setup(algo: str, T: int):
     query = torch.randint(17, (T, 2, 7))
     if algo in ("maml", "ddp"):
         module = mk.MAML(model, inner_lr=0.3, inner_steps=2)
+    elif algo == "ddp-chunked":  # the meta-gradient taken in the forward, chunk by chunk
+        module = mk.MAML(model, inner_lr=0.3, inner_steps=2, task_chunk=1)
     elif algo == "metasgd":
         module = mk.MetaSGD(model, inner_lr=0.3, inner_steps=2)
     else:

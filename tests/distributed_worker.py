@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under torchrun: one rank's share of a meta-batch, its meta-gradient
-all-reduced, saved by rank 0.  Usage: distributed_worker.py ALGO T OUT ('ddp' as ALGO wraps MAML in
-DistributedDataParallel)."""
+all-reduced, saved by rank 0.  Usage: distributed_worker.py ALGO T OUT ('ddp' and 'ddp-chunked' as ALGO
+wrap MAML in DistributedDataParallel)."""
 import sys
 
 import torch
@@ -21,7 +21,7 @@ def main():
     module, support, query = setup(algo, T)
     share = distributed.local_tasks(T)
     local = (select_tasks(support, share), select_tasks(query, share))
-    if algo == "ddp":
+    if algo.startswith("ddp"):
         wrapped = torch.nn.parallel.DistributedDataParallel(module)
         grads = meta_gradients(algo, module, *local, forward=wrapped)
         del wrapped  # its reducer holds the process group, which must die in destroy_process_group, not at exit

@@ -1,6 +1,7 @@
 """Task-parallel meta-training: two gloo processes on 127.0.0.1, launched with torchrun inside the test,
 give the single-process meta-gradient over the union of their tasks (float64, 1e-12), for MAML,
-Meta-SGD, the learned optimizer, uneven shares, and MAML under DistributedDataParallel; the main job
+Meta-SGD, the learned optimizer, uneven shares, and MAML under DistributedDataParallel (also with
+task_chunk, whose meta-gradient is taken in the forward and handed over in the backward); the main job
 runs under torchrun, and its checkpoints resume on another number of processes."""
 import json
 import os
@@ -71,7 +72,8 @@ def test_single_process_all_reduce_only_scales():
     assert torch.equal(a.grad, torch.ones(3)) and b.grad is None
 
 
-@pytest.mark.parametrize("algo, T", [("maml", 4), ("maml", 3), ("metasgd", 4), ("lopt", 3), ("ddp", 4)])
+@pytest.mark.parametrize("algo, T", [("maml", 4), ("maml", 3), ("metasgd", 4), ("lopt", 3), ("ddp", 4),
+                                     ("ddp-chunked", 4)])
 def test_two_processes_give_the_single_process_meta_gradient(tmp_path, algo, T):
     out = tmp_path / "grads.pt"
     done = torchrun(os.path.join(HERE, "distributed_worker.py"), algo, str(T), str(out), cwd=tmp_path)
