@@ -8,8 +8,8 @@ Before, the gradients went to the leaves behind it, so each chunk ran that graph
 ``torch.autograd.grad(meta_loss, x)`` failed, where the fast mode's single graph serves it.  Hooks on
 the parameters and other leaves were run on every chunk's part of the gradient and again on the sum
 (a hook doubling its gradient gave 4x); they are now held off in the chunks and see the sum once.
-Everything is checked in float64 against the sequential create_graph oracle, on a model with LayerNorm
-and GELU."""
+Checked in float64 against the sequential create_graph oracle (where inputs and other targets lie
+behind each other, against the fast mode's single graph), on a model with LayerNorm and GELU."""
 import pytest
 import torch
 from torch import nn
