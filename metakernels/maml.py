@@ -225,13 +225,13 @@ class MAML(nn.Module):
             chunk_support, chunk_query = select_tasks(support, chunk), select_tasks(query, chunk)
             factor = self._chunk_scale.value if scaled else 1.0
             draws = rng_state.capture(meta_params[0].device) if factor != 1.0 else None
-            while True:
-                loss, targets, chunk_grads = self._chunk_gradients(loss_fn, chunk_support, chunk_query, n, T, start,
-                                                                   meta_params, factor)
-                if factor == 1.0 or self._chunk_scale.accepts(chunk_grads):
-                    break
+            loss, targets, chunk_grads = self._chunk_gradients(loss_fn, chunk_support, chunk_query, n, T, start,
+                                                               meta_params, factor)
+            if scaled and not self._chunk_scale.accepts(chunk_grads) and factor != 1.0:
                 rng_state.restore(meta_params[0].device, draws)  # the unscaled retake draws the same dropout masks
                 factor = 1.0
+                loss, targets, chunk_grads = self._chunk_gradients(loss_fn, chunk_support, chunk_query, n, T, start,
+                                                                   meta_params, factor)
             if factor != 1.0:
                 chunk_grads = [None if g is None else g / factor for g in chunk_grads]
             for target, g in zip(targets, chunk_grads):

@@ -100,3 +100,12 @@ def test_the_scale_halves_on_an_overflow_and_doubles_after_a_run_of_finite_chunk
     scale.value = 1.0
     assert not scale.accepts([torch.tensor(float("nan"))])
     assert scale.value == 1.0  # never below 1
+
+
+def test_a_scale_down_at_one_grows_back_after_clean_chunks(monkeypatch):
+    """At s = 1 the chunks are taken unscaled, and their clean runs still count towards the growth (before,
+    a scale that had fallen to 1 stayed there)."""
+    monkeypatch.setattr(chunk_scale, "GROWTH_INTERVAL", 2)
+    model, support, query = _setting()
+    _, maml = _meta_gradient(model, support, query, _loss_fn(1e-6), True, initial_scale=1.0, task_chunk=2)
+    assert maml._chunk_scale.value == 2.0  # T=4 in chunks of 2: two clean chunks
