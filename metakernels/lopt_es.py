@@ -6,7 +6,8 @@ the unroll, so no graph is kept, and the meta-loss need not be differentiable.
     result = es.estimate(loss_fn, support, steps=K)                 # .grad of lopt's parameters += estimate
     meta_opt.step()
 
-With phi the meta-parameters (all of ``lopt.parameters()`` as one vector of D numbers), L(phi) the
+With phi the meta-parameters (those of ``lopt.parameters()`` that require grad, as one vector of D
+numbers; a frozen one is neither perturbed nor given a gradient, as backpropagation would leave it), L(phi) the
 meta-loss of :meth:`LearnedOptimizerTrainer.unroll` and eps_1 .. eps_N ~ N(0, sigma^2 I_D):
 
     antithetic ES:  g = 1 / (2 N sigma^2) sum_i (L(phi + eps_i) - L(phi - eps_i)) eps_i
@@ -23,7 +24,9 @@ meta-loss of :meth:`LearnedOptimizerTrainer.unroll` and eps_1 .. eps_N ~ N(0, si
 
 Each particle is one unroll of all T tasks at once (``track_meta_gradient=False``: inner gradients
 only).  The meta-parameters are set to phi +- eps for that unroll and restored bit for bit afterwards,
-also when an unroll raises.
+also when an unroll raises.  The estimate reaches ``.grad`` through autograd's own accumulation
+(``torch.autograd.backward`` on the parameters), so hooks on the parameters (``register_hook``, such as
+a clipping hook, and ``register_post_accumulate_grad_hook``) see it as they see a ``backward()``'s.
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ from .tasks import task_count
 @dataclasses.dataclass
 class ESResult:
     meta_loss: torch.Tensor       # 0-d: antithetic, the meta-loss at phi; persistent, the mean over the particles
-    gradient: list[torch.Tensor]  # the estimate, one tensor per meta-parameter (also added to .grad)
+    gradient: list[torch.Tensor]  # the estimate, one tensor per meta-parameter that requires grad (also added
+                                  # to .grad, through the parameters' hooks)
     state: UnrollState | None     # antithetic: the end of the unroll at phi (to continue); persistent: None
 
 
@@ -77,9 +81,14 @@ class ESEstimator:
         """Persistent ES: the next estimate starts a new inner problem (particles from the start, xi = 0)."""
         self._particles: list[UnrollState] | None = None
         self._xi: torch.Tensor | None = None
+        self._xi_params: list[torch.nn.Parameter] | None = None
 
     def _params(self) -> list[torch.nn.Parameter]:
-        return list(self.trainer.lopt.parameters())
+        """The meta-parameters that require grad; ValueError if there are none."""
+        params = [p for p in self.trainer.lopt.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("ESEstimator: no parameter of the learned optimizer requires grad; there is nothing to estimate")
+        return params
 
     def estimate(self, loss_fn, support, steps: int, *, state: UnrollState | None = None, query=None,
                  meta_loss: str = "inner", step_weights=None) -> ESResult:
@@ -89,6 +98,10 @@ class ESEstimator:
         if self.persistent and state is not None:
             raise ValueError("persistent ES continues its particles' own states; call reset() instead of passing state")
         params = self._params()
+        if self.persistent and self._particles is not None and not _same_tensors(params, self._xi_params):
+            raise ValueError("ESEstimator: the learned optimizer's parameters that require grad changed since the "
+                             "persistent particles started (their accumulated perturbations no longer fit); call "
+                             "reset() to start a new inner problem")
         phi = torch.nn.utils.parameters_to_vector(params).detach()
         eps = torch.randn(self.pairs, phi.numel(), generator=self.generator, dtype=phi.dtype).to(phi.device) * self.sigma
         unroll = dict(steps=steps, query=query, meta_loss=meta_loss, step_weights=step_weights, track_meta_gradient=False)
@@ -102,24 +115,22 @@ class ESEstimator:
         losses, ends = [], []
         for i in range(2 * self.pairs):
             sign = 1.0 if i % 2 == 0 else -1.0
-            result = self._unroll_at(phi + sign * eps[i // 2], loss_fn, support, starts[i], unroll)
+            result = self._unroll_at(params, phi + sign * eps[i // 2], loss_fn, support, starts[i], unroll)
             losses.append(result.meta_loss)
             ends.append(result.state)
         losses = torch.stack(losses)
         flat_grad = (losses[0::2] - losses[1::2]) @ directions / (2 * self.pairs * self.sigma**2)
         if self.persistent:  # only now: an unroll that raised leaves the particles as they were
-            self._particles, self._xi = ends, directions
+            self._particles, self._xi, self._xi_params = ends, directions, params
             meta, end = losses.mean(), None
         else:
-            center = self._unroll_at(phi, loss_fn, support, state, unroll)
+            center = self._unroll_at(params, phi, loss_fn, support, state, unroll)
             meta, end = center.meta_loss, center.state
         gradient = _split_like(flat_grad, params)
-        for p, g in zip(params, gradient):
-            p.grad = g.clone() if p.grad is None else p.grad + g
+        torch.autograd.backward(params, [g.clone() for g in gradient])
         return ESResult(meta, gradient, end)
 
-    def _unroll_at(self, phi: torch.Tensor, loss_fn, support, state, unroll: dict):
-        params = self._params()
+    def _unroll_at(self, params, phi: torch.Tensor, loss_fn, support, state, unroll: dict):
         saved = [p.detach().clone() for p in params]
         try:
             with torch.no_grad():
@@ -130,6 +141,10 @@ class ESEstimator:
             with torch.no_grad():
                 for p, value in zip(params, saved):
                     p.copy_(value)
+
+
+def _same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _split_like(flat: torch.Tensor, params) -> list[torch.Tensor]:

@@ -49,22 +49,35 @@ def _projection(estimate, exact):
     return float(estimate @ exact / (exact @ exact))
 
 
-def test_antithetic_estimate_is_its_formula():
+@pytest.mark.parametrize("frozen", [(), ("w_time", "b_out")])
+def test_antithetic_estimate_is_its_formula(frozen):
+    """phi is the meta-parameters that require grad: a frozen one keeps its value in every unroll and gets
+    no gradient, as under backpropagation (before, it was perturbed and given one, which a meta-optimizer
+    over lopt.parameters() then applied)."""
     lopt, trainer, batch = _setup()
+    for name in frozen:
+        getattr(lopt, name).requires_grad_(False)
+    trained = [p for p in lopt.parameters() if p.requires_grad]
     sigma, pairs = 0.01, 3
-    result, grad = _estimate(mk.ESEstimator(trainer, sigma=sigma, pairs=pairs, seed=5), _mse, batch, steps=K)
-    phi = torch.nn.utils.parameters_to_vector(lopt.parameters()).detach()
+    lopt.zero_grad()
+    result = mk.ESEstimator(trainer, sigma=sigma, pairs=pairs, seed=5).estimate(_mse, batch, steps=K)
+    grad = torch.cat([p.grad.reshape(-1) for p in trained])
+    phi = torch.nn.utils.parameters_to_vector(trained).detach()
     eps = torch.randn(pairs, phi.numel(), generator=torch.Generator().manual_seed(5), dtype=phi.dtype) * sigma
 
     def meta_loss_at(vector):
         probe = mk.LearnedOptimizer(hidden=4, layers=1, hyper=lopt.hyper, init="random").double()
-        torch.nn.utils.vector_to_parameters(vector, probe.parameters())
+        probe.load_state_dict(lopt.state_dict())
+        probe_trained = [q for q, p in zip(probe.parameters(), lopt.parameters()) if p.requires_grad]
+        torch.nn.utils.vector_to_parameters(vector, probe_trained)
         return mk.LearnedOptimizerTrainer(probe, trainer.evaluator.model).unroll(_mse, batch, steps=K).meta_loss
 
     expected = sum((meta_loss_at(phi + e) - meta_loss_at(phi - e)) * e for e in eps) / (2 * pairs * sigma**2)
     torch.testing.assert_close(grad, expected.detach(), rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(result.meta_loss, meta_loss_at(phi).detach(), rtol=0, atol=0)
     assert result.state.step == K and result.state.fast.shape == (T, DIM + 1)
+    assert len(result.gradient) == len(trained)
+    assert all(getattr(lopt, name).grad is None for name in frozen)
 
 
 def test_antithetic_estimate_follows_the_exact_meta_gradient():
@@ -117,6 +130,44 @@ def test_estimate_adds_to_existing_gradients():
     result = mk.ESEstimator(trainer, sigma=1e-3, pairs=2, seed=0).estimate(_mse, batch, steps=2)
     for p, g in zip(lopt.parameters(), result.gradient):
         torch.testing.assert_close(p.grad, 1 + g, rtol=0, atol=0)
+
+
+def test_hooks_on_the_meta_parameters_see_the_estimate():
+    """The estimate goes through autograd's accumulation, as a backward() would: a clipping-style hook
+    changes what lands in .grad, and a post-accumulate hook (optimizer-in-backward) fires (before, .grad
+    was assigned directly and neither ran)."""
+    lopt, trainer, batch = _setup()
+    lopt.w_in.register_hook(lambda g: 2 * g)
+    accumulated = []
+    lopt.b_out.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
+    result = mk.ESEstimator(trainer, sigma=1e-3, pairs=2, seed=0).estimate(_mse, batch, steps=2)
+    names = [name for name, _ in lopt.named_parameters()]
+    estimate = dict(zip(names, result.gradient))
+    torch.testing.assert_close(lopt.w_in.grad, 2 * estimate["w_in"], rtol=0, atol=0)
+    torch.testing.assert_close(lopt.w_time.grad, estimate["w_time"], rtol=0, atol=0)
+    assert len(accumulated) == 1
+    torch.testing.assert_close(accumulated[0], estimate["b_out"], rtol=0, atol=0)
+
+
+def test_no_trainable_meta_parameter_is_refused():
+    lopt, trainer, batch = _setup()
+    lopt.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter of the learned optimizer requires grad"):
+        mk.ESEstimator(trainer, pairs=1, seed=0).estimate(_mse, batch, steps=1)
+
+
+def test_persistent_es_refuses_a_changed_set_of_trained_parameters():
+    """Persistent particles carry perturbations accumulated over the trained parameters they started with;
+    freezing one mid-problem would misalign them, so it raises (naming reset()) and reset() recovers."""
+    lopt, trainer, batch = _setup()
+    es = mk.ESEstimator(trainer, sigma=1e-3, pairs=2, persistent=True, seed=0)
+    es.estimate(_mse, batch, steps=1)
+    lopt.w_time.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"changed since the persistent particles started.*reset\(\)"):
+        es.estimate(_mse, batch, steps=1)
+    es.reset()
+    result = es.estimate(_mse, batch, steps=1)
+    assert len(result.gradient) == len(list(lopt.parameters())) - 1
 
 
 def test_meta_parameters_are_restored_exactly_even_when_an_unroll_raises():
