@@ -81,7 +81,7 @@ def test_samplers_refuse_data_of_the_other_kind():
 
 def test_samplers_check_their_seed_and_the_batch_index():
     lm = dict(domains={"a": "x" * 500, "b": "y" * 500}, n_support=2, n_query=2, seq_len=8)
-    episodes = dict(classes={c: ["t"] * 12 for c in "abcdef"}, n_way=2, k_shot=2, n_query=2)
+    episodes = dict(classes={c: [f"t{i}" for i in range(12)] for c in "abcdef"}, n_way=2, k_shot=2, n_query=2)
     for make in (lambda seed: LMTaskSampler(**lm, seed=seed), lambda seed: EpisodeSampler(**episodes, seed=seed)):
         for seed in (1.5, "1", None, True):
             with pytest.raises(TypeError, match=f"seed must be an int, got {re.escape(repr(seed))}"):
@@ -133,7 +133,26 @@ def test_episode_sampler_errors():
     with pytest.raises(DataError, match="5-way episodes need at least 5 classes"):
         EpisodeSampler({"a": ["x"] * 10}, n_way=5)
     with pytest.raises(DataError, match=r"'b' \(3\)"):
-        EpisodeSampler({"a": ["x"] * 10, "b": ["y"] * 3}, n_way=2, k_shot=2, n_query=2)
+        EpisodeSampler({"a": [f"x{i}" for i in range(10)], "b": ["y1", "y2", "y3"]}, n_way=2, k_shot=2, n_query=2)
+
+
+def test_episode_sampler_keeps_each_distinct_text_once():
+    """A text repeated in a class, or two texts equal once cut to max_len, is one input: a query input is
+    never also a support input of its episode (before, 'hi' twice in a class could be drawn into both)."""
+    classes = {"a": ["hi", "hi", "hello", "help me", "hey"], "b": ["no", "nope", "not now", "not yet"]}
+    sampler = EpisodeSampler(classes, n_way=2, k_shot=2, n_query=1, max_len=3)
+    assert [sampler.tokens[0].shape[0], sampler.tokens[1].shape[0]] == [3, 3]  # a: hi, hel, hey; b: no, nop, not
+    assert [decode(row[row != PAD]) for row in sampler.tokens[0]] == ["hi", "hel", "hey"]
+    for index in range(50):
+        batch = sampler.batch(index, 4)
+        for t in range(4):
+            support = {tuple(row.tolist()) for row in batch.support[0][t]}
+            assert len(support) == 4 and support.isdisjoint(tuple(row.tolist()) for row in batch.query[0][t])
+    with pytest.raises(DataError, match=r"fewer than k_shot \+ n_query = 4 distinct texts \(once cut to max_len=3 "
+                                         r"characters\): 'a' \(3\), 'b' \(3\)"):
+        EpisodeSampler(classes, n_way=2, k_shot=2, n_query=2, max_len=3)
+    longer = EpisodeSampler(classes, n_way=2, k_shot=2, n_query=2, max_len=5)  # "not n" and "not y" differ
+    assert [longer.tokens[0].shape[0], longer.tokens[1].shape[0]] == [4, 4]
 
 
 def test_labelled_folder(tmp_path):

@@ -119,7 +119,7 @@ def test_samplers_take_numpy_and_tensor_counts_and_seeds(integer):
     lm, lm_int = (LMTaskSampler(domains, n_support=n, n_query=n, seq_len=n, seed=n) for n in (integer, 3))
     first, second = lm.batch(integer, integer), lm_int.batch(3, 3)
     assert torch.equal(first.support, second.support) and torch.equal(first.query, second.query)
-    classes = {name: [name * k for k in range(1, 9)] for name in ("ab", "cd", "ef", "gh")}
+    classes = {name: [f"{k}{name}" for k in range(1, 9)] for name in ("ab", "cd", "ef", "gh")}
     ep, ep_int = (EpisodeSampler(classes, n_way=n, k_shot=n, n_query=n, max_len=n, seed=n) for n in (integer, 3))
     first, second = ep.batch(integer, integer), ep_int.batch(3, 3)
     assert torch.equal(first.support[0], second.support[0]) and torch.equal(first.query[1], second.query[1])
