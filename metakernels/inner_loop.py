@@ -117,6 +117,7 @@ class TaskBatchedModel:
         self.model = model
         self.layout = layout
         self.vectorize = require_bool("vectorize", vectorize, none_ok=True)  # None: try vmap, else loop
+        self._warned_module_hooks = False
 
     def bind(self, params: dict[str, torch.Tensor]) -> BoundModel:
         """The model called with ``params`` (one task's adapted parameters, by name) in place of its own."""
@@ -140,6 +141,7 @@ class TaskBatchedModel:
 
     def losses_of(self, loss_fn, params: dict[str, torch.Tensor], batch, T: int) -> torch.Tensor:
         """[T] losses for the per-parameter fast weights ``params`` (by name, each [T, *shape])."""
+        self._warn_module_backward_hooks()
         if T == 1:  # NOTE: vmap's per-op overhead made memory='low' (one task per chunk) 1.5x slower
             return self._loop(loss_fn, params, batch, 1)
         if self.vectorize is not False:
@@ -162,6 +164,24 @@ class TaskBatchedModel:
                 self.vectorize = False
                 return losses
         return self._loop(loss_fn, params, batch, T)
+
+    def _warn_module_backward_hooks(self) -> None:
+        """One warning (per evaluator) if a module of the model, or torch globally, has backward hooks: the
+        engine does not give them the meta-gradient once, as the parameters' own hooks get it."""
+        if self._warned_module_hooks:
+            return
+        hooked = [name or type(self.model).__name__ for name, module in self.model.named_modules()
+                  if module._backward_hooks or module._backward_pre_hooks]
+        if nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
+            hooked.insert(0, "every module (a global hook)")
+        if hooked:
+            self._warned_module_hooks = True
+            warnings.warn(
+                f"metakernels: module backward hooks (register_full_backward_hook, register_backward_hook, "
+                f"register_full_backward_pre_hook) on {hooked[:3]} do not see the meta-gradient once: under "
+                "torch.vmap (T > 1, the default) they do not run, and in a loop over tasks (vectorize=False, "
+                "T = 1, memory='low') they run for every inner gradient too. Hooks on the parameters "
+                "(p.register_hook) run once, on the meta-gradient, in every mode.", RuntimeWarning, stacklevel=4)
 
     def _loop(self, loss_fn, params, batch, T: int) -> torch.Tensor:
         # NOTE: unbind, whose backward stacks the T cotangents once; indexing p[t] per task made every task's

@@ -10,6 +10,9 @@ the parameters and other leaves were run on every chunk's part of the gradient a
 (a hook doubling its gradient gave 4x); they are now held off in the chunks and see the sum once.
 Checked in float64 against the sequential create_graph oracle (where inputs and other targets lie
 behind each other, against the fast mode's single graph), on a model with LayerNorm and GELU."""
+import re
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -187,6 +190,45 @@ def test_a_gradient_hook_sees_the_summed_gradient_once(memory, task_chunk, first
     assert len(calls) == len(hooked)
     for t, w in zip(hooked, want):
         torch.testing.assert_close(t.grad, w, rtol=1e-9, atol=1e-12)
+
+
+MODULE_HOOK_WARNING = "module backward hooks .* on (.*) do not see the meta-gradient once"
+
+
+@pytest.mark.parametrize("options", [{}, {"task_chunk": 2}, {"memory": "low"}, {"vectorize": False}])
+def test_module_backward_hooks_are_warned_about_once(options):
+    """Module backward hooks do not run under vmap and run for every inner gradient in a loop over tasks
+    (measured: 0 calls in the fast mode, 20 for one meta-step of 4 tasks with vectorize=False), so the
+    engine says so, once per MAML; without such hooks it is silent."""
+    model = _model()
+    encoder, raw, labels = _task_data()
+    support, query = (encoder(raw[0]).detach(), labels[0]), (encoder(raw[1]).detach(), labels[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mk.MAML(model, inner_lr=0.2, inner_steps=STEPS, **options)(_loss_fn, support, query)
+    model[3].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    maml = mk.MAML(model, inner_lr=0.2, inner_steps=STEPS, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        maml(_loss_fn, support, query)
+        maml(_loss_fn, support, query)
+    hooked = [re.search(MODULE_HOOK_WARNING, str(w.message)) for w in caught]
+    assert [match.group(1) for match in hooked if match] == ["['3']"]
+
+
+def test_global_and_pre_backward_hooks_are_warned_about_in_the_learned_optimizers_trainer():
+    model = _model()
+    x, y = torch.randn(T, 5, 4, dtype=torch.float64), torch.randn(T, 5, 2, dtype=torch.float64)
+    lopt = mk.LearnedOptimizer(hidden=4, layers=1, seed=0).double()
+    handle = nn.modules.module.register_module_full_backward_hook(lambda module, grad_in, grad_out: None)
+    try:
+        with pytest.warns(RuntimeWarning, match=re.escape("on ['every module (a global hook)'] do not see")):
+            mk.LearnedOptimizerTrainer(lopt, model).unroll(_loss_fn, (x, y), steps=1)
+    finally:
+        handle.remove()
+    model[1].register_full_backward_pre_hook(lambda module, grad_out: None)
+    with pytest.warns(RuntimeWarning, match=re.escape("on ['1'] do not see")):
+        mk.LearnedOptimizerTrainer(lopt, model).unroll(_loss_fn, (x, y), steps=1)
 
 
 class _FailingBackward(torch.autograd.Function):
