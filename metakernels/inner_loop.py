@@ -191,12 +191,14 @@ class TaskBatchedModel:
                                            select_tasks(batch, t)) for t in range(T)])
 
 
-def check_finite(losses: torch.Tensor, what: str, step: int, first_task: int = 0) -> None:
-    """Raises on a non-finite loss, naming its task (``first_task`` + its index in ``losses``) and step."""
+def check_finite(losses: torch.Tensor, what: str, step: int, first_task: int = 0,
+                 remedy: str = "lower inner_lr") -> None:
+    """Raises on a non-finite loss, naming its task (``first_task`` + its index in ``losses``) and step, and
+    the remedies: ``remedy`` (the algorithm's step size), the task's data, or nan_policy='ignore'."""
     if not torch.isfinite(losses).all():
         bad = int((~torch.isfinite(losses)).nonzero()[0, 0])
         raise FloatingPointError(
-            f"{what} loss is {losses[bad].item()} for task {first_task + bad} at inner step {step}; lower inner_lr, "
+            f"{what} loss is {losses[bad].item()} for task {first_task + bad} at inner step {step}; {remedy}, "
             "check that task's data, or pass nan_policy='ignore'"
         )
 

@@ -151,7 +151,7 @@ class LearnedOptimizerTrainer:
             with torch.enable_grad():  # the inner gradients, also under the caller's no_grad
                 if not fast.requires_grad:
                     fast = fast.detach().requires_grad_()
-                losses = self._losses(loss_fn, fast, batches[k], T, state.step + k)
+                losses = self._losses(loss_fn, fast, batches[k], T, state.step + k, "inner")
                 with forward_not_recomputed(self.evaluator.model, "LearnedOptimizerTrainer.unroll"):
                     (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph,
                                                    retain_graph=track_meta_gradient)
@@ -162,7 +162,8 @@ class LearnedOptimizerTrainer:
                 fast, opt_state = self.lopt.update(fast, grads, opt_state, state.step + k, segments=self.layout.numels)
             if not track_meta_gradient:
                 fast, opt_state = fast.detach(), opt_state.detach()
-        final = self._losses(loss_fn, fast, query if meta_loss == "query" else batches[-1], T, state.step + steps)
+        final = self._losses(loss_fn, fast, query if meta_loss == "query" else batches[-1], T, state.step + steps,
+                             meta_loss)
         history.append(final.detach())
         if meta_loss == "inner":
             terms.append(weights[-1] * final.mean())
@@ -173,10 +174,10 @@ class LearnedOptimizerTrainer:
             meta = meta.detach()
         return UnrollResult(meta, torch.stack(history), UnrollState(fast.detach(), opt_state.detach(), state.step + steps))
 
-    def _losses(self, loss_fn, fast, batch, T, step):
+    def _losses(self, loss_fn, fast, batch, T, step, what):
         losses = self.evaluator.losses(loss_fn, fast, batch, T)
         if self.nan_policy == "raise":
-            check_finite(losses, "inner", step)
+            check_finite(losses, what, step, remedy="lower the learned optimizer's step_mult (mk.ops.LoptHyper)")
         return losses
 
     @staticmethod

@@ -186,8 +186,25 @@ def test_nan_inner_loss_names_task_and_step():
     batch = _batches(3, 1)[0]
     batch[:, 0, 0] = 0
     batch[1, 0, 0] = 3
-    with pytest.raises(FloatingPointError, match="task 1 at inner step 0"):
+    with pytest.raises(FloatingPointError, match="inner loss is nan for task 1 at inner step 0; lower the learned "
+                                                 r"optimizer's step_mult \(mk.ops.LoptHyper\)"):
         trainer.unroll(loss_fn, batch, 2)
+
+
+def test_nan_query_loss_is_named_a_query_loss():
+    """The final loss of meta_loss='query' is the query batch's (before, it was reported as an inner loss,
+    with MAML's advice to lower an inner_lr the trainer does not have)."""
+    model, lopt = _model(), _lopt()
+    trainer = mk.LearnedOptimizerTrainer(lopt, model)
+
+    def loss_fn(f, batch):
+        return lm_loss(f, batch) * torch.where(batch[0, 0] == 3, float("inf"), 1.0)
+
+    support, query = _batches(3, 2)
+    support[:, 0, 0], query[:, 0, 0] = 0, 0
+    query[2, 0, 0] = 3
+    with pytest.raises(FloatingPointError, match="query loss is inf for task 2 at inner step 2; lower the learned"):
+        trainer.unroll(loss_fn, support, 2, query=query, meta_loss="query")
 
 
 def test_adam_init_descends_like_normalised_adam():
