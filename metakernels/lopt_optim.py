@@ -103,11 +103,23 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             _Rates.of(group, f"parameter group {len(self.param_groups) - 1}")
             for index, p in enumerate(group["params"], start=first):
                 if not p.dtype.is_floating_point:
-                    raise TypeError(f"learned optimizer: parameter {index} (shape {list(p.shape)}) has dtype "
-                                    f"{p.dtype}; expected a floating-point dtype")
+                    raise TypeError(f"learned optimizer: {self._label(index)} has dtype {p.dtype}; expected a "
+                                    "floating-point dtype")
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+
+    def _label(self, index: int) -> str:
+        """How messages name parameter ``index`` (over all groups): the index, its name where the optimizer
+        was given named parameters (torch.optim's ``param_names``), its shape.  Built on the error path only."""
+        position = index
+        for group in self.param_groups:
+            if position < len(group["params"]):
+                names = group.get("param_names")
+                name = f"{names[position]!r}, " if names else ""
+                return f"parameter {index} ({name}shape {list(group['params'][position].shape)})"
+            position -= len(group["params"])
+        raise IndexError(index)
 
     def _named_params(self):
         """(index over all groups, parameter, its group's rates), the rates checked (a scheduler may have set
@@ -139,10 +151,11 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError(f"learned optimizer: parameter {index} has a sparse gradient, which is not supported")
+                raise RuntimeError(f"learned optimizer: {self._label(index)} has a sparse gradient, which is not "
+                                   "supported")
             if p.grad.dtype != p.dtype:  # possible where the parameter's grad_dtype was set to None
-                raise TypeError(f"learned optimizer: the gradient of parameter {index} (shape {list(p.shape)}) has "
-                                f"dtype {p.grad.dtype}, expected the parameter's {p.dtype}; nothing was updated")
+                raise TypeError(f"learned optimizer: the gradient of {self._label(index)} has dtype {p.grad.dtype}, "
+                                f"expected the parameter's {p.dtype}; nothing was updated")
             state = self.state.get(p)  # no entry yet for a parameter that has not been stepped
             step = int(state["step"]) if state else 0
             if 0 < p.numel() <= PACK_UP_TO:
@@ -164,7 +177,7 @@ class LearnedOptimizerStep(torch.optim.Optimizer):
             return True
         if self.nan_policy == "raise":
             raise FloatingPointError(
-                f"learned optimizer: the gradient of parameter {index} (shape {list(p.shape)}) has NaN or Inf; "
+                f"learned optimizer: the gradient of {self._label(index)} has NaN or Inf; "
                 "nothing was updated (pass nan_policy='skip' to skip such parameters)")
         return False
 

@@ -389,6 +389,25 @@ def test_a_one_element_tensor_lr_works():
     assert torch.equal(w.detach(), v.detach())
 
 
+@pytest.mark.parametrize("size", [5, 100_000], ids=["packed", "alone"])
+def test_errors_name_a_named_parameter(size):
+    """Given named parameters (torch.optim's param_names), the messages name the tensor, in any group."""
+    lopt = mk.LearnedOptimizer(hidden=4, layers=1, seed=0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, size))
+    opt = lopt.optimizer(model[0].named_parameters(prefix="0"))
+    opt.add_param_group({"params": list(model[1].named_parameters(prefix="1")), "lr": 0.5})
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[1].bias.grad[-1] = float("inf")
+    with pytest.raises(FloatingPointError, match=rf"the gradient of parameter 3 \('1.bias', shape \[{size}\]\) has "
+                                                 "NaN or Inf"):
+        opt.step()
+    assert not opt.state
+    z = torch.nn.Parameter(torch.randn(2, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"parameter 4 \('z', shape \[2\]\) has dtype torch.complex64"):
+        opt.add_param_group({"params": [("z", z)]})
+
+
 def test_non_floating_parameters_are_refused():
     """A complex parameter is named with its dtype when it is given, not at the first step."""
     lopt = mk.LearnedOptimizer(hidden=4, layers=1, seed=0)
