@@ -149,8 +149,11 @@ def test_episode_sampler_keeps_each_distinct_text_once():
             support = {tuple(row.tolist()) for row in batch.support[0][t]}
             assert len(support) == 4 and support.isdisjoint(tuple(row.tolist()) for row in batch.query[0][t])
     with pytest.raises(DataError, match=r"fewer than k_shot \+ n_query = 4 distinct texts \(once cut to max_len=3 "
-                                         r"characters\): 'a' \(3\), 'b' \(3\)"):
+                                         r"characters, .*\): 'a' \(3\), 'b' \(3\)"):
         EpisodeSampler(classes, n_way=2, k_shot=2, n_query=2, max_len=3)
+    greek = {"a": ["αβγ", "δεζ", "ηθι", "abc"], "b": ["one", "two", "six", "ten"]}  # the Greek texts read alike
+    with pytest.raises(DataError, match=r"every character from U\+00FF up read as one token\): 'a' \(2\)$"):
+        EpisodeSampler(greek, n_way=2, k_shot=2, n_query=1, max_len=8)
     longer = EpisodeSampler(classes, n_way=2, k_shot=2, n_query=2, max_len=5)  # "not n" and "not y" differ
     assert [longer.tokens[0].shape[0], longer.tokens[1].shape[0]] == [4, 4]
 

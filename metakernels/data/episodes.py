@@ -102,7 +102,8 @@ class EpisodeSampler:
         if short:
             shown = ", ".join(f"{n!r} ({c})" for n, c in short[:5])
             raise DataError(f"{len(short)} class(es) have fewer than k_shot + n_query = {needed} distinct texts "
-                            f"(once cut to max_len={max_len} characters): {shown}")
+                            f"(once cut to max_len={max_len} characters, and every character from U+00FF up read "
+                            f"as one token): {shown}")
 
     def _distinct_rows(self, texts: list[str]) -> torch.Tensor:
         """[distinct texts, max_len]: the texts' token rows, each distinct row once, in first-seen order."""
