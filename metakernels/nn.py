@@ -12,8 +12,9 @@ checkpoints and parameter orders are unaffected.  What is swapped:
 * ``nn.RMSNorm`` over the last dimension -> :class:`RMSNorm` (``metakernels.ops.rms_norm``);
 * ``nn.Linear`` directly followed by ``nn.GELU`` in an ``nn.Sequential`` -> :class:`LinearGELU` (the
   matrix product, then the fused bias + GELU) and ``nn.Identity`` in the GELU's place, unless the model
-  holds that Linear in more than one place (the GELU would then apply at every use; it is kept and
-  listed).  NOTE: a forward that calls the Sequential's Linear directly (``self.mlp[0](x)``) is not seen
+  holds that Linear in more than one place (the GELU would then apply at every use), or a forward or
+  backward hook is on either module or on every module (a hook on the Linear would see the GELU's output,
+  and the GELU's own would no longer run); such a Linear is kept and listed.  NOTE: a forward that calls the Sequential's Linear directly (``self.mlp[0](x)``) is not seen
   and would get the GELU too;
 * any other ``nn.GELU`` -> :class:`GELU` (the fused activation, no bias);
 * ``metakernels.models.CausalSelfAttention`` -> :class:`CausalSelfAttention` (its core by
@@ -127,14 +128,31 @@ def fuse_layers(model: nn.Module) -> list[str]:
         if type(child) is nn.Linear and isinstance(parent, nn.Sequential) and position + 1 < len(siblings) \
                 and type(siblings[position + 1][1]) is nn.GELU:
             gelu_name, gelu = siblings[position + 1]
+            gelu_full = f"{parent_name}.{gelu_name}" if parent_name else gelu_name
             if places[id(child)] > 1:
                 changes.append(f"{name}: Linear kept (the model holds it in {places[id(child)]} places; folding "
                                "the GELU after it into it would apply the GELU at every one)")
                 continue
+            hooked = _hooked({name: child, gelu_full: gelu})
+            if hooked:
+                changes.append(f"{name}: Linear kept (hooks on {hooked}; folding the GELU after it into it would "
+                               "change the Linear's output they see and drop the GELU's own)")
+                continue
             child.__class__ = LinearGELU
             child.approximate = gelu.approximate
             setattr(parent, gelu_name, nn.Identity())
-            gelu_full = f"{parent_name}.{gelu_name}" if parent_name else gelu_name
             changes.append(f"{name} + {gelu_full}: torch.nn.Linear + torch.nn.GELU "
                            "-> metakernels.nn.LinearGELU + torch.nn.Identity")
     return changes
+
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(modules: dict[str, nn.Module]) -> str:
+    """Which of ``modules`` (by name) have forward or backward hooks, torch's global module hooks
+    included: "every module (a global hook)" first where there are any; "" for none."""
+    names = [name for name, module in modules.items() if any(getattr(module, h) for h in _MODULE_HOOKS)]
+    if any(getattr(nn.modules.module, "_global" + h) for h in _MODULE_HOOKS):
+        names.insert(0, "every module (a global hook)")
+    return ", ".join(names)

@@ -73,6 +73,43 @@ def test_fuse_layers_folds_only_a_linear_used_once_and_the_slot_right_after_it()
         assert not any(isinstance(m, mk.nn.LinearGELU) for m in model.modules())
 
 
+@pytest.mark.parametrize("hooked", ["linear-forward", "gelu-forward", "gelu-pre", "linear-backward", "global-forward"])
+def test_fuse_layers_does_not_fold_a_linear_and_gelu_that_hooks_watch(hooked):
+    """A hook on the Linear would see the GELU's output once folded, and one on the GELU would no longer
+    run: the pair is kept (the GELU still becomes the fused GELU, keeping its hooks), and every hook sees
+    the values it saw before the swap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2)).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    seen = []
+    record = lambda *args: seen.append([a.detach().clone() for a in args if isinstance(a, torch.Tensor)])
+    record_output = lambda module, inputs, output: record(output)
+    register = {
+        "linear-forward": lambda: model[0].register_forward_hook(record_output),
+        "gelu-forward": lambda: model[1].register_forward_hook(record_output),
+        "gelu-pre": lambda: model[1].register_forward_pre_hook(lambda module, inputs: record(*inputs)),
+        "linear-backward": lambda: model[0].register_full_backward_hook(lambda module, gi, go: record(*go)),
+        "global-forward": lambda: nn.modules.module.register_module_forward_hook(
+            lambda module, inputs, output: record(output) if isinstance(module, nn.Linear) else None),
+    }[hooked]()
+    try:
+        model(x).sum().backward()
+        before, seen[:] = list(seen), []
+        changes = mk.nn.fuse_layers(model)
+        model(x).sum().backward()
+    finally:
+        register.remove()
+    where = {"linear-forward": "0", "gelu-forward": "1", "gelu-pre": "1", "linear-backward": "0",
+             "global-forward": "every module (a global hook)"}[hooked]
+    assert changes == [f"0: Linear kept (hooks on {where}; folding the GELU after it into it would change the "
+                       "Linear's output they see and drop the GELU's own)", "1: torch.nn.GELU -> metakernels.nn.GELU"]
+    assert type(model[1]) is mk.nn.GELU
+    assert len(seen) == len(before) > 0
+    for got, want in zip(seen, before):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-13)
+
+
 def test_fuse_layers_refuses_a_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         mk.nn.fuse_layers(lambda x: x)
