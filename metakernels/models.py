@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops._checks import require_int, require_number
 from .ops.vocab_head import linear_cross_entropy
+
+
+def dropout_rate(where: str, p) -> float:
+    """``p`` as a float in [0, 1); TypeError / ValueError naming ``where``'s argument 'dropout' otherwise."""
+    return require_number(where, "dropout", p, low=0, high=1, high_open=True)
 
 
 class CausalSelfAttention(nn.Module):
@@ -18,8 +24,10 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
+        d_model, n_heads = require_int("d_model", d_model, 1), require_int("n_heads", n_heads, 1)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        dropout = dropout_rate(type(self).__name__, dropout)
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
@@ -61,6 +69,9 @@ class TransformerLM(nn.Module):
     def __init__(self, vocab: int = 256, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
                  max_len: int = 64, dropout: float = 0.0):
         super().__init__()
+        vocab, d_model = require_int("vocab", vocab, 1), require_int("d_model", d_model, 1)
+        max_len, n_layers = require_int("max_len", max_len, 1), require_int("n_layers", n_layers, 0)
+        dropout = dropout_rate(type(self).__name__, dropout)
         self.max_len = max_len
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(max_len, d_model)
@@ -70,6 +81,7 @@ class TransformerLM(nn.Module):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, S] -> the final LayerNorm's output [B, S, d_model]."""
+        _check_tokens(type(self).__name__, "tokens", tokens)
         S = tokens.shape[-1]
         if S > self.max_len:
             raise ValueError(f"sequence length {S} exceeds max_len={self.max_len}")
@@ -91,8 +103,8 @@ class TransformerClassifier(TransformerLM):
     def __init__(self, n_classes: int, vocab: int = 256, d_model: int = 128, n_heads: int = 4, n_layers: int = 2,
                  max_len: int = 64, dropout: float = 0.0, pad: int = 0):
         super().__init__(vocab, d_model, n_heads, n_layers, max_len, dropout)
-        self.head = nn.Linear(d_model, n_classes)
-        self.pad = pad
+        self.head = nn.Linear(d_model, require_int("n_classes", n_classes, 1))
+        self.pad = require_int("pad", pad, 0, vocab - 1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         keep = (tokens != self.pad).unsqueeze(-1).to(self.head.weight.dtype)
@@ -100,9 +112,32 @@ class TransformerClassifier(TransformerLM):
         return self.head(pooled)
 
 
+def _check_tokens(where: str, name: str, tokens) -> None:
+    """TypeError / ValueError naming ``name`` unless ``tokens`` is an integer tensor [B, S]."""
+    _check_integer(where, name, tokens)
+    if tokens.dim() != 2:
+        raise ValueError(f"{where}: {name} must have shape [batch, sequence], got {list(tokens.shape)}")
+
+
+def _check_next_token_batch(where: str, tokens) -> None:
+    """TypeError / ValueError unless ``tokens`` is an integer tensor [..., S+1] with S >= 1 (something to predict)."""
+    _check_integer(where, "the batch's tokens", tokens)
+    if tokens.dim() == 0 or tokens.shape[-1] < 2:
+        raise ValueError(f"{where}: the batch's tokens must hold sequences of at least 2 tokens (the inputs and "
+                         f"their next-token targets), got shape {list(tokens.shape)}")
+
+
+def _check_integer(where: str, name: str, tokens) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dtype.is_complex \
+            or tokens.dtype == torch.bool:
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"{where}: {name} must be an integer tensor of token ids, got {got}")
+
+
 def lm_loss(f, batch) -> torch.Tensor:
     """Next-token cross-entropy of one task's batch of sequences [B, S+1]: predict tokens 1..S."""
     tokens = batch if isinstance(batch, torch.Tensor) else batch[0]
+    _check_next_token_batch("lm_loss", tokens)
     logits = f(tokens[..., :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[..., 1:].reshape(-1))
 
@@ -111,6 +146,7 @@ def lm_loss_chunked_head(f, batch) -> torch.Tensor:
     """lm_loss through the chunked vocabulary head: ``f(tokens, targets=...)`` of a TransformerLM (or any
     model whose forward takes ``targets`` and returns the mean cross-entropy)."""
     tokens = batch if isinstance(batch, torch.Tensor) else batch[0]
+    _check_next_token_batch("lm_loss_chunked_head", tokens)
     return f(tokens[..., :-1], targets=tokens[..., 1:])
 
 
