@@ -1,4 +1,5 @@
-"""Files written by the library: atomic (a temporary file in the same folder, fsync, then rename), and,
+"""Files written by the library: atomic (a temporary file in the same folder, fsync, then rename; a symbolic link is written through to
+its target), and,
 for checkpoints, self-checking.
 
 Checkpoint format: the magic line ``METAKERNELS\\n``, an 8-byte little-endian header length, a JSON header
@@ -26,8 +27,10 @@ class CheckpointError(ValueError):
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that readers see either the old file or the complete new one."""
-    path = os.fspath(path)
+    """Writes ``data`` to ``path`` so that readers see either the old file or the complete new one.  A
+    symbolic link is written through, as ``open(path, "wb")`` does: its target is replaced, and the link
+    stays (replacing the link itself would leave the target stale)."""
+    path = os.path.realpath(os.fspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder; give the path of a file to write")
     folder = os.path.dirname(os.path.abspath(path))

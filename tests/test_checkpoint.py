@@ -114,3 +114,18 @@ def test_atomic_write_gives_the_mode_of_a_plain_open_and_keeps_a_replaced_files(
         assert (tmp_path / "new.json").read_text() == "[]"
     finally:
         os.umask(umask)
+
+
+def test_atomic_write_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "metrics.json"
+    target.write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to(os.path.join("runs", "metrics.json"))
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    dangling = tmp_path / "next.json"
+    dangling.symlink_to(os.path.join("runs", "next.json"))
+    atomic_write_text(dangling, "first")
+    assert dangling.is_symlink() and (tmp_path / "runs" / "next.json").read_text() == "first"
+    assert sorted(os.listdir(tmp_path / "runs")) == ["metrics.json", "next.json"]
