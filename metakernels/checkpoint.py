@@ -1,6 +1,5 @@
-"""Files written by the library: atomic (a temporary file in the same folder, fsync, then rename; a symbolic link is written through to
-its target), and,
-for checkpoints, self-checking.
+"""Files written by the library: atomic (a temporary file in the same folder, fsync, then rename; a
+symbolic link is written through to its target), and, for checkpoints, self-checking.
 
 Checkpoint format: the magic line ``METAKERNELS\\n``, an 8-byte little-endian header length, a JSON header
 ``{"kind", "format_version", "length", "sha256", "meta"}``, then the payload written by ``torch.save``.
