@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import ops
+from . import forward_state, ops
 from .bound_model import BoundModel
 from .layout import ParamLayout
 from .ops._checks import require_bool, require_number, warn_float16_second_moment
@@ -118,6 +118,7 @@ class TaskBatchedModel:
         self.layout = layout
         self.vectorize = require_bool("vectorize", vectorize, none_ok=True)  # None: try vmap, else loop
         self._warned_module_hooks = False
+        self._vmap_traced = False
 
     def bind(self, params: dict[str, torch.Tensor]) -> BoundModel:
         """The model called with ``params`` (one task's adapted parameters, by name) in place of its own."""
@@ -145,14 +146,23 @@ class TaskBatchedModel:
         if T == 1:  # NOTE: vmap's per-op overhead made memory='low' (one task per chunk) 1.5x slower
             return self._loop(loss_fn, params, batch, 1)
         if self.vectorize is not False:
+            # NOTE: a trace that fails part way may have written buffers (BatchNorm counts the batch before it
+            # refuses batched statistics) and drawn random numbers: until vmap has traced the model once, both
+            # are put back on failure, so that the loop runs as with vectorize=False
+            device = next(iter(params.values())).device if params else torch.device("cpu")
+            entered = None if self._vmap_traced else forward_state.capture(device, self.model)
             try:
                 with TaskLinearMode():
-                    return torch.vmap(lambda w, b: self._one_task(loss_fn, w, b), randomness="different")(params, batch)
+                    losses = torch.vmap(lambda w, b: self._one_task(loss_fn, w, b), randomness="different")(params, batch)
+                self._vmap_traced = True
+                return losses
             except (TypeError, ValueError):  # the user's loss_fn broke its contract: report, do not retry
                 raise
             except Exception as exc:  # a model vmap cannot trace (data-dependent control flow, .item())
                 if self.vectorize is True:
                     raise
+                if entered is not None:
+                    forward_state.restore(device, entered)
                 # NOTE: an error of the model or loss_fn itself raises again in the loop, and then is not
                 # reported as vmap's, nor does it switch vmap off for later calls.
                 losses = self._loop(loss_fn, params, batch, T)

@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from . import rng_state
+from . import forward_state
 from ._autograd import cached_signature, raise_when_differentiated
 from .chunk_scale import ChunkLossScale, float16_backward
 from .graph_leaves import grad_without_hooks, graph_nodes, leaves_outside, with_stand_ins
@@ -224,11 +224,11 @@ class MAML(nn.Module):
             n = chunk.stop - chunk.start
             chunk_support, chunk_query = select_tasks(support, chunk), select_tasks(query, chunk)
             factor = self._chunk_scale.value if scaled else 1.0
-            draws = rng_state.capture(meta_params[0].device) if factor != 1.0 else None
+            entered = forward_state.capture(meta_params[0].device, self.module) if factor != 1.0 else None
             loss, targets, chunk_grads = self._chunk_gradients(loss_fn, chunk_support, chunk_query, n, T, start,
                                                                meta_params, factor)
             if scaled and not self._chunk_scale.accepts(chunk_grads) and factor != 1.0:
-                rng_state.restore(meta_params[0].device, draws)  # the unscaled retake draws the same dropout masks
+                forward_state.restore(meta_params[0].device, entered)  # the retake: the same dropout masks and buffers
                 factor = 1.0
                 loss, targets, chunk_grads = self._chunk_gradients(loss_fn, chunk_support, chunk_query, n, T, start,
                                                                    meta_params, factor)

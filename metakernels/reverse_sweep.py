@@ -4,9 +4,10 @@ steps, recomputing one step's graph at a time.
 Fast mode keeps the graph of all K inner steps (each step's activations and the graph of its inner
 gradient) until the meta-backward.  Here the forward sweep runs the K steps without a graph, keeping
 only what enters each step k: the fast weights theta_{k-1} [T, P] (the shared [P] at k = 1), the
-optimizer state s_{k-1}, and the random-number state the step drew from.  The query loss gives
+optimizer state s_{k-1}, and the random-number state the step drew from and the model's buffers as the
+step found them (:mod:`metakernels.forward_state`).  The query loss gives
 v_K = dL/dtheta_K; then, for k = K..1, step k is recomputed with its graph (the inner gradient with
-create_graph, the same dropout masks) and its vector-Jacobian product at the incoming cotangents
+create_graph, the same dropout masks and buffers) and its vector-Jacobian product at the incoming cotangents
 
     (v_{k-1}, w_{k-1}, d meta-parameters) += (v_k, w_k) . d(theta_k, s_k) / d(theta_{k-1}, s_{k-1}, meta-parameters)
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import rng_state
+from . import forward_state
 from .graph_leaves import grad_without_hooks, leaves_outside
 from .inner_loop import check_finite
 from .recompute_guard import forward_not_recomputed
@@ -46,10 +47,10 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
     rate = maml.inner_rate_of_tasks(first_task, T)
     targets = meta_params + leaves_outside([rate], meta_params)
     rate = _detached(rate)
-    entering = []  # (theta_{k-1}, s_{k-1}, rng state) of step k
+    entering = []  # (theta_{k-1}, s_{k-1}, forward state) of step k
     params, state = theta0, optimizer.initial_state(theta0.shape[0], theta0)
     for k in range(1, maml.inner_steps + 1):
-        entering.append((params, state, rng_state.capture(device)))
+        entering.append((params, state, forward_state.capture(device, evaluator.model)))
         with torch.enable_grad():
             rows = _task_rows(params, T).detach().requires_grad_()
             views = maml.layout.unflatten(rows)
@@ -73,14 +74,14 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         retain = len(targets) > len(meta_params)
         v, *meta_grads = grad_without_hooks(loss * seed_scale, [theta, *targets], allow_unused=True,
                                             retain_graph=retain)
-    after_query = rng_state.capture(device)
+    after_query = forward_state.capture(device, evaluator.model)
 
     w = (None,) * len(state)
     for k in range(maml.inner_steps, 0, -1):
-        theta, s, rng = entering[k - 1]
+        theta, s, entered = entering[k - 1]
         if v is None and all(c is None for c in w):
             break  # nothing flows back from the query through this step
-        rng_state.restore(device, rng)
+        forward_state.restore(device, entered)
         with torch.enable_grad():
             theta = theta.detach().requires_grad_()
             s = tuple(x.detach().requires_grad_(k > 1) for x in s)  # the initial state is a constant
@@ -98,7 +99,7 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         n_states = len(inputs) - 1 - len(targets)
         w = tuple(back[1:1 + n_states]) if k > 1 else w
         meta_grads = [add_optional(a, b) for a, b in zip(meta_grads, back[1 + n_states:])]
-    rng_state.restore(device, after_query)
+    forward_state.restore(device, after_query)
 
     if v is not None:  # v = v_0, the cotangent of the initialisation: onto the adapted parameters
         index = {id(p): i for i, p in enumerate(targets)}

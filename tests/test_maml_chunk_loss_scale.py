@@ -16,9 +16,9 @@ from metakernels.chunk_scale import ChunkLossScale, float16_backward
 CHUNKED = [{"task_chunk": 2}, {"memory": "low"}, {"memory": "low", "task_chunk": 2}]
 
 
-def _setting(dropout=0.0):
+def _setting(dropout=0.0, norm=nn.LayerNorm):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 4))
+    model = nn.Sequential(nn.Linear(16, 32), norm(32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 4))
     support = (torch.randn(4, 8, 16), torch.randn(4, 8, 4))
     query = (torch.randn(4, 8, 16), torch.randn(4, 8, 4))
     return model, support, query
@@ -74,6 +74,25 @@ def test_a_chunk_that_overflows_is_retaken_unscaled_with_the_same_dropout(mode):
     for g, w in zip(got, unscaled):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:metakernels. torch.vmap could not trace")
+@pytest.mark.parametrize("mode", CHUNKED, ids=str)
+def test_a_retaken_chunk_writes_the_buffers_once(mode):
+    """BatchNorm's running statistics and batch count after a meta-step whose chunk overflowed and was
+    taken again are those of the unscaled run: the retake starts from the buffers the chunk found.  (The
+    meta-gradients may differ: chunks after the retake run at the halved scale.)"""
+    runs = []
+    for initial_scale in (1.0, None):
+        model, support, query = _setting(norm=nn.BatchNorm1d)
+        _, maml = _meta_gradient(model, support, query, _loss_fn(100.0), True, initial_scale=initial_scale,
+                                 inner_lr=1e-5, **mode)
+        runs.append(({n: b.clone() for n, b in model.named_buffers()}, maml._chunk_scale.value))
+    (want, _), (got, scale) = runs
+    assert scale < chunk_scale.INITIAL
+    assert got["1.num_batches_tracked"].item() == 4 * 2  # T (K + 1) forwards
+    for name, buffer in got.items():
+        torch.testing.assert_close(buffer, want[name], rtol=0, atol=0, msg=name)
 
 
 def test_no_scaling_without_float16():
