@@ -199,6 +199,22 @@ def test_clinc150_bad_files_are_named(tmp_path, data, domains, message):
         load_clinc150(tmp_path / "c")
 
 
+def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
+    """Windows editors start UTF-8 files with U+FEFF: it was the first text's first character (token 255),
+    and JSON refused the file."""
+    bom = "\ufeff".encode("utf-8")
+    (tmp_path / "labelled").mkdir()
+    (tmp_path / "labelled" / "yes.txt").write_bytes(bom + "sure\nok\n".encode("utf-8"))
+    assert load_labelled_folder(tmp_path / "labelled") == {"yes": ["sure", "ok"]}
+    (tmp_path / "domains").mkdir()
+    (tmp_path / "domains" / "alpha.txt").write_bytes(bom + b"hello")
+    assert folder_domains(tmp_path / "domains") == {"alpha": "hello"}
+    write_clinc(tmp_path / "c", {"train": [["hi", "greet"]], "val": [], "test": []}, {"d": ["greet"]})
+    for name in ("data_full.json", "domains.json"):
+        (tmp_path / "c" / name).write_bytes(bom + (tmp_path / "c" / name).read_bytes())
+    assert load_clinc150(tmp_path / "c") == ({"greet": ["hi"]}, {"d": ["greet"]})
+
+
 def test_clinc150_missing_or_corrupt_file(tmp_path):
     with pytest.raises(DataError, match="data_full.json: file not found"):
         load_clinc150(tmp_path)

@@ -125,9 +125,10 @@ def folder_domains(path: str | os.PathLike, min_chars: int = 1) -> dict[str, str
 
 
 def read_utf8(file: str) -> str:
-    """The text of ``file``; a DataError naming it where it is not UTF-8 or cannot be read."""
+    """The text of ``file``; a DataError naming it where it is not UTF-8 or cannot be read.  A leading byte
+    order mark (Windows editors write one) is not part of the text."""
     try:
-        with open(file, encoding="utf-8") as f:
+        with open(file, encoding="utf-8-sig") as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
