@@ -61,6 +61,29 @@ def test_lm_sampler_draws_disjoint_chunks_of_one_domain_reproducibly():
     assert sampler.batch(0, 7).support.shape[0] == 7   # more tasks than domains: drawn with replacement
 
 
+def test_lm_sampler_keeps_query_chunks_out_of_their_support_set():
+    """A domain that repeats a passage: half its text is one 21-character passage over and over (every grid
+    chunk there is that passage, whatever the offset), half is unique.  The old sampler drew a query chunk
+    equal to a support chunk in most tasks; now a query chunk is never one of its task's support chunks,
+    and a domain without enough other chunks is named."""
+    passage = "the same old passage\n"[:21]
+    domains = {"repeats": numbered_text(60) + passage * 20, "unique": numbered_text(120)}
+    sampler = LMTaskSampler(domains, n_support=3, n_query=3, seq_len=20, seed=1)
+    repeated_support = 0
+    for index in range(60):
+        batch = sampler.batch(index, 2)
+        for t in range(2):
+            support = {decode(c) for c in batch.support[t]}
+            assert not support & {decode(c) for c in batch.query[t]}, (index, t)
+            repeated_support += any(chunk in passage * 2 for chunk in support)  # the passage at this offset
+        again = sampler.batch(index, 2)
+        assert torch.equal(again.support, batch.support) and torch.equal(again.query, batch.query)
+    assert repeated_support > 20  # the passage was in many support sets, so its query draws were passed over
+    with pytest.raises(DataError, match=r"domain 'echo' has fewer than 3 chunks of 21 characters that differ from "
+                                        r"its 3 support chunks \(its text repeats\)"):
+        LMTaskSampler({"echo": passage * 40}, n_support=3, n_query=3, seq_len=20).batch(0, 1)
+
+
 def test_lm_sampler_names_domains_too_small():
     with pytest.raises(DataError, match=r"at least 43\): 'tiny' \(30 characters\)"):
         LMTaskSampler({"tiny": "x" * 30, "big": "y" * 1000}, n_support=2, n_query=1, seq_len=10)
@@ -80,7 +103,7 @@ def test_samplers_refuse_data_of_the_other_kind():
 
 
 def test_samplers_check_their_seed_and_the_batch_index():
-    lm = dict(domains={"a": "x" * 500, "b": "y" * 500}, n_support=2, n_query=2, seq_len=8)
+    lm = dict(domains={"a": numbered_text(80), "b": numbered_text(90)}, n_support=2, n_query=2, seq_len=8)
     episodes = dict(classes={c: [f"t{i}" for i in range(12)] for c in "abcdef"}, n_way=2, k_shot=2, n_query=2)
     for make in (lambda seed: LMTaskSampler(**lm, seed=seed), lambda seed: EpisodeSampler(**episodes, seed=seed)):
         for seed in (1.5, "1", None, True):

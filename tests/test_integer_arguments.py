@@ -115,7 +115,7 @@ def test_ops_take_numpy_and_tensor_counts(integer):
 
 @pytest.mark.parametrize("integer", INTEGERS)
 def test_samplers_take_numpy_and_tensor_counts_and_seeds(integer):
-    domains = {name: name * 400 for name in ("ab", "cd", "ef", "gh")}
+    domains = {name: "".join(f"{name}{i:05d}\n" for i in range(100)) for name in ("ab", "cd", "ef", "gh")}
     lm, lm_int = (LMTaskSampler(domains, n_support=n, n_query=n, seq_len=n, seed=n) for n in (integer, 3))
     first, second = lm.batch(integer, integer), lm_int.batch(3, 3)
     assert torch.equal(first.support, second.support) and torch.equal(first.query, second.query)

@@ -4,7 +4,8 @@ chunks of the domain and its query set ``n_query`` other chunks (disjoint positi
 
 Batch ``index`` of a sampler is a pure function of (seed, index): the T domains are drawn without
 replacement when there are at least T (with replacement otherwise), and each task's chunks are drawn
-without replacement from a grid of non-overlapping chunks whose offset is random per task.
+without replacement from a grid of non-overlapping chunks whose offset is random per task; a query
+chunk whose text equals one of its task's support chunks is passed over for the next one drawn.
 """
 from __future__ import annotations
 
@@ -75,14 +76,26 @@ class LMTaskSampler:
         else:
             picks = torch.randint(n, (num_tasks,), generator=gen).tolist()
         chunk = self.seq_len + 1
-        per_task = self.n_support + self.n_query
-        tasks = []
+        support, query = [], []
         for d in picks:
             tokens = self.tokens[d]
             offset = int(torch.randint(self.seq_len + 1, (), generator=gen))
             n_chunks = (tokens.numel() - offset) // chunk
-            starts = offset + torch.randperm(n_chunks, generator=gen)[:per_task] * chunk
-            tasks.append(torch.stack([tokens[s:s + chunk] for s in starts.tolist()]))
-        chunks = torch.stack(tasks)
-        return LMTaskBatch(chunks[:, :self.n_support].contiguous(), chunks[:, self.n_support:].contiguous(),
-                           [self.names[d] for d in picks])
+            starts = (offset + torch.randperm(n_chunks, generator=gen) * chunk).tolist()
+            support.append(torch.stack([tokens[s:s + chunk] for s in starts[:self.n_support]]))
+            query.append(self._query_chunks(d, tokens, starts[self.n_support:], support[-1]))
+        return LMTaskBatch(torch.stack(support), torch.stack(query), [self.names[d] for d in picks])
+
+    def _query_chunks(self, domain: int, tokens: torch.Tensor, starts: list[int], support: torch.Tensor):
+        """[n_query, seq_len + 1]: the first chunks at ``starts`` whose text is not a support chunk's (a domain
+        that repeats a passage could otherwise show the model a query chunk in its own support set)."""
+        chunk = self.seq_len + 1
+        chosen = []
+        for s in starts:
+            candidate = tokens[s:s + chunk]
+            if not (support == candidate).all(-1).any():
+                chosen.append(candidate)
+                if len(chosen) == self.n_query:
+                    return torch.stack(chosen)
+        raise DataError(f"domain {self.names[domain]!r} has fewer than {self.n_query} chunks of {chunk} characters "
+                        f"that differ from its {self.n_support} support chunks (its text repeats)")
