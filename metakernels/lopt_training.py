@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from .checked_setting import CheckedSetting, one_of
 from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite, refuse_inference_mode
 from .layout import AdaptSpec, ParamLayout
 from .learned_optimizer import LearnedOptimizer
@@ -60,19 +61,20 @@ class LearnedOptimizerTrainer:
         adapt: which parameters the learned optimizer trains (as in MAML); the others stay fixed.
         vectorize: vmap the tasks (None: try, fall back to a loop).
         nan_policy: "raise" (default) stops at a non-finite inner loss, naming the task and step.
+    ``first_order`` and ``nan_policy`` may be changed between unrolls, and are checked then too.
     """
+
+    first_order = CheckedSetting(lambda value: require_bool("first_order", value))
+    nan_policy = CheckedSetting(one_of("nan_policy", NAN_POLICIES))
 
     def __init__(self, lopt: LearnedOptimizer, model: nn.Module, *, first_order: bool = False,
                  adapt: AdaptSpec = None, vectorize: bool | None = None, nan_policy: str = "raise"):
         if not isinstance(lopt, LearnedOptimizer):
             raise TypeError(f"lopt must be a LearnedOptimizer, got {type(lopt).__name__}")
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.first_order, self.nan_policy = first_order, nan_policy
         self.lopt = lopt
         self.layout = ParamLayout(model, adapt)
         self.evaluator = TaskBatchedModel(model, self.layout, vectorize)
-        self.first_order = require_bool("first_order", first_order)
-        self.nan_policy = nan_policy
 
     def initial_state(self, num_tasks: int, init: torch.Tensor | None = None) -> UnrollState:
         """Start of an unroll: ``init`` ([P] or [T, P], the adapted parameters' dtype and device) or the

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import forward_state
 from ._autograd import cached_signature, raise_when_differentiated
+from .checked_setting import CheckedSetting, one_of
 from .chunk_scale import ChunkLossScale, float16_backward
 from .graph_leaves import grad_without_hooks, graph_nodes, leaves_outside, with_stand_ins
 from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
@@ -123,7 +124,8 @@ def _check_inner_lr(inner_lr, P: int) -> None:
 
 
 class MAML(nn.Module):
-    """Model-agnostic meta-learning over a batch of tasks.
+    """Model-agnostic meta-learning over a batch of tasks.  The settings ``inner_steps``, ``first_order``,
+    ``memory``, ``task_chunk`` and ``nan_policy`` may be changed between calls, and are checked then too.
 
     Args:
         model: any nn.Module; its parameters with requires_grad=False never adapt.
@@ -152,6 +154,13 @@ class MAML(nn.Module):
             list of what changed is ``self.fused_layers``.
     """
 
+    inner_steps = CheckedSetting(lambda value: require_int("inner_steps", value, 0))
+    first_order = CheckedSetting(lambda value: require_bool("first_order", value))
+    memory = CheckedSetting(one_of("memory", MEMORY_MODES))
+    task_chunk = CheckedSetting(lambda value: None if value is None else require_int("task_chunk", value, 1,
+                                                                                     note=" or None"))
+    nan_policy = CheckedSetting(one_of("nan_policy", NAN_POLICIES))
+
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 1, first_order: bool = False,
                  inner_optimizer: str = "sgd", momentum: float = 0.9, betas=(0.9, 0.999), eps: float = 1e-8,
                  adapt: AdaptSpec = None, memory: str = "fast", task_chunk: int | None = None,
@@ -159,23 +168,12 @@ class MAML(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        inner_steps = require_int("inner_steps", inner_steps, 0)
-        first_order = require_bool("first_order", first_order)
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-        if task_chunk is not None:
-            task_chunk = require_int("task_chunk", task_chunk, 1, note=" or None")
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.inner_steps, self.first_order, self.memory = inner_steps, first_order, memory
+        self.task_chunk, self.nan_policy = task_chunk, nan_policy
         self.fused_layers = fuse_layers(model) if require_bool("fused_layers", fused_layers) else []
         self.module = model
         self.inner_lr = inner_lr
-        self.inner_steps = inner_steps
-        self.first_order = first_order
         self.optimizer = InnerOptimizer(inner_optimizer, momentum, tuple(betas), eps)
-        self.memory = memory
-        self.task_chunk = task_chunk
-        self.nan_policy = nan_policy
         self.layout = ParamLayout(model, adapt)
         _check_inner_lr(inner_lr, self.layout.numel)
         self._evaluator = TaskBatchedModel(model, self.layout, vectorize)
