@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 
 from . import ops
+from .checked_setting import CheckedSetting, one_of
 from .ops._checks import warn_float16_second_moment
 
 NAN_POLICIES = ("raise", "skip")
@@ -84,14 +85,20 @@ def _joined(tensors, dim: int = 0) -> torch.Tensor:
 
 
 class LearnedOptimizerStep(torch.optim.Optimizer):
+    nan_policy = CheckedSetting(one_of("nan_policy", NAN_POLICIES))
+
     def __init__(self, params, lopt, lr: float = 1.0, weight_decay: float = 0.0, nan_policy: str = "raise"):
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.nan_policy = nan_policy
         defaults = {"lr": _checked_rate("argument 'lr'", lr),
                     "weight_decay": _checked_rate("argument 'weight_decay'", weight_decay)}
         super().__init__(params, defaults=defaults)
         self.lopt = lopt
-        self.nan_policy = nan_policy
+
+    def __getstate__(self):
+        """torch.optim's (defaults, state, param groups), plus the learned rule and the NaN policy, which
+        a copy (``copy.deepcopy``, ``pickle``, ``torch.save`` of the optimizer) lost before: its step then
+        failed on the missing rule."""
+        return {**super().__getstate__(), "lopt": self.lopt, "_nan_policy": self.nan_policy}
 
     def add_param_group(self, param_group):
         """torch.optim's, plus checks that the group's lr and weight_decay are finite numbers >= 0 and its

@@ -63,6 +63,39 @@ def test_optimizer_nan_gradient_policy(policy, dtype, bad):
         assert torch.equal(w.detach(), w0) and not torch.equal(v.detach(), v0)
 
 
+@pytest.mark.parametrize("copy_of", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_keeps_its_rule_and_policy_and_steps_as_the_original(copy_of, tmp_path):
+    """torch.optim's copies carry defaults, state and param groups only: a copy lost the learned rule (its
+    step raised AttributeError) and the NaN policy."""
+    import copy
+    import pickle
+
+    model = torch.nn.Linear(5, 3)
+    opt = mk.LearnedOptimizer(hidden=4, seed=0).optimizer(model.parameters(), nan_policy="skip")
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 5)).pow(2).sum().backward()
+        opt.step()
+    if copy_of == "deepcopy":
+        copied_model, copied = copy.deepcopy((model, opt))
+    elif copy_of == "pickle":
+        copied_model, copied = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        torch.save((model, opt), tmp_path / "both.pt")
+        copied_model, copied = torch.load(tmp_path / "both.pt", weights_only=False)
+    assert copied.nan_policy == "skip"
+    x = torch.randn(4, 5)
+    for m, o in ((model, opt), (copied_model, copied)):
+        o.zero_grad()
+        m(x).pow(2).sum().backward()
+        m.bias.grad[0] = float("nan")  # skipped under "skip"
+        o.step()
+    for p, q in zip(model.parameters(), copied_model.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match=r"nan_policy must be one of \('raise', 'skip'\), got 'ignore'"):
+        copied.nan_policy = "ignore"
+
+
 def _step_alone(lopt, params, grads_per_step, **kwargs):
     """Steps each parameter with its own optimizer (one fused call each): the oracle of the packed step."""
     alone = [torch.nn.Parameter(p.detach().clone()) for p in params]
