@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from .checked_setting import CheckedSetting
 from .lopt_training import LearnedOptimizerTrainer, UnrollState
 from .ops._checks import require_bool, require_int, require_seed
 from .tasks import task_count
@@ -48,8 +49,16 @@ class ESResult:
     state: UnrollState | None     # antithetic: the end of the unroll at phi (to continue); persistent: None
 
 
+def _positive_sigma(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"sigma must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 class ESEstimator:
-    """Antithetic or persistent evolution-strategies meta-gradients for ``trainer.lopt``.
+    """Antithetic or persistent evolution-strategies meta-gradients for ``trainer.lopt``.  ``sigma``,
+    ``pairs`` and ``persistent`` may be changed between estimates, and are checked then too (persistent
+    particles need reset() after a change of ``pairs``).
 
     Args:
         trainer: the LearnedOptimizerTrainer whose unroll defines the meta-loss.
@@ -61,19 +70,17 @@ class ESEstimator:
         seed: seed of the perturbations (None: torch's global generator).
     """
 
+    sigma = CheckedSetting(_positive_sigma)
+    pairs = CheckedSetting(lambda value: require_int("pairs", value, 1))
+    persistent = CheckedSetting(lambda value: require_bool("persistent", value))
+
     def __init__(self, trainer: LearnedOptimizerTrainer, sigma: float = 0.01, pairs: int = 8, *,
                  persistent: bool = False, seed: int | None = None):
         if not isinstance(trainer, LearnedOptimizerTrainer):
             raise TypeError(f"trainer must be a LearnedOptimizerTrainer, got {type(trainer).__name__}")
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
-            raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
-        pairs = require_int("pairs", pairs, 1)
-        persistent = require_bool("persistent", persistent)
+        self.sigma, self.pairs, self.persistent = sigma, pairs, persistent
         seed = require_seed("ESEstimator", seed)
         self.trainer = trainer
-        self.sigma = float(sigma)
-        self.pairs = pairs
-        self.persistent = persistent
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.reset()
 
@@ -102,6 +109,9 @@ class ESEstimator:
             raise ValueError("ESEstimator: the learned optimizer's parameters that require grad changed since the "
                              "persistent particles started (their accumulated perturbations no longer fit); call "
                              "reset() to start a new inner problem")
+        if self.persistent and self._particles is not None and len(self._particles) != 2 * self.pairs:
+            raise ValueError(f"ESEstimator: pairs is {self.pairs}, but the persistent particles started with "
+                             f"{len(self._particles) // 2} pairs; call reset() to start a new inner problem")
         phi = torch.nn.utils.parameters_to_vector(params).detach()
         eps = torch.randn(self.pairs, phi.numel(), generator=self.generator, dtype=phi.dtype).to(phi.device) * self.sigma
         unroll = dict(steps=steps, query=query, meta_loss=meta_loss, step_weights=step_weights, track_meta_gradient=False)

@@ -223,9 +223,31 @@ def test_persistent_particles_are_kept_when_an_unroll_raises():
     (dict(pairs=2.5), "pairs must be an int >= 1"),
 ])
 def test_bad_settings_are_named(kwargs, match):
+    """When the estimator is built, and when the setting is changed later (sigma annealed, say)."""
     _, trainer, _ = _setup()
     with pytest.raises(ValueError, match=match):
         mk.ESEstimator(trainer, **kwargs)
+    es = mk.ESEstimator(trainer, sigma=0.5, pairs=3)
+    (name, value), = kwargs.items()
+    with pytest.raises(ValueError, match=match):
+        setattr(es, name, value)
+    assert (es.sigma, es.pairs) == (0.5, 3)
+
+
+def test_persistent_es_refuses_a_changed_number_of_pairs_until_reset():
+    """The particles and their accumulated perturbations are 2N of the N they started with: with another
+    N, the old code raised an IndexError or a tensor shape mismatch that did not say why."""
+    lopt, trainer, batch = _setup()
+    for before, after in ((1, 3), (3, 1), (2, 3)):
+        es = mk.ESEstimator(trainer, sigma=1e-3, pairs=before, persistent=True, seed=0)
+        es.estimate(_mse, batch, steps=1)
+        es.pairs = after
+        with pytest.raises(ValueError, match=f"pairs is {after}, but the persistent particles started with "
+                                             rf"{before} pairs; call reset\(\)"):
+            es.estimate(_mse, batch, steps=1)
+        es.reset()
+        assert es.estimate(_mse, batch, steps=1).state is None
+    lopt.zero_grad()
 
 
 @pytest.mark.parametrize("kwargs, match", [
