@@ -22,8 +22,9 @@ class ForwardState(NamedTuple):
 def capture(device: torch.device, model: nn.Module | None = None) -> ForwardState:
     """The state now: the device generator's (None off CUDA), the CPU generator's, and a copy of each of
     ``model``'s buffers.  NOTE: the copies cost the buffers' bytes per captured step: none for the built-in
-    LM, 0 / 256 / 8192 bytes for transformers' GPT-2 / Llama / BERT (5.25), a few KB of BatchNorm
-    statistics for a small convolutional net."""
+    LM and transformers' GPT-2, 8192 bytes for BERT's default config, 2 x head_dim / 2 floats for
+    Llama's rotary frequencies (transformers 5.25), a few KB of BatchNorm statistics for a small
+    convolutional net."""
     device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     buffers = [] if model is None else [(b, b.detach().clone()) for b in model.buffers()]
     return ForwardState(device_rng, torch.get_rng_state(), buffers)
