@@ -14,8 +14,8 @@ checkpoints and parameter orders are unaffected.  What is swapped:
   matrix product, then the fused bias + GELU) and ``nn.Identity`` in the GELU's place, unless the model
   holds that Linear in more than one place (the GELU would then apply at every use), or a forward or
   backward hook is on either module or on every module (a hook on the Linear would see the GELU's output,
-  and the GELU's own would no longer run); such a Linear is kept and listed.  NOTE: a forward that calls the Sequential's Linear directly (``self.mlp[0](x)``) is not seen
-  and would get the GELU too;
+  and the GELU's own would no longer run); such a Linear is kept and listed.  NOTE: a forward that calls
+  the Sequential's Linear directly (``self.mlp[0](x)``) is not seen and would get the GELU too;
 * any other ``nn.GELU`` -> :class:`GELU` (the fused activation, no bias);
 * ``metakernels.models.CausalSelfAttention`` -> :class:`CausalSelfAttention` (its core by
   ``metakernels.ops.causal_attention``: head split, scores, mask, softmax, weighted sum, head merge).
