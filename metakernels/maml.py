@@ -193,9 +193,12 @@ class MAML(nn.Module):
         return rate
 
     def _check_rate_fits(self, T: int) -> None:
-        """A per-task rate has the batch's T rows.  Only ``inner_lr`` can be one (learned rates are [P] or
+        """A per-task rate has the batch's T rows, and a number rate is >= 0 (as the constructor checks it:
+        ``inner_lr`` may have been set since).  Only ``inner_lr`` can be per task (learned rates are [P] or
         []): reading it spares MetaSGD building its rate one more time per call."""
         rate = self.inner_lr
+        if not isinstance(rate, torch.Tensor):
+            require_number("MAML", "inner_lr", rate, low=0.0)
         if isinstance(rate, torch.Tensor) and rate.dim() == 2 and rate.shape[0] != T:
             raise ValueError(f"inner_lr is a per-task rate of shape {list(rate.shape)}, one row per task, but the "
                              f"batch has T={T} tasks; give {T} rows, or a [P] or [] rate for any T")

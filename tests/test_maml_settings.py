@@ -63,6 +63,23 @@ def test_a_bad_setting_is_refused_when_built_and_when_changed(name, value, error
     assert getattr(maml, name) == before
 
 
+def test_a_number_inner_lr_set_after_construction_is_checked_at_the_next_call():
+    """A negative rate set later ran gradient ascent in the inner loop, without a word."""
+    model, support, query = _setting()
+    maml = mk.MAML(model, inner_lr=0.2, inner_steps=2)
+    maml.inner_lr = 0.05
+    built = mk.MAML(model, inner_lr=0.05, inner_steps=2)
+    for g, w in zip(_meta_gradient(maml, support, query), _meta_gradient(built, support, query)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+    for value, error, message in ((-0.1, ValueError, r"MAML: argument 'inner_lr' must be in \[0.0, inf\], got -0.1"),
+                                  (float("nan"), ValueError, "MAML: argument 'inner_lr' must be finite, got nan"),
+                                  ("0.1", TypeError, "MAML: argument 'inner_lr' must be a real number, got str")):
+        maml.inner_lr = value
+        for call in (lambda: maml(_loss, support, query), lambda: maml.adapt(_loss, support)):
+            with pytest.raises(error, match=message):
+                call()
+
+
 def test_the_learned_optimizer_trainer_checks_its_settings_when_changed():
     model, support, _ = _setting()
     lopt = mk.LearnedOptimizer(hidden=4, seed=0).double()
