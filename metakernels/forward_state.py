@@ -1,8 +1,9 @@
 """What a forward draws from and writes to, to run it again as it ran the first time: the random-number
 state (the CPU generator's, and the device's on CUDA: dropout masks) and the model's buffers (BatchNorm's
 running statistics and batch count, any state a forward updates in place).  MAML's reverse sweep
-recomputes inner steps, and a chunk whose loss-scaled gradients overflowed is taken again unscaled
-(:mod:`metakernels.chunk_scale`): each runs forwards a second time, which must draw the same masks and
+recomputes inner steps, a chunk whose loss-scaled gradients overflowed is taken again unscaled
+(:mod:`metakernels.chunk_scale`), and the task loop follows a torch.vmap trace that failed part way
+(:mod:`metakernels.inner_loop`): each runs forwards a second time, which must draw the same masks and
 must not update the buffers twice (measured before buffers were restored: memory="low" counted 15
 BatchNorm batches for the 9 forwards of 3 tasks and 2 inner steps)."""
 from __future__ import annotations
@@ -19,14 +20,14 @@ class ForwardState(NamedTuple):
     buffers: list[tuple[torch.Tensor, torch.Tensor]]  # (buffer, a copy)
 
 
-def capture(device: torch.device, model: nn.Module | None = None) -> ForwardState:
+def capture(device: torch.device, model: nn.Module) -> ForwardState:
     """The state now: the device generator's (None off CUDA), the CPU generator's, and a copy of each of
     ``model``'s buffers.  NOTE: the copies cost the buffers' bytes per captured step: none for the built-in
     LM and transformers' GPT-2, 8192 bytes for BERT's default config, 2 x head_dim / 2 floats for
     Llama's rotary frequencies (transformers 5.25), a few KB of BatchNorm statistics for a small
     convolutional net."""
     device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    buffers = [] if model is None else [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     return ForwardState(device_rng, torch.get_rng_state(), buffers)
 
 
