@@ -15,6 +15,7 @@ from torch import nn
 
 
 class ForwardState(NamedTuple):
+    device: torch.device
     device_rng: torch.Tensor | None
     cpu_rng: torch.Tensor
     buffers: list[tuple[torch.Tensor, torch.Tensor]]  # (buffer, a copy)
@@ -28,17 +29,17 @@ def capture(device: torch.device, model: nn.Module) -> ForwardState:
     convolutional net."""
     device_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    return ForwardState(device_rng, torch.get_rng_state(), buffers)
+    return ForwardState(device, device_rng, torch.get_rng_state(), buffers)
 
 
-def restore(device: torch.device, state: ForwardState) -> None:
+def restore(state: ForwardState) -> None:
     """Puts back a state from :func:`capture`.  Only the buffers whose values changed are copied back, so
     that a buffer a graph saved (BatchNorm's statistics in eval mode) is not marked as modified in place.
     NOTE: the values are compared because a kernel may write a buffer without counting a version
     (BatchNorm's running statistics: their ``_version`` stays put)."""
     torch.set_rng_state(state.cpu_rng)
     if state.device_rng is not None:
-        torch.cuda.set_rng_state(state.device_rng, device)
+        torch.cuda.set_rng_state(state.device_rng, state.device)
     with torch.no_grad():
         for buffer, saved in state.buffers:
             if not torch.equal(buffer, saved):

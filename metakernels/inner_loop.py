@@ -109,6 +109,10 @@ def _seed_can_carry_rate(fast: torch.Tensor) -> bool:
     return fast.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(fast.device.type)
 
 
+def _device_of(params: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(params.values())).device if params else torch.device("cpu")
+
+
 class TaskBatchedModel:
     """Evaluates ``loss_fn(f, task_batch)`` for every task, ``f`` being the model called with that
     task's fast weights (the parameters outside the layout and the buffers are the model's own)."""
@@ -149,8 +153,7 @@ class TaskBatchedModel:
             # NOTE: a trace that fails part way may have written buffers (BatchNorm counts the batch before it
             # refuses batched statistics) and drawn random numbers: until vmap has traced the model once, both
             # are put back on failure, so that the loop runs as with vectorize=False
-            device = next(iter(params.values())).device if params else torch.device("cpu")
-            entered = None if self._vmap_traced else forward_state.capture(device, self.model)
+            entered = None if self._vmap_traced else forward_state.capture(_device_of(params), self.model)
             try:
                 with TaskLinearMode():
                     losses = torch.vmap(lambda w, b: self._one_task(loss_fn, w, b), randomness="different")(params, batch)
@@ -162,7 +165,7 @@ class TaskBatchedModel:
                 if self.vectorize is True:
                     raise
                 if entered is not None:
-                    forward_state.restore(device, entered)
+                    forward_state.restore(entered)
                 # NOTE: an error of the model or loss_fn itself raises again in the loop, and then is not
                 # reported as vmap's, nor does it switch vmap off for later calls.
                 losses = self._loop(loss_fn, params, batch, T)

@@ -199,7 +199,7 @@ class MAML(nn.Module):
         rate = self.inner_lr
         if not isinstance(rate, torch.Tensor):
             require_number("MAML", "inner_lr", rate, low=0.0)
-        if isinstance(rate, torch.Tensor) and rate.dim() == 2 and rate.shape[0] != T:
+        elif rate.dim() == 2 and rate.shape[0] != T:
             raise ValueError(f"inner_lr is a per-task rate of shape {list(rate.shape)}, one row per task, but the "
                              f"batch has T={T} tasks; give {T} rows, or a [P] or [] rate for any T")
 
@@ -229,7 +229,7 @@ class MAML(nn.Module):
             loss, targets, chunk_grads = self._chunk_gradients(loss_fn, chunk_support, chunk_query, n, T, start,
                                                                meta_params, factor)
             if scaled and not self._chunk_scale.accepts(chunk_grads) and factor != 1.0:
-                forward_state.restore(meta_params[0].device, entered)  # the retake: the same dropout masks and buffers
+                forward_state.restore(entered)  # the retake: the same dropout masks and buffers
                 factor = 1.0
                 loss, targets, chunk_grads = self._chunk_gradients(loss_fn, chunk_support, chunk_query, n, T, start,
                                                                    meta_params, factor)

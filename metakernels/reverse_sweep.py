@@ -81,7 +81,7 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         theta, s, entered = entering[k - 1]
         if v is None and all(c is None for c in w):
             break  # nothing flows back from the query through this step
-        forward_state.restore(device, entered)
+        forward_state.restore(entered)
         with torch.enable_grad():
             theta = theta.detach().requires_grad_()
             s = tuple(x.detach().requires_grad_(k > 1) for x in s)  # the initial state is a constant
@@ -99,7 +99,7 @@ def chunk_meta_gradients(maml, loss_fn, support, query, T: int, scale: float, me
         n_states = len(inputs) - 1 - len(targets)
         w = tuple(back[1:1 + n_states]) if k > 1 else w
         meta_grads = [add_optional(a, b) for a, b in zip(meta_grads, back[1 + n_states:])]
-    forward_state.restore(device, after_query)
+    forward_state.restore(after_query)
 
     if v is not None:  # v = v_0, the cotangent of the initialisation: onto the adapted parameters
         index = {id(p): i for i, p in enumerate(targets)}
