@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .checked_setting import CheckedSetting, one_of
+from .eager_under_compile import eager_under_compile
 from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite, refuse_inference_mode
 from .layout import AdaptSpec, ParamLayout
 from .learned_optimizer import LearnedOptimizer
@@ -115,6 +116,7 @@ class LearnedOptimizerTrainer:
         self._check_like_model("state.opt_state", state.opt_state)
         require_int("state.step", state.step, 0)
 
+    @eager_under_compile
     def unroll(self, loss_fn, support, steps: int, *, state: UnrollState | None = None, query=None,
                meta_loss: str = "inner", step_weights=None, track_meta_gradient: bool = True) -> UnrollResult:
         """Runs ``steps`` learned updates of every task.  ``support`` is one batch with a leading task

@@ -20,6 +20,7 @@ from torch import nn
 from . import forward_state
 from ._autograd import cached_signature, raise_when_differentiated
 from .checked_setting import CheckedSetting, one_of
+from .eager_under_compile import eager_under_compile
 from .chunk_scale import ChunkLossScale, float16_backward
 from .graph_leaves import grad_without_hooks, graph_nodes, leaves_outside, with_stand_ins
 from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
@@ -203,6 +204,7 @@ class MAML(nn.Module):
             raise ValueError(f"inner_lr is a per-task rate of shape {list(rate.shape)}, one row per task, but the "
                              f"batch has T={T} tasks; give {T} rows, or a [P] or [] rate for any T")
 
+    @eager_under_compile
     def forward(self, loss_fn, support, query) -> torch.Tensor:
         """Mean query loss over the T tasks after K inner steps on their support sets.  Under
         torch.no_grad() the inner gradients are still taken and the loss comes back without a graph."""
