@@ -323,9 +323,7 @@ class MetaSGD(MAML):
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 1, learn_lr: str = "parameter",
                  **kwargs):
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **kwargs)
-        if learn_lr not in self.LEARN_LR:
-            raise ValueError(f"learn_lr must be one of {self.LEARN_LR}, got {learn_lr!r}")
-        self.learn_lr = learn_lr
+        self._learn_lr = one_of("learn_lr", self.LEARN_LR)(learn_lr)
         params = self.layout.parameters()
         if learn_lr == "parameter":
             rates = [torch.full_like(p, float(inner_lr)) for p in params]
@@ -334,6 +332,16 @@ class MetaSGD(MAML):
         else:
             rates = [torch.full((), float(inner_lr), dtype=params[0].dtype, device=params[0].device)]
         self.inner_lrs = nn.ParameterList(nn.Parameter(r) for r in rates)
+
+    @property
+    def learn_lr(self) -> str:
+        """What the learned rates cover, fixed when built: ``inner_lrs`` are shaped for it."""
+        return self._learn_lr
+
+    @learn_lr.setter
+    def learn_lr(self, value) -> None:
+        raise AttributeError(f"MetaSGD.learn_lr is fixed when MetaSGD is built (its inner_lrs are shaped for "
+                             f"{self._learn_lr!r}); build a new MetaSGD with learn_lr={value!r}")
 
     def inner_rate(self) -> torch.Tensor:
         """The learned inner rates as the update ops take them: [P] per parameter ("parameter" and

@@ -97,3 +97,18 @@ def test_the_learned_optimizer_trainer_checks_its_settings_when_changed():
     with pytest.raises(ValueError, match=r"nan_policy must be one of \('raise', 'ignore'\), got 'skip'"):
         changed.nan_policy = "skip"
     assert changed.first_order is True and changed.nan_policy == "raise"
+
+
+def test_meta_sgd_refuses_a_changed_learn_lr_and_keeps_its_rates():
+    """The learned rates are shaped for learn_lr when MetaSGD is built; changed later, 'scalar' failed with a
+    shape error from the update op and 'tensor' with one from expand (measured on the old code)."""
+    model, support, query = _setting()
+    meta = mk.MetaSGD(model, inner_lr=0.2, learn_lr="parameter")
+    before = _meta_gradient(meta, support, query)
+    for value in ("scalar", "tensor", "row"):
+        with pytest.raises(AttributeError, match=f"MetaSGD.learn_lr is fixed when MetaSGD is built \\(its inner_lrs are "
+                                                 f"shaped for 'parameter'\\); build a new MetaSGD with learn_lr='{value}'"):
+            meta.learn_lr = value
+    assert meta.learn_lr == "parameter"
+    for g, w in zip(_meta_gradient(meta, support, query), before):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
