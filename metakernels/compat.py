@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from . import ops
+from .compat_view import ModuleView
 from .layout import ParamLayout
 from .ops._checks import require_bool
 from .recompute_guard import forward_not_recomputed
@@ -26,29 +26,53 @@ from .recompute_guard import forward_not_recomputed
 
 class _Learner(nn.Module):
     """One task's clone: the model called with its own (differentiable) copy of the parameters, and its own
-    settings (learn2learn's clone is a MAML of its own: changing them on one clone leaves the others)."""
+    settings (learn2learn's clone is a MAML of its own: changing them on one clone leaves the others).
+    As in learn2learn, ``learner.module`` is the model as this clone has it, and an attribute the clone
+    does not have is that module's (``learner.features(x)`` runs with the clone's weights; see
+    :mod:`metakernels.compat_view`); ``train()`` / ``eval()`` set the clone's modes, not the model's."""
 
-    def __init__(self, owner: "MAML", params: dict[str, torch.Tensor], first_order: bool, allow_unused: bool,
-                 allow_nograd: bool):
+    def __init__(self, owner: "MAML", params: dict[str, torch.Tensor], modes: dict[str, bool], first_order: bool,
+                 allow_unused: bool, allow_nograd: bool):
         super().__init__()
         object.__setattr__(self, "_owner", owner)  # not a submodule: keeps owner's parameters single
         self._fast = params
+        self._modes = modes
+        self.training = modes[""]
         self.first_order, self.allow_unused, self.allow_nograd = first_order, allow_unused, allow_nograd
 
+    @property
+    def module(self) -> ModuleView:
+        """The model with this clone's weights and train/eval modes."""
+        return ModuleView(self._owner.module, self._owner.module, self._fast, self._modes)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return getattr(self.module, name)
+
     def forward(self, *args, **kwargs):
-        return functional_call(self._owner.module, self._fast, args, kwargs)
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "_Learner":
+        """Sets this clone's train/eval mode, of every module of the model as the clone runs it."""
+        self.training = require_bool("mode", mode)
+        self.module.train(mode)
+        return self
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         """This clone's current (adapted) parameters by name, in the model's order, as learn2learn's clone
         has them (``parameters()`` gives the same without names): an inner-loss regulariser on them acts on
         the task's weights."""
-        for name, _ in self._owner.module.named_parameters(remove_duplicate=remove_duplicate):
-            yield (f"{prefix}.{name}" if prefix else name), self._fast[name]
+        return self.module.named_parameters(prefix, recurse, remove_duplicate)
 
     def clone(self, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> "_Learner":
-        """A copy of this clone's current parameters; unset settings are this clone's."""
-        return _Learner(self._owner, dict(self._fast), *_settings(self, first_order, allow_unused, allow_nograd))
+        """A copy of this clone's current parameters and modes; unset settings are this clone's."""
+        return _Learner(self._owner, dict(self._fast), dict(self._modes),
+                        *_settings(self, first_order, allow_unused, allow_nograd))
 
     def adapt(self, loss: torch.Tensor, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> None:
@@ -93,6 +117,15 @@ class MAML(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def __getattr__(self, name: str):
+        """As learn2learn's: an attribute this MAML does not have is the model's (``maml.features``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name == "module":
+                raise
+            return getattr(self.module, name)
+
     def rate(self, layout: ParamLayout):
         return self.lr
 
@@ -103,7 +136,8 @@ class MAML(nn.Module):
         the copy): the first inner gradient is then taken with respect to them, so hooks registered on
         the parameters see only the meta-gradient, not each inner gradient too."""
         weights = {name: p.view_as(p) for name, p in self.module.named_parameters()}
-        return _Learner(self, weights, *_settings(self, first_order, allow_unused, allow_nograd))
+        modes = {name: m.training for name, m in self.module.named_modules()}
+        return _Learner(self, weights, modes, *_settings(self, first_order, allow_unused, allow_nograd))
 
 
 class MetaSGD(MAML):
