@@ -118,3 +118,39 @@ def test_batch_norm_in_eval_mode_under_the_reverse_sweep():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     _assert_equal({n: b.clone() for n, b in model.named_buffers()}, before)
+
+
+def _spectral_norm_model():
+    """Spectral normalisation's power iteration: each training forward advances the buffers u, v and
+    normalises the weight with the advanced ones, so a forward's output depends on every forward before it."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8)), nn.Tanh(),
+                         nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("mode,chunk", [(dict(), T), (dict(vectorize=False), T), (dict(memory="low"), 1),
+                                        (dict(task_chunk=2), 2), (dict(task_chunk=2, memory="low"), 2)],
+                         ids=["fast", "loop", "low", "chunk-2", "low-chunk-2"])
+def test_a_forward_that_reads_what_it_writes_sees_the_modes_order_of_forwards(mode, chunk):
+    """The fast mode runs every task's step k before step k + 1; the chunked modes run one chunk of tasks
+    through all its steps and its query before the next chunk.  Each is exact for its order: the
+    sequential reference run chunk by chunk, the same meta-gradient and the same buffers (to rounding:
+    the fused update's weights may be an ulp from the reference's p - lr * g)."""
+    support, query = _tasks()
+    model, reference = _spectral_norm_model(), _spectral_norm_model()
+    names = [n for n, _ in reference.named_parameters()]
+    want_loss = 0.0
+    for start in range(0, T, chunk):
+        tasks = slice(start, min(start + chunk, T))
+        want_loss = want_loss + (tasks.stop - tasks.start) / T * sequential_meta_loss(
+            reference, _loss, tuple(x[tasks] for x in support), tuple(x[tasks] for x in query), names=names,
+            lrs={n: 0.1 for n in names}, steps=K)
+    want = torch.autograd.grad(want_loss, list(reference.parameters()))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "metakernels: torch.vmap could not trace", RuntimeWarning)
+        loss = mk.MAML(model, inner_lr=0.1, inner_steps=K, **mode)(_loss, support, query)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+    for g, w in zip(torch.autograd.grad(loss, list(model.parameters())), want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    for (name, got), (_, want_buffer) in zip(model.named_buffers(), reference.named_buffers(), strict=True):
+        torch.testing.assert_close(got, want_buffer, rtol=1e-12, atol=1e-14, msg=name)  # fused update: an ulp apart
