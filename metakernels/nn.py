@@ -42,22 +42,36 @@ from .ops.softmax import causal_softmax
 __all__ = ["LayerNorm", "RMSNorm", "GELU", "LinearGELU", "CausalSelfAttention", "fuse_layers"]
 
 
+def _in_common_dtype(norm, x: torch.Tensor, weight: torch.Tensor | None, *rest):
+    """``norm(x, weight, *rest)`` for a weight of another dtype, as torch's norm modules take it (float16 or
+    bfloat16 activations with float32 weights: under autocast, or norms kept in float32): computed in
+    the wider dtype, returned in x's."""
+    if weight is None:
+        return norm(x, torch.ones(x.shape[-1], dtype=x.dtype, device=x.device), *rest)
+    if weight.dtype == x.dtype:
+        return norm(x, weight, *rest)
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    rest = [r.to(dtype) if isinstance(r, torch.Tensor) else r for r in rest]
+    return norm(x.to(dtype), weight.to(dtype), *rest).to(x.dtype)
+
+
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension, computed by the fused op."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.weight is not None else torch.ones(self.normalized_shape, dtype=x.dtype, device=x.device)
-        return layer_norm(x, weight, self.bias, self.eps)
+        return _in_common_dtype(layer_norm, x, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` over the last dimension, computed by the fused op (eps=None: the dtype's epsilon,
-    as torch does)."""
+    """``nn.RMSNorm`` over the last dimension, computed by the fused op.  eps=None is torch's default: the
+    epsilon of the dtype torch computes in, float32 for float16 and bfloat16 inputs (their own epsilon,
+    7.8e-3 for bfloat16, would swamp the mean square of small activations)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.weight is not None else torch.ones(self.normalized_shape, dtype=x.dtype, device=x.device)
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return rms_norm(x, weight, eps)
+        eps = self.eps
+        if eps is None:
+            eps = torch.finfo(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype).eps
+        return _in_common_dtype(rms_norm, x, self.weight, eps)
 
 
 class GELU(nn.GELU):
@@ -74,7 +88,9 @@ class LinearGELU(nn.Linear):
     approximate = "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bias_gelu(F.linear(x, self.weight), self.bias, self.approximate)
+        h = F.linear(x, self.weight)
+        bias = self.bias if self.bias is None or self.bias.dtype == h.dtype else self.bias.to(h.dtype)  # autocast
+        return bias_gelu(h, bias, self.approximate)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approximate={self.approximate!r}"
