@@ -19,7 +19,7 @@ from torch import nn
 
 from . import ops
 from .compat_view import ModuleView
-from .layout import ParamLayout
+from .layout import ParamLayout, refuse_parameters_without_data
 from .ops._checks import require_bool
 from .recompute_guard import forward_not_recomputed
 
@@ -135,7 +135,9 @@ class MAML(nn.Module):
         weights start as aliases of the model's parameters (views, as learn2learn's copies but without
         the copy): the first inner gradient is then taken with respect to them, so hooks registered on
         the parameters see only the meta-gradient, not each inner gradient too."""
-        weights = {name: p.view_as(p) for name, p in self.module.named_parameters()}
+        named = list(self.module.named_parameters())
+        refuse_parameters_without_data(named, f"{type(self).__name__}.clone")
+        weights = {name: p.view_as(p) for name, p in named}
         modes = {name: m.training for name, m in self.module.named_modules()}
         return _Learner(self, weights, modes, *_settings(self, first_order, allow_unused, allow_nograd))
 
@@ -147,6 +149,7 @@ class MetaSGD(MAML):
 
     def __init__(self, model: nn.Module, lr: float = 1.0, first_order: bool = False, lrs=None):
         super().__init__(model, lr, first_order)
+        refuse_parameters_without_data(list(model.named_parameters()), "MetaSGD")
         params = list(model.parameters())
         lrs = [nn.Parameter(torch.ones_like(p) * lr) for p in params] if lrs is None else list(lrs)
         if len(lrs) != len(params):

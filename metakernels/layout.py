@@ -16,9 +16,23 @@ from .saved_views import storage_held_only_by
 AdaptSpec = None | Callable[[str, nn.Parameter], bool] | Iterable[str]
 
 
+def refuse_parameters_without_data(named: list[tuple[str, nn.Parameter]], where: str) -> None:
+    """A clear error for a parameter that holds no values yet: a lazy module's (nn.LazyLinear) before its
+    first forward, or one on the meta device (a model built under torch.device("meta"))."""
+    for name, p in named:
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{where}: parameter {name!r} is uninitialized (a lazy module such as nn.LazyLinear "
+                             "sizes it at its first forward); run the model once on an example batch before "
+                             "wrapping it")
+        if p.is_meta:
+            raise ValueError(f"{where}: parameter {name!r} is on the meta device and holds no values; materialise "
+                             "the model first (model.to_empty(device=...), then load or initialise its weights)")
+
+
 def _check_one_float_layout(chosen: list[tuple[str, nn.Parameter]]) -> None:
     """The adapted parameters become one [T, P] tensor: they must share a floating dtype and a device
-    (torch.cat would silently promote a float32 model's weights to the dtype of one float64 parameter)."""
+    (torch.cat would silently promote a float32 model's weights to the dtype of one float64 parameter), and
+    hold values."""
     not_float = [(n, p.dtype) for n, p in chosen if not p.dtype.is_floating_point]
     if not_float:
         name, dtype = not_float[0]
@@ -32,6 +46,7 @@ def _check_one_float_layout(chosen: list[tuple[str, nn.Parameter]]) -> None:
                     f"adapted parameters must share one {attribute} (they are packed into one [T, P] tensor): "
                     f"{first_name!r} has {getattr(first, attribute)}, {name!r} has {getattr(p, attribute)}; "
                     f"move the model with .to(...) or leave one of them out of 'adapt'")
+    refuse_parameters_without_data(chosen, "the model")
 
 
 def _refuse_sparse_gradients(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> None:

@@ -6,6 +6,7 @@ import torch
 
 import metakernels as mk
 
+from metakernels import compat
 from metakernels.layout import ParamLayout
 
 
@@ -287,3 +288,47 @@ def test_a_predicate_that_splits_a_tied_tensor_is_refused(predicate, chosen, lef
 def test_an_unknown_name_is_still_refused_next_to_an_alias():
     with pytest.raises(ValueError, match=r"adapt: no parameter named \['head.scale'\]"):
         ParamLayout(_TiedHead(), ["head.weight", "head.scale"])
+
+
+def _lazy_model():
+    return torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+
+
+def _meta_model():
+    return torch.nn.Sequential(torch.nn.Linear(3, 4, device="meta"), torch.nn.Tanh(), torch.nn.Linear(4, 1, device="meta"))
+
+
+_WRAPPERS = {
+    "MAML": (lambda m: mk.MAML(m), "the model"),
+    "MetaSGD": (lambda m: mk.MetaSGD(m), "the model"),
+    "trainer": (lambda m: mk.LearnedOptimizerTrainer(mk.LearnedOptimizer(), m), "the model"),
+    "compat.MAML.clone": (lambda m: compat.MAML(m, lr=0.1).clone(), "MAML.clone"),
+    "compat.MetaSGD": (lambda m: compat.MetaSGD(m), "MetaSGD"),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(_WRAPPERS))
+def test_a_model_whose_parameters_hold_no_values_is_refused_with_what_to_do(wrapper):
+    """Before: torch's "Can't access the shape of an uninitialized parameter" for a lazy module, and for a
+    meta-device model "Tensor on device meta is not on the expected device cpu!" at the first call."""
+    wrap, where = _WRAPPERS[wrapper]
+    with pytest.raises(ValueError, match=re.escape(f"{where}: parameter '0.weight' is uninitialized (a lazy module "
+                                                   "such as nn.LazyLinear sizes it at its first forward); run the "
+                                                   "model once on an example batch before wrapping it")):
+        wrap(_lazy_model())
+    with pytest.raises(ValueError, match=re.escape(f"{where}: parameter '0.weight' is on the meta device and holds no "
+                                                   "values; materialise the model first (model.to_empty(device=...), "
+                                                   "then load or initialise its weights)")):
+        wrap(_meta_model())
+    model = _lazy_model()
+    model(torch.randn(2, 3))  # once sized, the same model is taken
+    wrap(model)
+
+
+def test_a_model_moved_to_the_meta_device_after_wrapping_is_refused_at_the_call():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    maml = mk.MAML(model)
+    model.to("meta")
+    batch = (torch.randn(2, 5, 3), torch.randn(2, 5, 1))
+    with pytest.raises(ValueError, match="parameter '0.weight' is on the meta device"):
+        maml(lambda f, b: ((f(b[0]) - b[1]) ** 2).mean(), batch, batch)
