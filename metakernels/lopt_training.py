@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from .attention_backend import twice_differentiable_attention
 from .checked_setting import CheckedSetting, one_of
 from .eager_under_compile import eager_under_compile
 from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite, refuse_inference_mode
@@ -152,7 +153,8 @@ class LearnedOptimizerTrainer:
         fast, opt_state = state.fast, state.opt_state
         history, terms = [], []
         for k in range(steps):
-            with torch.enable_grad():  # the inner gradients, also under the caller's no_grad
+            # the inner gradients, also under the caller's no_grad, through twice-differentiable attention
+            with torch.enable_grad(), twice_differentiable_attention(create_graph):
                 if not fast.requires_grad:
                     fast = fast.detach().requires_grad_()
                 losses = self._losses(loss_fn, fast, batches[k], T, state.step + k, "inner")

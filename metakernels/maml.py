@@ -19,6 +19,7 @@ from torch import nn
 
 from . import forward_state
 from ._autograd import cached_signature, raise_when_differentiated
+from .attention_backend import twice_differentiable_attention
 from .checked_setting import CheckedSetting, one_of
 from .eager_under_compile import eager_under_compile
 from .chunk_scale import ChunkLossScale, float16_backward
@@ -209,6 +210,10 @@ class MAML(nn.Module):
         """Mean query loss over the T tasks after K inner steps on their support sets.  Under
         torch.no_grad() the inner gradients are still taken and the loss comes back without a graph."""
         refuse_inference_mode("MAML.forward")
+        with twice_differentiable_attention(torch.is_grad_enabled() and not self.first_order):
+            return self._forward(loss_fn, support, query)
+
+    def _forward(self, loss_fn, support, query) -> torch.Tensor:
         T = task_count(support, "support")
         T_query = task_count(query, "query")
         if T_query != T:
@@ -287,9 +292,9 @@ class MAML(nn.Module):
                 raise RuntimeError(
                     "second-order MAML differentiates the inner gradients, but a layer of this model has no "
                     f"double backward (autograd node {node.name()}: a once_differentiable function or an op "
-                    "without a second derivative, such as a fused SDPA kernel). Use first_order=True, or "
-                    "replace that layer with a twice-differentiable one (for Hugging Face models, "
-                    "attn_implementation='eager')."
+                    "without a second derivative, such as a fused attention kernel called directly). Use "
+                    "first_order=True, or replace that layer with a twice-differentiable one (torch's "
+                    "scaled_dot_product_attention is: second-order MAML runs it on its math backend)."
                 )
         self._second_order_checked = True
 

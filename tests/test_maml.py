@@ -480,11 +480,19 @@ def test_hugging_face_gpt2_second_order_matches_reference(loss_fn, rtol):
     _assert_grads_close(got, want, rtol)
 
 
-def test_hugging_face_sdpa_attention_is_refused_for_second_order_with_advice():
-    model = _tiny_gpt2("sdpa")
+@pytest.mark.parametrize("mode", [dict(), dict(memory="low"), dict(vectorize=False)], ids=["fast", "low", "loop"])
+def test_hugging_face_sdpa_attention_second_order_matches_the_eager_reference(mode):
+    """Hugging Face's default attention calls torch's SDPA, whose fused kernels have no double backward
+    (before: refused with advice to use attn_implementation='eager'); second order runs it on SDPA's
+    math backend, which gives the eager attention model's meta-gradient."""
+    model, reference = _tiny_gpt2("sdpa"), _tiny_gpt2("eager")
     support, query = _tasks(2)
-    with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
-        mk.MAML(model)(lambda f, b: f(input_ids=b, labels=b).loss, support, query)
+    got = _grads(mk.MAML(model, inner_lr=0.3, inner_steps=2, **mode)(_float64_logits_loss, support, query),
+                 list(model.parameters()))
+    names = [n for n, _ in reference.named_parameters()]
+    want = _grads(sequential_meta_loss(reference, _float64_logits_loss, support, query, names=names,
+                                       lrs={n: 0.3 for n in names}, steps=2), list(reference.parameters()))
+    _assert_grads_close(got, want, 1e-9)
 
 
 def test_meta_gradient_is_bit_identical_across_runs():
