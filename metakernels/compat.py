@@ -43,7 +43,7 @@ class _Learner(nn.Module):
     @property
     def module(self) -> ModuleView:
         """The model with this clone's weights and train/eval modes."""
-        return ModuleView(self._owner.module, self._owner.module, self._fast, self._modes)
+        return ModuleView(self._owner.module, self._owner.module, self._fast, self._modes, not self.first_order)
 
     def __getattr__(self, name: str):
         try:

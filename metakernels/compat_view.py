@@ -10,7 +10,9 @@ weights by name; a :class:`ModuleView` gives the same access with them:
   (``learner.encode(x)``);
 - a parameter read through a view is the clone's weight; any other attribute is the module's own;
 - the forward runs in the clone's train/eval modes: those of the model when the clone was made, then
-  as ``learner.train()`` / ``learner.eval()`` (or ``learner.features.eval()``) set them.
+  as ``learner.train()`` / ``learner.eval()`` (or ``learner.features.eval()``) set them;
+- a second-order clone's forward runs torch's scaled_dot_product_attention on its math backend, which
+  its ``adapt`` can differentiate twice (:mod:`metakernels.attention_backend`).
 
 Tied parameters are found by identity, so ``learner.lm_head(h)`` uses the weight tied to the embedding.
 """
@@ -24,6 +26,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from .attention_backend import twice_differentiable_attention
 
 
 class _MethodCall(nn.Module):
@@ -39,10 +43,13 @@ class _MethodCall(nn.Module):
 
 class ModuleView:
     """``module`` of ``root`` with a clone's weights (``weights``: root parameter name -> tensor, a dict the
-    clone updates in place) and train/eval modes (``modes``: root module name -> training flag)."""
+    clone updates in place), train/eval modes (``modes``: root module name -> training flag), and whether
+    the clone adapts to second order."""
 
-    def __init__(self, root: nn.Module, module: nn.Module, weights: dict[str, torch.Tensor], modes: dict[str, bool]):
+    def __init__(self, root: nn.Module, module: nn.Module, weights: dict[str, torch.Tensor], modes: dict[str, bool],
+                 second_order: bool):
         self._root, self._module, self._weights, self._modes = root, module, weights, modes
+        self._second_order = second_order
 
     def _weights_of(self, module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
         """``module``'s parameters by every name they have in it (tied ones too), as the clone's weights."""
@@ -51,23 +58,25 @@ class ModuleView:
                 for alias, p in module.named_parameters(remove_duplicate=False)}
 
     @contextlib.contextmanager
-    def _in_clone_modes(self):
-        """The root's modules switched to the clone's train/eval modes, and back afterwards."""
+    def _as_the_clone_runs(self):
+        """The root's modules switched to the clone's train/eval modes (and back afterwards), and attention
+        twice differentiable for a second-order clone."""
         switched = [m for name, m in self._root.named_modules() if m.training != self._modes.get(name, m.training)]
         for m in switched:
             m.training = not m.training
         try:
-            yield
+            with twice_differentiable_attention(self._second_order and torch.is_grad_enabled()):
+                yield
         finally:
             for m in switched:
                 m.training = not m.training
 
     def __call__(self, *args, **kwargs):
-        with self._in_clone_modes():
+        with self._as_the_clone_runs():
             return functional_call(self._module, self._weights_of(self._module), args, kwargs)
 
     def _call_method(self, method: str, *args, **kwargs):
-        with self._in_clone_modes():
+        with self._as_the_clone_runs():
             return functional_call(_MethodCall(self._module, method), self._weights_of(self._module, "inner."),
                                    args, kwargs)
 
@@ -99,7 +108,7 @@ class ModuleView:
             yield weight
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("_root", "_module", "_weights", "_modes"):
+        if name.startswith("__") or name in ("_root", "_module", "_weights", "_modes", "_second_order"):
             raise AttributeError(name)
         if hasattr(nn.Module, name) and name != "forward":
             raise AttributeError(f"{name!r} is an nn.Module method, which would act on the shared model, not on this "
@@ -114,7 +123,9 @@ class ModuleView:
 
     def _viewed(self, value):
         """A module as a view of it with the clone's weights; anything else as it is."""
-        return ModuleView(self._root, value, self._weights, self._modes) if isinstance(value, nn.Module) else value
+        if isinstance(value, nn.Module):
+            return ModuleView(self._root, value, self._weights, self._modes, self._second_order)
+        return value
 
     def __getitem__(self, index):
         """A container's member (``learner.layers[0]``, ``learner.blocks["attn"]``), as a view."""

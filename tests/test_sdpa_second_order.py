@@ -107,3 +107,25 @@ def test_the_learned_optimizer_unroll_through_attention_matches_the_math_backend
         assert (g is None) == (w is None)
         if g is not None:
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+def test_a_second_order_compat_clone_adapts_through_attention_as_maml_does():
+    """metakernels.compat: the clone's forward runs attention twice differentiable when the clone is second
+    order, so its adapt() can differentiate it (before: torch's "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")."""
+    from metakernels import compat
+
+    support, query = _batch(1), _batch(2)
+    model = _encoder()
+    maml = compat.MAML(model, lr=0.3)
+    total = 0.0
+    for t in range(T):
+        learner = maml.clone()
+        for _ in range(2):
+            learner.adapt(_masked_loss(learner, tuple(x[t] for x in support)))
+        total = total + _masked_loss(learner, tuple(x[t] for x in query)) / T
+    got = torch.autograd.grad(total, list(model.parameters()))
+    want = torch.autograd.grad(mk.MAML(model, inner_lr=0.3, inner_steps=2)(_masked_loss, support, query),
+                               list(model.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
