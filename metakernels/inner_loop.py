@@ -95,7 +95,11 @@ class InnerOptimizer:
         return self.step(params, layout.pack(parts, onto=None), state, lr, step)
 
     def step(self, fast, grads, state, lr, step: int):
-        """(fast', state') after update number ``step`` (1-based)."""
+        """(fast', state') after update number ``step`` (1-based).  A tensor rate in another dtype or on
+        another device than the weights (``torch.tensor(0.1)``, float32, for a float64 model; a rate left
+        behind by ``maml.double()``) is cast to theirs, differentiably."""
+        if isinstance(lr, torch.Tensor) and (lr.dtype != fast.dtype or lr.device != fast.device):
+            lr = lr.to(device=fast.device, dtype=fast.dtype)
         if self.name == "sgd":
             return ops.sgd_update(fast, grads, lr), ()
         if self.name == "momentum":

@@ -59,3 +59,34 @@ def test_a_rate_with_another_task_count_is_refused(rows, mode):
         maml(_loss, support, query)
     with pytest.raises(ValueError, match=message):
         maml.adapt(_loss, support)
+
+
+@pytest.mark.parametrize("inner_optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("mode", [{}, {"memory": "low"}, {"task_chunk": 2}], ids=["fast", "low", "chunk"])
+@pytest.mark.parametrize("shape", ["one", "per-parameter", "per-task"])
+def test_a_rate_tensor_in_another_dtype_is_used_in_the_weights_dtype(shape, mode, inner_optimizer):
+    """torch.tensor(0.1) is float32: given for a float64 model it failed inside the update op ("argument 'lr'
+    has dtype torch.float32 but 'params' has torch.float64"), as did a rate left float32 by maml.double().
+    It is cast to the weights' dtype, differentiably: the meta-gradient is that of the same rates in
+    float64, and the rate's own gradient reaches it in its dtype."""
+    model, support, query, rates = _setting()
+    rates = {"one": rates[0, 0], "per-parameter": rates[0], "per-task": rates}[shape].detach()
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        rate = rates.to(torch.float32).to(dtype).requires_grad_()  # the same values in both dtypes
+        maml = mk.MAML(model, inner_lr=rate, inner_steps=STEPS, inner_optimizer=inner_optimizer, **mode)
+        grads = torch.autograd.grad(maml(_loss, support, query), [*model.parameters(), rate])
+        results.append(grads)
+    (*got, got_rate), (*want, want_rate) = results
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+    assert got_rate.dtype == torch.float32
+    torch.testing.assert_close(got_rate, want_rate.to(torch.float32))
+
+
+def test_a_rate_tensor_keeps_working_after_the_maml_module_is_cast():
+    model, support, query, _ = _setting()
+    maml = mk.MAML(model.float(), inner_lr=torch.tensor(0.2), inner_steps=STEPS)
+    maml.double()
+    want = mk.MAML(model, inner_lr=float(torch.tensor(0.2)), inner_steps=STEPS)  # 0.2 rounded to float32
+    torch.testing.assert_close(maml(_loss, support, query), want(_loss, support, query), rtol=1e-12, atol=0)
