@@ -58,7 +58,8 @@ def local_tasks(num_tasks: int, rank_: int | None = None, world: int | None = No
 def all_reduce_gradients(parameters, weight: float = 1.0) -> None:
     """Replaces every parameter's ``.grad`` by sum over ranks of ``weight * grad`` (``weight``: this rank's
     share of the meta-batch).  Gradients are flattened into buckets of at most BUCKET_BYTES per dtype and
-    device, one all-reduce per bucket, all in flight at once.  A parameter without a gradient on every
+    device, one all-reduce per bucket, all in flight at once; a sparse gradient (an unadapted embedding
+    with sparse=True) is all-reduced alone and stays sparse (gloo; NCCL has no sparse all-reduce).  A parameter without a gradient on every
     rank gets one of zeros (a rank whose tasks did not use it still contributes).  Without an initialised
     process group of more than one process, only the scaling is applied (to the gradients there are)."""
     weight = require_number("all_reduce_gradients", "weight", weight)
@@ -74,10 +75,14 @@ def all_reduce_gradients(parameters, weight: float = 1.0) -> None:
             p.grad = torch.zeros_like(p)
         elif weight != 1.0:
             p.grad.mul_(weight)
+    dense = [p for p in params if not p.grad.is_sparse]
+    sparse_works = [dist.all_reduce(p.grad, async_op=True) for p in params if p.grad.is_sparse]  # in place
     pending = []
-    for bucket in _buckets(params):
+    for bucket in _buckets(dense):
         flat = torch.cat([p.grad.reshape(-1) for p in bucket])
         pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
+    for work in sparse_works:
+        work.wait()
     for bucket, flat, work in pending:
         work.wait()
         offset = 0

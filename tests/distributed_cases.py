@@ -16,6 +16,9 @@ def setup(algo: str, T: int):
         module = mk.MAML(model, inner_lr=0.3, inner_steps=2)
     elif algo == "ddp-chunked":  # the meta-gradient taken in the forward, chunk by chunk
         module = mk.MAML(model, inner_lr=0.3, inner_steps=2, task_chunk=1)
+    elif algo == "maml-sparse":  # the token embedding shared, not adapted, and its meta-gradient sparse
+        model.tok.sparse = True
+        module = mk.MAML(model, inner_lr=0.3, inner_steps=2, adapt=lambda name, _: name != "tok.weight")
     elif algo == "metasgd":
         module = mk.MetaSGD(model, inner_lr=0.3, inner_steps=2)
     else:

@@ -72,8 +72,8 @@ def test_single_process_all_reduce_only_scales():
     assert torch.equal(a.grad, torch.ones(3)) and b.grad is None
 
 
-@pytest.mark.parametrize("algo, T", [("maml", 4), ("maml", 3), ("metasgd", 4), ("lopt", 3), ("ddp", 4),
-                                     ("ddp-chunked", 4)])
+@pytest.mark.parametrize("algo, T", [("maml", 4), ("maml", 3), ("maml-sparse", 3), ("metasgd", 4), ("lopt", 3),
+                                     ("ddp", 4), ("ddp-chunked", 4)])
 def test_two_processes_give_the_single_process_meta_gradient(tmp_path, algo, T):
     out = tmp_path / "grads.pt"
     done = torchrun(os.path.join(HERE, "distributed_worker.py"), algo, str(T), str(out), cwd=tmp_path)
@@ -83,7 +83,8 @@ def test_two_processes_give_the_single_process_meta_gradient(tmp_path, algo, T):
     alone = [p.grad for p in meta_gradients(algo, module, support, query)["params"]]
     assert len(together) == len(alone)
     for g2, g1 in zip(together, alone):
-        assert g2.dtype == torch.float64
+        assert g2.dtype == torch.float64 and g2.is_sparse == g1.is_sparse == (algo == "maml-sparse" and g1 is alone[0])
+        g2, g1 = g2.to_dense(), g1.to_dense()
         assert torch.allclose(g2, g1, rtol=1e-12, atol=1e-12 * g1.abs().max().item())
 
 
