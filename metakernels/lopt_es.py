@@ -23,7 +23,11 @@ meta-loss of :meth:`LearnedOptimizerTrainer.unroll` and eps_1 .. eps_N ~ N(0, si
                     which truncated backpropagation (and truncated plain ES) is not.
 
 Each particle is one unroll of all T tasks at once (``track_meta_gradient=False``: inner gradients
-only).  The meta-parameters are set to phi +- eps for that unroll and restored bit for bit afterwards,
+only), and every unroll of an estimate starts from the random-number state and model buffers the
+estimate found: the particles draw the same dropout masks (common random numbers, so that L(phi + eps_i)
+- L(phi - eps_i) measures the perturbation, not two draws of the masks) and see the same running
+statistics.  Afterwards both are as one unroll left them (the centre's, or persistent ES's last
+particle's).  The meta-parameters are set to phi +- eps for that unroll and restored bit for bit afterwards,
 also when an unroll raises.  The estimate reaches ``.grad`` through autograd's own accumulation
 (``torch.autograd.backward`` on the parameters), so hooks on the parameters (``register_hook``, such as
 a clipping hook, and ``register_post_accumulate_grad_hook``) see it as they see a ``backward()``'s.
@@ -35,6 +39,7 @@ import math
 
 import torch
 
+from . import forward_state
 from .checked_setting import CheckedSetting
 from .lopt_training import LearnedOptimizerTrainer, UnrollState
 from .ops._checks import require_bool, require_int, require_seed
@@ -122,10 +127,11 @@ class ESEstimator:
             starts, directions = [self.trainer.initial_state(T)] * (2 * self.pairs), eps
         else:
             starts, directions = self._particles, self._xi + eps
+        entered = forward_state.capture(phi.device, self.trainer.evaluator.model)
         losses, ends = [], []
         for i in range(2 * self.pairs):
             sign = 1.0 if i % 2 == 0 else -1.0
-            result = self._unroll_at(params, phi + sign * eps[i // 2], loss_fn, support, starts[i], unroll)
+            result = self._unroll_at(params, phi + sign * eps[i // 2], loss_fn, support, starts[i], unroll, entered)
             losses.append(result.meta_loss)
             ends.append(result.state)
         losses = torch.stack(losses)
@@ -134,14 +140,17 @@ class ESEstimator:
             self._particles, self._xi, self._xi_params = ends, directions, params
             meta, end = losses.mean(), None
         else:
-            center = self._unroll_at(params, phi, loss_fn, support, state, unroll)
+            center = self._unroll_at(params, phi, loss_fn, support, state, unroll, entered)
             meta, end = center.meta_loss, center.state
         gradient = _split_like(flat_grad, params)
         torch.autograd.backward(params, [g.clone() for g in gradient])
         return ESResult(meta, gradient, end)
 
-    def _unroll_at(self, params, phi: torch.Tensor, loss_fn, support, state, unroll: dict):
+    def _unroll_at(self, params, phi: torch.Tensor, loss_fn, support, state, unroll: dict, entered):
+        """One unroll with the meta-parameters set to ``phi``, starting from the random-number state and
+        model buffers the estimate found (``entered``)."""
         saved = [p.detach().clone() for p in params]
+        forward_state.restore(entered)
         try:
             with torch.no_grad():
                 for p, value in zip(params, _split_like(phi, params)):

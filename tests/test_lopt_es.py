@@ -264,3 +264,44 @@ def test_settings_of_the_wrong_type_are_named(kwargs, match):
 def test_trainer_must_be_a_trainer():
     with pytest.raises(TypeError, match="trainer must be a LearnedOptimizerTrainer, got LearnedOptimizer"):
         mk.ESEstimator(mk.LearnedOptimizer(hidden=4, layers=1))
+
+
+def _dropout_setup():
+    lopt, _, batch = _setup()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 1)).double()
+    return lopt, mk.LearnedOptimizerTrainer(lopt, model), batch
+
+
+def test_antithetic_pairs_draw_the_same_dropout_masks():
+    """Each particle starts from the random-number state the estimate found, so L(phi + eps) - L(phi - eps)
+    measures the perturbation and not two draws of the masks.  With dropout the estimate then follows
+    the exact meta-gradient under the entry masks: cosine 0.90 and 1.10 times its length, as without
+    dropout (the old code, whose particles drew their own masks: 0.29 and 2.17 times)."""
+    lopt, trainer, batch = _dropout_setup()
+    torch.manual_seed(5)
+    entry = torch.get_rng_state()
+    exact = _exact_gradient(lopt, trainer, batch, steps=3)
+    torch.set_rng_state(entry)
+    _, estimate = _estimate(mk.ESEstimator(trainer, sigma=1e-3, pairs=400, seed=3), _mse, batch, 3)
+    assert _cosine(estimate, exact) > 0.75
+    assert 0.8 < float(estimate.norm() / exact.norm()) < 1.25
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_every_unroll_starts_from_the_state_the_estimate_found_and_one_unroll_is_left(persistent):
+    """The random-number state and a buffer the forward writes (BatchNorm's batch count) are, after the
+    estimate, those of one unroll from where it started (the centre's, or the last particle's)."""
+    lopt, _, batch = _setup()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(DIM, 6), nn.BatchNorm1d(6), nn.Dropout(0.1), nn.Linear(6, 1)).double()
+    trainer = mk.LearnedOptimizerTrainer(lopt, model, vectorize=False)
+    torch.manual_seed(7)
+    mk.ESEstimator(trainer, sigma=1e-2, pairs=3, persistent=persistent, seed=1).estimate(_mse, batch, 2)
+    after_estimate = torch.rand(4), model[1].num_batches_tracked.item()
+    model[1].reset_running_stats()
+    torch.manual_seed(7)
+    trainer.unroll(_mse, batch, 2, track_meta_gradient=False)
+    after_one_unroll = torch.rand(4), model[1].num_batches_tracked.item()
+    assert torch.equal(after_estimate[0], after_one_unroll[0])
+    assert after_estimate[1] == after_one_unroll[1] == T * 3  # T tasks, 2 steps and the final loss
