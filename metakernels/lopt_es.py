@@ -127,7 +127,7 @@ class ESEstimator:
             starts, directions = [self.trainer.initial_state(T)] * (2 * self.pairs), eps
         else:
             starts, directions = self._particles, self._xi + eps
-        entered = forward_state.capture(phi.device, self.trainer.evaluator.model)
+        entered = forward_state.capture(self.trainer.layout.parameters()[0].device, self.trainer.evaluator.model)
         losses, ends = [], []
         for i in range(2 * self.pairs):
             sign = 1.0 if i % 2 == 0 else -1.0
