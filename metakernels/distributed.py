@@ -59,8 +59,9 @@ def all_reduce_gradients(parameters, weight: float = 1.0) -> None:
     """Replaces every parameter's ``.grad`` by sum over ranks of ``weight * grad`` (``weight``: this rank's
     share of the meta-batch).  Gradients are flattened into buckets of at most BUCKET_BYTES per dtype and
     device, one all-reduce per bucket, all in flight at once; a sparse gradient (an unadapted embedding
-    with sparse=True) is all-reduced alone and stays sparse (gloo; NCCL has no sparse all-reduce).  A parameter without a gradient on every
-    rank gets one of zeros (a rank whose tasks did not use it still contributes).  Without an initialised
+    with sparse=True) is all-reduced alone and stays sparse (gloo; NCCL has no sparse all-reduce).  A
+    parameter without a gradient on every rank gets one of zeros (a rank whose tasks did not use it still
+    contributes).  Without an initialised
     process group of more than one process, only the scaling is applied (to the gradients there are)."""
     weight = require_number("all_reduce_gradients", "weight", weight)
     params = [p for p in (parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters)

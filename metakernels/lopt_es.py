@@ -27,8 +27,8 @@ only), and every unroll of an estimate starts from the random-number state and m
 estimate found: the particles draw the same dropout masks (common random numbers, so that L(phi + eps_i)
 - L(phi - eps_i) measures the perturbation, not two draws of the masks) and see the same running
 statistics.  Afterwards both are as one unroll left them (the centre's, or persistent ES's last
-particle's).  The meta-parameters are set to phi +- eps for that unroll and restored bit for bit afterwards,
-also when an unroll raises.  The estimate reaches ``.grad`` through autograd's own accumulation
+particle's).  The meta-parameters are set to phi +- eps for that unroll and restored bit for bit
+afterwards, also when an unroll raises.  The estimate reaches ``.grad`` through autograd's own accumulation
 (``torch.autograd.backward`` on the parameters), so hooks on the parameters (``register_hook``, such as
 a clipping hook, and ``register_post_accumulate_grad_hook``) see it as they see a ``backward()``'s.
 """
@@ -131,7 +131,8 @@ class ESEstimator:
         losses, ends = [], []
         for i in range(2 * self.pairs):
             sign = 1.0 if i % 2 == 0 else -1.0
-            result = self._unroll_at(params, phi + sign * eps[i // 2], loss_fn, support, starts[i], unroll, entered)
+            perturbed = phi + sign * eps[i // 2]
+            result = self._unroll_at(params, perturbed, loss_fn, support, starts[i], unroll, entered)
             losses.append(result.meta_loss)
             ends.append(result.state)
         losses = torch.stack(losses)

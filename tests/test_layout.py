@@ -295,7 +295,8 @@ def _lazy_model():
 
 
 def _meta_model():
-    return torch.nn.Sequential(torch.nn.Linear(3, 4, device="meta"), torch.nn.Tanh(), torch.nn.Linear(4, 1, device="meta"))
+    with torch.device("meta"):
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
 
 
 _WRAPPERS = {

@@ -80,4 +80,5 @@ def test_maml_with_fused_layers_under_cpu_autocast_matches_the_unfused_meta_grad
             loss = maml(lm_loss, support, query)
         gradients.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
     unfused, fused = gradients
-    assert float((fused - unfused).norm() / unfused.norm()) < 1e-2  # measured 3.4e-3 to 3.9e-3; autocast itself is 3.7e-3 off float32
+    # measured 3.4e-3 to 3.9e-3; autocast itself puts the unfused meta-gradient 3.7e-3 from float32's
+    assert float((fused - unfused).norm() / unfused.norm()) < 1e-2
