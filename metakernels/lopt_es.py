@@ -41,6 +41,7 @@ import torch
 
 from . import forward_state
 from .checked_setting import CheckedSetting
+from .eager_under_compile import eager_under_compile
 from .lopt_training import LearnedOptimizerTrainer, UnrollState
 from .ops._checks import require_bool, require_int, require_seed
 from .tasks import task_count
@@ -102,6 +103,7 @@ class ESEstimator:
             raise ValueError("ESEstimator: no parameter of the learned optimizer requires grad; there is nothing to estimate")
         return params
 
+    @eager_under_compile
     def estimate(self, loss_fn, support, steps: int, *, state: UnrollState | None = None, query=None,
                  meta_loss: str = "inner", step_weights=None) -> ESResult:
         """Unrolls every particle for ``steps`` steps (arguments as :meth:`LearnedOptimizerTrainer.unroll`;
