@@ -1,8 +1,9 @@
 """Meta-algorithms under torch.compile: ``torch.compile(maml)``, a compiled training step that calls it,
-and a compiled learned-optimizer unroll give the eager values and meta-gradients, each call run eagerly
-as a graph break (:mod:`metakernels.eager_under_compile`).  Measured on the old code: the compiled
-backward of MAML (second and first order, vmap or loop) stopped on an inductor stride assertion, and the
-compiled unroll on an in-place operation on a leaf."""
+a compiled learned-optimizer unroll and a compiled ES estimate give the eager values and meta-gradients,
+each call run eagerly as a graph break (:mod:`metakernels.eager_under_compile`).  Measured on the old
+code: the compiled backward of MAML (second and first order, vmap or loop) stopped on an inductor stride
+assertion, the compiled unroll on an in-place operation on a leaf, and a compiled ES estimate, which
+restores the random-number state around each particle, came out 0.13 from the eager one."""
 import subprocess
 import sys
 
