@@ -6,6 +6,8 @@ backward, so a model built on ``F.scaled_dot_product_attention`` (``nn.Multihead
 second-order MAML and learned-optimizer training.  SDPA's math backend is plain differentiable ops
 (scores, mask, softmax, weighted sum: exactly what eager attention computes), so while a second-order
 meta-step builds its graph, SDPA runs on it.  First-order steps and evaluation keep the fused kernels.
+NOTE: torch's backend switch (``torch.nn.attention.sdpa_kernel``) is process-wide, not per thread: SDPA
+called by another thread during such a step runs on the math backend too.
 """
 from __future__ import annotations
 
