@@ -30,6 +30,7 @@ from .._autograd import apply, cached_signature
 from . import _checks
 from ._task_batch import as_tasks, bmm_shaped, shaped, task_count, task_vmap
 from .matmul import task_bmm
+from .padded_embedding import padded_embedding
 
 
 @cached_signature
@@ -127,13 +128,26 @@ def task_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y.reshape(*x.shape[:-1], O)
 
 
+def _embedding_arguments(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                         sparse=False):
+    """F.embedding's arguments, by position."""
+    return input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse
+
+
 class TaskLinearMode(TorchFunctionMode):
     """Routes ``torch.nn.functional.linear`` calls whose weight is vmapped (each task's own weight, as in the
     inner loop's vmap over fast weights) to ``task_linear``; every other call, and any call under autocast
-    or with mixed dtypes (which ``F.linear`` would cast), runs unchanged."""
+    or with mixed dtypes (which ``F.linear`` would cast), runs unchanged.  Also routes
+    ``torch.nn.functional.embedding`` calls with a vmapped weight and a ``padding_idx`` to
+    :func:`metakernels.ops.padded_embedding.padded_embedding`, whose padding row gets no gradient as in the
+    sequential lookup (torch's vmap rule gives it one for every task but the first)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.embedding:
+            arguments = _embedding_arguments(*args, **kwargs)
+            if arguments[2] is not None and is_batchedtensor(arguments[1]):
+                return padded_embedding(*arguments)
         if func is F.linear:
             x = args[0] if args else kwargs["input"]
             w = args[1] if len(args) > 1 else kwargs["weight"]
