@@ -10,6 +10,7 @@ is the main job (``metakernels.training``).
 """
 from . import data, nn, ops
 from ._backend import BackendUnavailableError, backend_info, use_backend
+from .attention_masks import additive_attention_mask
 from .bound_model import BoundModel
 from .checkpoint import CheckpointError
 from .learned_optimizer import LearnedOptimizer
@@ -20,4 +21,4 @@ from .recompute_guard import RecomputedForwardError
 
 __version__ = "0.1.0"
 __all__ = ["ops", "nn", "data", "MAML", "MetaSGD", "AdaptedModel", "BoundModel", "LearnedOptimizer", "LearnedOptimizerTrainer", "UnrollState",
-           "UnrollResult", "ESEstimator", "ESResult", "CheckpointError", "RecomputedForwardError", "backend_info", "use_backend", "BackendUnavailableError", "__version__"]
+           "UnrollResult", "ESEstimator", "ESResult", "CheckpointError", "RecomputedForwardError", "backend_info", "use_backend", "additive_attention_mask", "BackendUnavailableError", "__version__"]

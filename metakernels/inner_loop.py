@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import traceback
 import warnings
 
 import torch
@@ -117,6 +118,16 @@ def _device_of(params: dict[str, torch.Tensor]) -> torch.device:
     return next(iter(params.values())).device if params else torch.device("cpu")
 
 
+def _untraceable_advice(exc: BaseException) -> str:
+    """A way around a known cause of a failed vmap trace, found in the traceback: transformers' test of a 2D
+    attention mask (``padding_mask.all()``)."""
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename.replace("\\", "/").endswith("transformers/masking_utils.py"):
+            return (" It failed in transformers' test of a 2D attention_mask: pass "
+                    "metakernels.additive_attention_mask(mask) as the attention_mask to keep vmap.")
+    return ""
+
+
 class TaskBatchedModel:
     """Evaluates ``loss_fn(f, task_batch)`` for every task, ``f`` being the model called with that
     task's fast weights (the parameters outside the layout and the buffers are the model's own)."""
@@ -175,8 +186,8 @@ class TaskBatchedModel:
                 losses = self._loop(loss_fn, params, batch, T)
                 warnings.warn(
                     f"metakernels: torch.vmap could not trace this model ({type(exc).__name__}: {str(exc)[:200]}); "
-                    "evaluating tasks in a loop instead (same results, slower). Pass vectorize=False to "
-                    "silence this.", RuntimeWarning, stacklevel=3,
+                    f"evaluating tasks in a loop instead (same results, slower).{_untraceable_advice(exc)} Pass "
+                    "vectorize=False to silence this.", RuntimeWarning, stacklevel=3,
                 )
                 self.vectorize = False
                 return losses
