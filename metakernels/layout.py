@@ -49,15 +49,26 @@ def _check_one_float_layout(chosen: list[tuple[str, nn.Parameter]]) -> None:
     refuse_parameters_without_data(chosen, "the model")
 
 
-def _refuse_sparse_gradients(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> None:
-    """An embedding with sparse=True returns a sparse gradient, which cannot be taken through the dense
-    per-task fast weights (torch fails with 'reshape is not implemented for sparse tensors')."""
+def _refuse_unadaptable_embeddings(model: nn.Module, chosen: list[tuple[str, nn.Parameter]]) -> None:
+    """Embeddings whose weight cannot adapt: with sparse=True its gradient is sparse, which cannot be taken
+    through the dense per-task fast weights (torch fails with 'reshape is not implemented for sparse
+    tensors'); with max_norm its lookup renormalises the rows it reads in place, which would overwrite the
+    fast weights that the inner steps' graph holds (torch fails with 'a view ... has been modified
+    inplace')."""
     adapted = {id(p) for _, p in chosen}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and id(module.weight) in adapted:
-            raise ValueError(f"module {name or 'the model'!r} ({type(module).__name__}) has sparse=True, and its weight is "
-                             "adapted: its gradient would be sparse, which the dense per-task fast weights cannot "
-                             "take; build it with sparse=False or leave its weight out of 'adapt'")
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or id(module.weight) not in adapted:
+            continue
+        where = f"module {name or 'the model'!r} ({type(module).__name__})"
+        if module.sparse:
+            raise ValueError(f"{where} has sparse=True, and its weight is adapted: its gradient would be sparse, which "
+                             "the dense per-task fast weights cannot take; build it with sparse=False or leave its "
+                             "weight out of 'adapt'")
+        if module.max_norm is not None:
+            raise ValueError(f"{where} has max_norm={module.max_norm}, and its weight is adapted: its lookup rescales "
+                             "the rows it reads in place, which would overwrite the per-task fast weights the inner "
+                             "steps differentiate; build it with max_norm=None (renormalise the rows in the loss or "
+                             "after the meta-step instead) or leave its weight out of 'adapt'")
 
 
 def _refuse_compiled_modules(model: nn.Module) -> None:
@@ -122,7 +133,7 @@ class ParamLayout:
             )
         _refuse_compiled_modules(model)
         _check_one_float_layout(chosen)
-        _refuse_sparse_gradients(model, chosen)
+        _refuse_unadaptable_embeddings(model, chosen)
         self.names = [n for n, _ in chosen]
         self.shapes = [p.shape for _, p in chosen]
         self.numels = [p.numel() for _, p in chosen]

@@ -155,6 +155,26 @@ def test_an_adapted_sparse_embedding_is_refused_and_an_unadapted_one_is_not():
     assert ParamLayout(net, adapt=["lin.weight"]).names == ["lin.weight"]
 
 
+@pytest.mark.parametrize("module", [torch.nn.Embedding(10, 4, max_norm=1.0),
+                                    torch.nn.EmbeddingBag(10, 4, max_norm=1.0, mode="mean")], ids=["Embedding", "Bag"])
+def test_an_adapted_embedding_with_max_norm_is_refused_and_an_unadapted_one_is_not(module):
+    """Its lookup rescales the rows it reads in place: before, MAML failed in its backward with 'Output 0 of
+    _Unflatten is a view and its base or another view of its base has been modified inplace'."""
+    net = torch.nn.Sequential(module, torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=rf"module '0' \({type(module).__name__}\) has max_norm=1.0, and its weight "
+                                         r"is adapted: .* build it with max_norm=None"):
+        mk.MAML(net)
+    with pytest.raises(ValueError, match="max_norm=1.0"):
+        mk.LearnedOptimizerTrainer(mk.LearnedOptimizer(hidden=4), net)
+    maml = mk.MAML(net, adapt=["1.weight", "1.bias"], inner_lr=0.5)  # ANIL: the table is meta-trained only
+    ids = torch.randint(0, 10, (2, 3, 5))
+    batch = (ids, torch.randint(0, 3, (2, 3)))
+    with pytest.warns(RuntimeWarning, match="could not trace"):  # torch.vmap has no rule for the renorm: a loop
+        maml(lambda f, b: torch.nn.functional.cross_entropy(f(b[0]) if isinstance(module, torch.nn.EmbeddingBag)
+                                                            else f(b[0]).mean(1), b[1]), batch, batch).backward()
+    assert module.weight.grad is not None
+
+
 def test_maml_with_an_unadapted_sparse_embedding_gives_its_sparse_meta_gradient():
     """ANIL over a sparse embedding: the embedding is meta-trained only, and its gradient stays sparse
     (SparseAdam can take it), equal to the dense embedding's."""
