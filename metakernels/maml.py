@@ -37,8 +37,11 @@ MEMORY_MODES = ("fast", "low")
 _CHUNKED_NOT_TWICE = ("metakernels: with task_chunk or memory='low', MAML takes the meta-gradient inside the forward, "
                       "so the meta-gradient has no derivative of its own (create_graph=True, then differentiating "
                       "again); differentiate the meta-gradient in the fast mode (task_chunk=None, memory='fast')")
-# Nodes autograd records in place of a derivative it cannot take (DelayedError, NotImplemented).
-_NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImplemented")
+# Nodes autograd records in place of a derivative it cannot take (DelayedError, NotImplemented), and the
+# backward nodes of ops whose derivative torch leaves not implemented (torch 2.14.1: EmbeddingBag's
+# backward, which raised "the derivative for '_embedding_bag_backward' is not implemented" in .backward()).
+_NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImplemented",
+                             "EmbeddingBagBackwardBackward0")
 
 
 @cached_signature

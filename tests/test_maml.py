@@ -444,6 +444,21 @@ def test_layer_without_double_backward_is_reported():
     mk.MAML(Net().double(), first_order=True, vectorize=False)(lm_loss, support, query).backward()
 
 
+@pytest.mark.parametrize("vectorize", [None, False], ids=["vmap", "loop"])
+def test_an_adapted_embedding_bag_is_reported_before_the_backward(vectorize):
+    """torch has no second derivative for EmbeddingBag's backward; before, the forward ran and .backward()
+    failed with "the derivative for '_embedding_bag_backward' is not implemented"."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(VOCAB, 4), torch.nn.Linear(4, 3)).double()
+    batch = (torch.randint(0, VOCAB, (2, 3, 5)), torch.randint(0, 3, (2, 3)))
+    loss_fn = lambda f, b: torch.nn.functional.cross_entropy(f(b[0]), b[1])  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"no double backward \(autograd node EmbeddingBagBackwardBackward0.*"
+                                           r"first_order=True"):
+        mk.MAML(model, vectorize=vectorize)(loss_fn, batch, batch)
+    mk.MAML(model, first_order=True, vectorize=vectorize)(loss_fn, batch, batch).backward()
+    mk.MAML(model, adapt=["1.weight", "1.bias"], vectorize=vectorize)(loss_fn, batch, batch).backward()  # ANIL
+
+
 def _tiny_gpt2(attn_implementation):
     transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (.ci/setup installs it)")
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
