@@ -26,6 +26,7 @@ from torch import nn
 
 from .attention_backend import twice_differentiable_attention
 from .checked_setting import CheckedSetting, one_of
+from .double_backward import refuse_layers_without_double_backward
 from .eager_under_compile import eager_under_compile
 from .inner_loop import NAN_POLICIES, TaskBatchedModel, check_finite, refuse_inference_mode
 from .layout import AdaptSpec, ParamLayout
@@ -77,6 +78,7 @@ class LearnedOptimizerTrainer:
         self.lopt = lopt
         self.layout = ParamLayout(model, adapt)
         self.evaluator = TaskBatchedModel(model, self.layout, vectorize)
+        self._second_order_checked = False
 
     def initial_state(self, num_tasks: int, init: torch.Tensor | None = None) -> UnrollState:
         """Start of an unroll: ``init`` ([P] or [T, P], the adapted parameters' dtype and device) or the
@@ -161,6 +163,9 @@ class LearnedOptimizerTrainer:
                 with forward_not_recomputed(self.evaluator.model, "LearnedOptimizerTrainer.unroll"):
                     (grads,) = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph,
                                                    retain_graph=track_meta_gradient)
+            if create_graph and not self._second_order_checked:
+                refuse_layers_without_double_backward(grads, "the learned optimizer's second-order unroll")
+                self._second_order_checked = True
             history.append(losses.detach())
             if k > 0 and meta_loss == "inner":
                 terms.append(weights[k - 1] * (losses.mean() if track_meta_gradient else losses.detach().mean()))

@@ -21,9 +21,10 @@ from . import forward_state
 from ._autograd import cached_signature, raise_when_differentiated
 from .attention_backend import twice_differentiable_attention
 from .checked_setting import CheckedSetting, one_of
+from .double_backward import refuse_layers_without_double_backward
 from .chunk_scale import ChunkLossScale, float16_backward
 from .eager_under_compile import eager_under_compile
-from .graph_leaves import grad_without_hooks, graph_nodes, leaves_outside, with_stand_ins
+from .graph_leaves import grad_without_hooks, leaves_outside, with_stand_ins
 from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
                          run_inner_loop)
 from .layout import AdaptSpec, ParamLayout
@@ -37,11 +38,6 @@ MEMORY_MODES = ("fast", "low")
 _CHUNKED_NOT_TWICE = ("metakernels: with task_chunk or memory='low', MAML takes the meta-gradient inside the forward, "
                       "so the meta-gradient has no derivative of its own (create_graph=True, then differentiating "
                       "again); differentiate the meta-gradient in the fast mode (task_chunk=None, memory='fast')")
-# Nodes autograd records in place of a derivative it cannot take (DelayedError, NotImplemented), and the
-# backward nodes of ops whose derivative torch leaves not implemented (torch 2.14.1: EmbeddingBag's
-# backward, which raised "the derivative for '_embedding_bag_backward' is not implemented" in .backward()).
-_NOT_DIFFERENTIABLE_NODES = ("torch::autograd::Error", "torch::autograd::NotImplemented",
-                             "EmbeddingBagBackwardBackward0")
 
 
 @cached_signature
@@ -286,19 +282,9 @@ class MAML(nn.Module):
         return losses.mean()
 
     def _check_twice_differentiable(self, fast: torch.Tensor) -> None:
-        """Second order differentiates every layer's backward: look once through the inner loop's
-        graph for the nodes autograd puts where a backward is not differentiable (once_differentiable
-        functions, ops without a double backward), so that such a layer fails here with advice rather
-        than deep in .backward()."""
-        for node in graph_nodes([fast.grad_fn]):
-            if node.name() in _NOT_DIFFERENTIABLE_NODES:
-                raise RuntimeError(
-                    "second-order MAML differentiates the inner gradients, but a layer of this model has no "
-                    f"double backward (autograd node {node.name()}: a once_differentiable function or an op "
-                    "without a second derivative, such as a fused attention kernel called directly). Use "
-                    "first_order=True, or replace that layer with a twice-differentiable one (torch's "
-                    "scaled_dot_product_attention is: second-order MAML runs it on its math backend)."
-                )
+        """Once: a layer without a double backward is named here, not deep in .backward()
+        (:mod:`metakernels.double_backward`)."""
+        refuse_layers_without_double_backward(fast, "second-order MAML")
         self._second_order_checked = True
 
     def adapt(self, loss_fn, support, steps: int | None = None) -> AdaptedModel:

@@ -99,6 +99,24 @@ def test_second_order_differs_from_first_order():
     assert not torch.allclose(grads[0][0], grads[1][0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("vectorize", [None, False], ids=["vmap", "loop"])
+def test_second_order_unroll_names_a_layer_without_double_backward(vectorize):
+    """Before, the unroll ran and .backward() failed in torch ("the derivative for '_embedding_bag_backward'
+    is not implemented"); now the unroll names the node, as second-order MAML does.  First order runs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.EmbeddingBag(VOCAB, 4), torch.nn.Linear(4, 3)).double()
+    batch = (torch.randint(0, VOCAB, (2, 3, 5)), torch.randint(0, 3, (2, 3)))
+    loss_fn = lambda f, b: torch.nn.functional.cross_entropy(f(b[0]), b[1])  # noqa: E731
+    trainer = mk.LearnedOptimizerTrainer(_lopt(), model, vectorize=vectorize)
+    with pytest.raises(RuntimeError, match=r"the learned optimizer's second-order unroll differentiates the inner "
+                                           r"gradients, .*EmbeddingBagBackwardBackward0.*first_order=True"):
+        trainer.unroll(loss_fn, batch, 2)
+    with torch.no_grad():  # no meta-gradient: no second order, nothing to refuse
+        trainer.unroll(loss_fn, batch, 2)
+    trainer.first_order = True
+    trainer.unroll(loss_fn, batch, 2).meta_loss.backward()
+
+
 def test_truncated_unrolls_continue_where_they_stopped():
     model, lopt = _model(), _lopt()
     batches = _batches(2, 4)
