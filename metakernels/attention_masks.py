@@ -26,8 +26,9 @@ def additive_attention_mask(attention_mask: torch.Tensor, causal: bool = False,
         M[..., 0, i, j] = 0 if key j is a token (and j <= i when ``causal``), else finfo(dtype).min
 
     shaped [..., 1, 1, L] (every query sees the same keys) or, when ``causal`` (decoders such as GPT-2,
-    whose causal mask a 4D mask replaces), [..., 1, L, L].  A query that sees no key (a padding position
-    left of every token) gets a uniform average, as transformers' own masks give it."""
+    whose causal mask a 4D mask replaces), [..., 1, L, L].  A query that sees no key (with left padding, a
+    decoder's positions left of every token) gets a uniform average of the values, as in transformers' eager
+    attention; its sdpa path gives such a query zeros."""
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"additive_attention_mask: argument 'attention_mask' must be a tensor, got "
                         f"{type(attention_mask).__name__}")

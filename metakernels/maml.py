@@ -21,8 +21,8 @@ from . import forward_state
 from ._autograd import cached_signature, raise_when_differentiated
 from .attention_backend import twice_differentiable_attention
 from .checked_setting import CheckedSetting, one_of
-from .double_backward import refuse_layers_without_double_backward
 from .chunk_scale import ChunkLossScale, float16_backward
+from .double_backward import refuse_layers_without_double_backward
 from .eager_under_compile import eager_under_compile
 from .graph_leaves import grad_without_hooks, leaves_outside, with_stand_ins
 from .inner_loop import (NAN_POLICIES, InnerOptimizer, TaskBatchedModel, check_finite, refuse_inference_mode,
