@@ -16,14 +16,18 @@ from metakernels.ops.linear import TaskLinearMode
 VOCAB, DIM = 13, 8
 
 
+@pytest.mark.parametrize("ids_per_task", [True, False], ids=["ids-per-task", "shared-ids"])
 @pytest.mark.parametrize("padding_idx", [0, 4, -1])
-def test_vmapped_lookup_matches_the_per_task_lookup_padding_row_included(padding_idx):
+def test_vmapped_lookup_matches_the_per_task_lookup_padding_row_included(padding_idx, ids_per_task):
+    """Shared ids (torch's rule was right there) are a guard."""
     torch.manual_seed(0)
     T = 3
     tables = torch.randn(T, VOCAB, DIM, dtype=torch.float64)
     row = padding_idx % VOCAB
     ids = torch.randint(0, VOCAB, (T, 2, 5))
     ids[:, 0, :2] = row  # every task looks its padding row up
+    if not ids_per_task:
+        ids = ids[0].expand(T, 2, 5)
     cotangent = torch.randn(T, 2, 5, DIM, dtype=torch.float64)
 
     looped = tables.clone().requires_grad_()
@@ -31,7 +35,8 @@ def test_vmapped_lookup_matches_the_per_task_lookup_padding_row_included(padding
     (want * cotangent).sum().backward()
     vmapped = tables.clone().requires_grad_()
     with TaskLinearMode():
-        got = torch.vmap(lambda w, i: F.embedding(i, w, padding_idx=padding_idx))(vmapped, ids)
+        got = torch.vmap(lambda w, i: F.embedding(i, w, padding_idx=padding_idx),
+                         in_dims=(0, 0 if ids_per_task else None))(vmapped, ids if ids_per_task else ids[0])
     (got * cotangent).sum().backward()
 
     torch.testing.assert_close(got, want, rtol=0, atol=0)
