@@ -113,3 +113,25 @@ def test_adapted_weights_keep_every_task_s_padding_row():
     adapted = mk.MAML(model, inner_lr=0.4, inner_steps=3).adapt(_encoder_loss, support)
     for t in range(4):
         torch.testing.assert_close(adapted.params(t)["tok.weight"][0], model.tok.weight[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+def test_learned_optimizer_unroll_with_a_padding_row_matches_the_loop(first_order):
+    """The learned optimizer's unroll runs on the same engine: its vmapped meta-gradient and fast weights are
+    the loop's (the per-task lookup's).  The padding row may move: the learned step of a zero gradient
+    need not be zero."""
+    torch.manual_seed(6)
+    model = _PaddedEncoder().double()
+    support, _ = _padded_batches(3, seed=7)
+    lopt = mk.LearnedOptimizer(hidden=4, init="random", seed=0, hyper=mk.ops.LoptHyper(step_mult=0.05)).double()
+    results = []
+    for vectorize in (None, False):
+        trainer = mk.LearnedOptimizerTrainer(lopt, model, first_order=first_order, vectorize=vectorize)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback from vmap to the loop
+            result = trainer.unroll(_encoder_loss, support, 2)
+        results.append((torch.autograd.grad(result.meta_loss, list(lopt.parameters())), result.state.fast))
+    (vmapped, vmapped_fast), (looped, looped_fast) = results
+    for g, w in zip(vmapped, looped):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(vmapped_fast, looped_fast, rtol=1e-12, atol=1e-14)
