@@ -120,8 +120,7 @@ def test_maml_with_the_4d_mask_vmaps_and_matches_the_sequential_reference_with_t
     model = build(attn_implementation)
     reference = build("eager") if causal and side == "left" else model
     support, query = batches(side)
-    four_d = _classification_loss if not causal else _logits_loss
-    loss_4d = four_d(lambda m: mk.additive_attention_mask(m, causal=causal, dtype=torch.float64))
+    loss_4d = loss_of(lambda m: mk.additive_attention_mask(m, causal=causal, dtype=torch.float64))
     params = list(model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no "torch.vmap could not trace this model" fallback
