@@ -80,7 +80,7 @@ def test_a_compiled_training_step_that_calls_maml_matches_the_eager_step():
     eager_losses, eager_params = train(lambda step: step)
     compiled_losses, compiled_params = train(torch.compile)
     # the first step starts from the same weights; the SGD update is compiled by inductor, whose rounding may
-    # differ from eager's by an ulp (it does on a Zen 3 host), and the later steps start from its weights
+    # differ from eager's by an ulp (it does on a Zen 4 EPYC host), and the later steps start from its weights
     torch.testing.assert_close(compiled_losses[0], eager_losses[0], rtol=0, atol=0)
     torch.testing.assert_close(compiled_losses[1:], eager_losses[1:], rtol=1e-6, atol=1e-7)
     for c, e in zip(compiled_params, eager_params):
