@@ -61,8 +61,8 @@ def all_reduce_gradients(parameters, weight: float = 1.0) -> None:
     device, one all-reduce per bucket, all in flight at once; a sparse gradient (an unadapted embedding
     with sparse=True) is all-reduced alone and stays sparse (gloo; NCCL has no sparse all-reduce).  A
     parameter without a gradient on every rank gets one of zeros (a rank whose tasks did not use it still
-    contributes).  Without an initialised
-    process group of more than one process, only the scaling is applied (to the gradients there are)."""
+    contributes).  Without an initialised process group of more than one process, only the scaling is
+    applied (to the gradients there are)."""
     weight = require_number("all_reduce_gradients", "weight", weight)
     params = [p for p in (parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters)
               if p.requires_grad]
